@@ -1,0 +1,183 @@
+"""Datasets (built-in PBMC sets, any .h5ad), validation, the train/eval split and expression transforms.
+
+``load_dataset(cfg)`` returns an in-memory AnnData [cells, genes] whose X holds
+raw counts (or log-normalised values where ``cfg.preprocess.input_kind`` says so),
+with every original obs column plus ``obs["split"]`` in {"train", "eval"} (by cell).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sae4scfm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BACKED_ABOVE_BYTES = 1 << 30  # open .h5ad files larger than 1 GiB backed (lazily)
+
+
+def load_pbmc() -> ad.AnnData:
+    """scanpy's bundled PBMC 68k subset: 700 cells x 765 genes, labels in ``bulk_labels``.
+
+    The file stores log1p(CP10k) values in ``.raw``; the integer UMI counts are
+    recovered exactly as ``expm1(raw) * n_counts / 1e4`` and returned in X.
+    """
+    import scanpy as sc
+
+    bundled = sc.datasets.pbmc68k_reduced()
+    logn = sp.csr_matrix(bundled.raw.X, dtype=np.float64)
+    counts = logn.copy()
+    counts.data = np.expm1(counts.data)
+    counts = sp.diags(bundled.obs["n_counts"].to_numpy(np.float64) / 1e4) @ counts
+    counts.data = np.round(counts.data)
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    counts.eliminate_zeros()
+    var = pd.DataFrame(index=bundled.raw.var_names.copy())
+    return ad.AnnData(X=counts, obs=bundled.obs.copy(), var=var)
+
+
+def load_h5ad(path: str | Path, n_cells: int | None, seed: int) -> ad.AnnData:
+    """Any .h5ad file; opened backed (lazily) above 1 GiB so only the sampled cells are read."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"data.path: file {path} does not exist; set data.path=/path/to/cells.h5ad.")
+    backed = "r" if path.stat().st_size > BACKED_ABOVE_BYTES else None
+    try:
+        adata = ad.read_h5ad(path, backed=backed)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise InputError(f"data.path: {path} could not be read as .h5ad ({type(e).__name__}: {e}).") from e
+    rows = sample_cells(adata.n_obs, n_cells, seed)
+    adata = adata[rows].to_memory() if backed else adata[rows].copy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    return adata
+
+
+def sample_cells(n_obs: int, n_cells: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of ``n_cells`` cells drawn without replacement (all if None)."""
+    if n_cells is None or n_cells >= n_obs:
+        return np.arange(n_obs)
+    return np.sort(np.random.default_rng(seed).choice(n_obs, int(n_cells), replace=False))
+
+
+def load_dataset(cfg) -> ad.AnnData:
+    """The dataset named by a ``data`` config group, subsampled and split by cell."""
+    name, seed = cfg.name, int(cfg.get("seed", 0))
+    if name == "pbmc":
+        adata = load_pbmc()
+    elif name == "pbmc3k":
+        from sae4scfm.data.pbmc3k import load_pbmc3k
+
+        adata = load_pbmc3k()
+    elif name == "h5ad":
+        if not cfg.get("path"):
+            raise InputError("data.path is not set; run with data=h5ad data.path=/path/to/cells.h5ad.")
+        adata = load_h5ad(cfg.path, cfg.get("n_cells"), seed)
+    else:
+        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k or h5ad.")
+    if name != "h5ad":
+        adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
+    for field in ("cell_type_key", "batch_key"):
+        key = cfg.get(field)
+        if key is not None:
+            require_obs_column(adata, key, f"data.{field}", source=describe(cfg))
+    adata.obs["split"] = split_cells(adata.n_obs, float(cfg.preprocess.split), seed)
+    return adata
+
+
+def describe(cfg) -> str:
+    return str(cfg.path) if cfg.name == "h5ad" else f"data={cfg.name}"
+
+
+def split_cells(n_obs: int, eval_fraction: float, seed: int) -> pd.Categorical:
+    """Split by cell: ``eval_fraction`` of cells (at least one) go to "eval", none in both."""
+    if not 0 < eval_fraction < 1:
+        raise InputError(f"data.preprocess.split={eval_fraction} must be a fraction in (0, 1).")
+    n_eval = max(1, int(round(eval_fraction * n_obs)))
+    labels = np.full(n_obs, "train", dtype=object)
+    labels[np.random.default_rng(seed + 1).permutation(n_obs)[:n_eval]] = "eval"
+    return pd.Categorical(labels, categories=["train", "eval"])
+
+
+def require_obs_column(adata: ad.AnnData, key: str, field: str, source: str) -> pd.Series:
+    """The obs column ``key``; a clear error naming ``field`` if it is absent or all-NaN."""
+    if key not in adata.obs.columns:
+        raise InputError(f"{field}={key!r}: {source} has no obs column {key!r}; "
+                         f"available columns: {', '.join(map(str, adata.obs.columns))}.")
+    column = adata.obs[key]
+    if column.isna().all():
+        raise InputError(f"{field}={key!r}: obs column {key!r} of {source} is empty (all NaN).")
+    return column
+
+
+class VocabMatrix(NamedTuple):
+    matrix: sp.csr_matrix  # [cells, genes in vocab] float32
+    genes: np.ndarray  # [genes in vocab] str
+
+
+def select_vocab_genes(adata: ad.AnnData, vocab: dict, gene_key: str | None, source: str) -> VocabMatrix:
+    """Columns of ``adata.X`` whose gene (``var[gene_key]`` or var_names) is in ``vocab``."""
+    if gene_key is not None and gene_key not in adata.var.columns:
+        raise InputError(f"data.gene_key={gene_key!r}: {source} has no var column {gene_key!r}; "
+                         f"available: {', '.join(map(str, adata.var.columns)) or 'none'} "
+                         "(use null for var_names).")
+    genes = np.asarray(adata.var[gene_key] if gene_key else adata.var_names, dtype=str)
+    in_vocab = np.fromiter((g in vocab for g in genes), dtype=bool, count=len(genes))
+    if not in_vocab.any():
+        where = f"var[{gene_key!r}]" if gene_key else "var_names"
+        raise InputError(
+            f"{source}: none of its {len(genes)} genes ({where}, e.g. {', '.join(genes[:3])}) is in "
+            f"the model vocabulary (e.g. {', '.join(list(vocab)[:3])}). Set data.gene_key to the var "
+            "column that holds identifiers of the kind the model uses (symbols or Ensembl IDs)."
+        )
+    log.info("%s: %d of %d genes are in the model vocabulary", source, in_vocab.sum(), len(genes))
+    X = sp.csr_matrix(adata.X[:, np.flatnonzero(in_vocab)], dtype=np.float32)
+    return VocabMatrix(X, genes[in_vocab])
+
+
+def check_expression(X: sp.csr_matrix, input_kind: str, source: str) -> None:
+    """NaN, infinite or negative values are errors; counts must be integers."""
+    data = X.data
+    if not np.isfinite(data).all():
+        raise InputError(f"{source}: X contains NaN or infinite values; remove or fill them before running.")
+    if (data < 0).any():
+        raise InputError(f"{source}: X contains negative values (min {data.min():.3g}); expected "
+                         f"{input_kind.replace('_', '-')} expression. Scaled/centred data cannot be used: "
+                         "point at raw counts (e.g. adata.raw or a 'counts' layer).")
+    if input_kind == "counts" and not np.allclose(data, np.round(data)):
+        raise InputError(f"{source}: X has non-integer values but data.preprocess.input_kind=counts; "
+                         "give raw counts, or set data.preprocess.input_kind=log_normalized.")
+
+
+def normalise_expression(X: sp.csr_matrix, input_kind: str, normalize_total: float | None,
+                         log1p: bool, source: str) -> sp.csr_matrix:
+    """Validated copy of X [cells, genes]: counts -> per-cell total ``normalize_total`` -> log1p."""
+    if input_kind not in ("counts", "log_normalized"):
+        raise InputError(f"data.preprocess.input_kind={input_kind!r}: use counts or log_normalized.")
+    check_expression(X, input_kind, source)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    if input_kind == "log_normalized":
+        return X
+    if normalize_total:
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        X = sp.csr_matrix(sp.diags(normalize_total / np.maximum(totals, 1e-12)) @ X, dtype=np.float32)
+    if log1p:
+        X.data = np.log1p(X.data)
+    return X
+
+
+def highly_variable(X_log: sp.csr_matrix, n_top: int) -> np.ndarray:
+    """Bool mask [genes] of the ``n_top`` most dispersed genes (scanpy 'seurat' flavour, log data)."""
+    import scanpy as sc
+
+    if n_top >= X_log.shape[1]:
+        return np.ones(X_log.shape[1], dtype=bool)
+    tmp = ad.AnnData(X_log)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top), flavor="seurat")
+    return tmp.var["highly_variable"].to_numpy()

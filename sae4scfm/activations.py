@@ -1,0 +1,171 @@
+"""Residual-stream activations: extraction with hooks into a sharded on-disk store, and a
+shuffling buffer that streams them back.
+
+Store format (one folder per layer)::
+
+    meta.json                    {"format": 1, "layer", "d_model", "dtype", "n_tokens",
+                                  "n_cells", "include_special", "shards": [{"file", "n_tokens"}]}
+    shard_00000.safetensors      acts    [n, d_model] float16|float32
+                                 cell    [n] int64   row of the token's cell in the AnnData
+                                 gene    [n] int64   vocabulary id of the token's gene
+                                 special [n] uint8   1 for special tokens (stored only on request)
+
+A store is written into ``<folder>.partial`` and renamed when complete, so an
+interrupted extraction never leaves a store that looks finished. Memory during
+extraction and streaming is bounded by ``shard_tokens`` and ``buffer_tokens``,
+not by the number of cells.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sae4scfm.errors import InputError
+from sae4scfm.scfm.adapter import ScFMAdapter
+from sae4scfm.scfm.tokens import TokenizedCells
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ActivationStore:
+    """A finished store of one layer's token activations."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_file = self.root / "meta.json"
+        if not meta_file.is_file():
+            raise InputError(f"{self.root} is not a finished activation store (no meta.json).")
+        self.meta = json.loads(meta_file.read_text())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["d_model"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.meta["shards"])
+
+    def shard(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(self.root / self.meta["shards"][i]["file"])
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(self.n_shards):
+            yield self.shard(i)
+
+    def iter_batches(self, batch_size: int, *, seed: int, epoch: int, buffer_tokens: int) -> Iterator[torch.Tensor]:
+        """Shuffled float32 batches [batch_size, d_model] covering the store once (last partial
+        batch dropped). The order is a pure function of (seed, epoch): shards are visited in a
+        random order and mixed in a buffer of ``buffer_tokens`` that releases half when full."""
+        rng = np.random.default_rng([seed, epoch])
+        pool = torch.empty(0, self.d_model)
+        for s in rng.permutation(self.n_shards):
+            pool = torch.cat([pool, self.shard(int(s))["acts"].float()])
+            if len(pool) >= buffer_tokens:
+                pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
+                n_out = (len(pool) // 2 // batch_size) * batch_size
+                yield from pool[:n_out].split(batch_size)
+                pool = pool[n_out:]
+        pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
+        n_out = (len(pool) // batch_size) * batch_size
+        yield from pool[:n_out].split(batch_size)
+
+    def batches_per_epoch(self, batch_size: int, *, seed: int, epoch: int, buffer_tokens: int) -> int:
+        """The number of batches ``iter_batches`` yields, from shard sizes alone."""
+        sizes = [s["n_tokens"] for s in self.meta["shards"]]
+        pool = n_batches = 0
+        for s in np.random.default_rng([seed, epoch]).permutation(self.n_shards):
+            pool += sizes[int(s)]
+            if pool >= buffer_tokens:
+                n_out = pool // 2 // batch_size
+                n_batches, pool = n_batches + n_out, pool - n_out * batch_size
+        return n_batches + pool // batch_size
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """Up to ``n`` float32 activations drawn uniformly without replacement: [n, d_model]."""
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(self.n_tokens, min(n, self.n_tokens), replace=False))
+        out, start = [], 0
+        for shard in self.iter_shards():
+            stop = start + len(shard["acts"])
+            local = take[(take >= start) & (take < stop)] - start
+            out.append(shard["acts"][torch.from_numpy(local)].float())
+            start = stop
+        return torch.cat(out)
+
+
+class _ShardWriter:
+    def __init__(self, root: Path, layer: int, d_model: int, dtype: str, shard_tokens: int, include_special: bool):
+        self.root, self.shard_tokens = root, shard_tokens
+        self.dtype = DTYPES[dtype]
+        self.meta = {"format": 1, "layer": layer, "d_model": d_model, "dtype": dtype, "n_tokens": 0,
+                     "include_special": include_special, "shards": []}
+        self.parts: list[dict[str, torch.Tensor]] = []
+        self.pending = 0
+        root.mkdir(parents=True)
+
+    def add(self, acts: torch.Tensor, cell: torch.Tensor, gene: torch.Tensor, special: torch.Tensor) -> None:
+        self.parts.append({"acts": acts.to("cpu", self.dtype), "cell": cell.cpu(), "gene": gene.cpu(),
+                           "special": special.cpu().to(torch.uint8)})
+        self.pending += len(acts)
+        if self.pending >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        tensors = {k: torch.cat([p[k] for p in self.parts]).contiguous() for k in self.parts[0]}
+        name = f"shard_{len(self.meta['shards']):05d}.safetensors"
+        save_file(tensors, self.root / name)
+        self.meta["shards"].append({"file": name, "n_tokens": len(tensors["acts"])})
+        self.meta["n_tokens"] += len(tensors["acts"])
+        self.parts, self.pending = [], 0
+
+    def close(self, n_cells: int) -> None:
+        self.flush()
+        self.meta["n_cells"] = n_cells
+        (self.root / "meta.json").write_text(json.dumps(self.meta, indent=1))
+
+
+@torch.no_grad()
+def extract_activations(adapter: ScFMAdapter, tokens: TokenizedCells, layers: list[int], out_dir: str | Path, *,
+                        batch_size: int = 32, shard_tokens: int = 65536, dtype: str = "float32",
+                        include_special: bool = False, desc: str = "extracting") -> dict[int, ActivationStore]:
+    """Run the model over ``tokens`` once and store the residual stream of every layer in
+    ``layers`` under ``out_dir/layer_<l>``. Gene tokens only unless ``include_special``
+    (padding is never stored). Finished stores are reused as they are."""
+    out_dir = Path(out_dir)
+    stores = {layer: out_dir / f"layer_{layer}" for layer in layers}
+    todo = [layer for layer, path in stores.items() if not (path / "meta.json").is_file()]
+    if todo:
+        writers = {}
+        for layer in todo:
+            partial = stores[layer].with_name(stores[layer].name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            writers[layer] = _ShardWriter(partial, layer, adapter.d_model, dtype, shard_tokens, include_special)
+        with tqdm(total=len(tokens), desc=desc, unit="cell") as bar:
+            for batch in tokens.batches(batch_size):
+                hidden = adapter.capture(batch, todo)
+                keep = (batch.gene_mask | (~batch.padding_mask if include_special else batch.gene_mask)).to(adapter.device)
+                cell = batch.cell_index[:, None].expand_as(batch.gene_ids).to(adapter.device)[keep]
+                gene = batch.gene_ids.to(adapter.device)[keep]
+                special = ~batch.gene_mask.to(adapter.device)[keep]
+                for layer in todo:
+                    writers[layer].add(hidden[layer][keep], cell, gene, special)
+                bar.update(len(batch.cell_index))
+        for layer in todo:
+            writers[layer].close(len(tokens))
+            shutil.rmtree(stores[layer], ignore_errors=True)
+            writers[layer].root.rename(stores[layer])
+    return {layer: ActivationStore(path) for layer, path in stores.items()}

@@ -1,0 +1,54 @@
+"""Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``).
+
+Bad input (``InputError``) is reported as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sae4scfm.errors import InputError
+
+CONFIG_DIR = str(Path(__file__).parent / "config")
+
+
+def _report_input_errors(fn, cfg: DictConfig):
+    try:
+        return fn(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> None:
+    from sae4scfm.training import train
+
+    _report_input_errors(train, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="features", version_base="1.3")
+def features_main(cfg: DictConfig) -> None:
+    from sae4scfm.features import generate_features
+
+    _report_input_errors(generate_features, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="analyze", version_base="1.3")
+def analyze_main(cfg: DictConfig) -> None:
+    from sae4scfm.analysis import analyze_features
+
+    _report_input_errors(analyze_features, cfg)
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """The config an entry point would see for ``overrides``, e.g. for ``sae4scfm.train(cfg)``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

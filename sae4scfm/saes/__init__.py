@@ -1,0 +1,17 @@
+"""SAE architectures; ``build_sae`` picks one by its config name."""
+
+from sae4scfm.errors import InputError
+from sae4scfm.saes.base import SAE, load_sae
+from sae4scfm.saes.topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SAE]] = {cls.architecture: cls for cls in (TopKSAE,)}
+
+
+def build_sae(architecture: str, d_in: int, d_sae: int, hyperparams: dict) -> SAE:
+    if architecture not in ARCHITECTURES:
+        raise InputError(f"sae.architecture={architecture!r} is unknown; available: {', '.join(ARCHITECTURES)}.")
+    hp = {k: v for k, v in dict(hyperparams).items() if k != "lr"}
+    return ARCHITECTURES[architecture](d_in, d_sae, **hp)
+
+
+__all__ = ["SAE", "TopKSAE", "build_sae", "load_sae", "ARCHITECTURES"]

@@ -1,0 +1,94 @@
+"""The parameters, encode/decode, persistence and decoder-norm policy every SAE shares.
+
+Shapes: x [N, d_in] activations, f [N, d_sae] latents, W_enc [d_in, d_sae],
+W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]. ``encode`` subtracts ``b_dec``
+first (the pre-encoder bias of Bricken et al. / Gao et al.).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class SAE(nn.Module):
+    """Base class; an architecture overrides ``encode`` and ``loss``."""
+
+    architecture = "base"
+
+    def __init__(self, d_in: int, d_sae: int, **hyperparams):
+        super().__init__()
+        self.d_in, self.d_sae, self.hyperparams = d_in, d_sae, hyperparams
+        W = torch.nn.init.kaiming_uniform_(torch.empty(d_sae, d_in))
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.t().contiguous())  # tied initialisation
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, d_in] -> [N, d_sae] encoder pre-activations."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training loss. ``dead`` [d_sae] bool marks latents that have not fired lately.
+        Returns ``loss`` (to minimise), ``mse`` (‖x − x̂‖² per token, batch mean), ``l0``
+        (mean active latents per token) and ``fired`` [d_sae] bool (latents active in the batch)."""
+        raise NotImplementedError
+
+    # --- decoder-norm policy --------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each (unit) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * W).sum(dim=1, keepdim=True) * W
+
+    # --- input scaling ----------------------------------------------------------
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale * x`` act on raw ``x`` with identical latents:
+        W_enc *= scale, b_dec /= scale, W_dec /= scale (thresholds on latents unchanged)."""
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+
+    # --- persistence --------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    def save(self, run_dir: str | Path, cfg: dict) -> None:
+        run_dir = Path(run_dir)
+        save_file(self.state_tensors(), run_dir / "sae.safetensors")
+        meta = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+                "hyperparams": self.hyperparams, **cfg}
+        (run_dir / "cfg.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[SAE, dict]:
+    """The SAE of a run dir and its cfg.json; weights act on raw (unscaled) activations."""
+    from sae4scfm.saes import build_sae
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "cfg.json").read_text())
+    sae = build_sae(cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg.get("hyperparams", {}))
+    sae.load_state_dict(load_file(run_dir / "sae.safetensors"))
+    return sae.to(device).eval(), cfg

@@ -1,0 +1,60 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") with AuxK.
+
+f = scatter(TopK(ReLU(W_encᵀ(x − b_dec) + b_enc), k)); x̂ = W_dec f + b_dec.
+Loss = ‖x − x̂‖² + α · ‖e − ê‖² / ‖e − ē‖², where e = x − x̂ is the residual and ê
+its reconstruction from the top ``aux_k`` pre-activations of dead latents alone
+(gradient reaches the encoder through ê; b_dec is not used in ê).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sae4scfm.saes.base import SAE
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_alpha: float = 1 / 32,
+                 aux_k: int | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, k=k, auxk_alpha=auxk_alpha, aux_k=aux_k, **hyperparams)
+        self.k, self.auxk_alpha = int(k), float(auxk_alpha)
+        self.aux_k = int(aux_k) if aux_k else max(1, d_in // 2)
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [N, k] >= 0, indices [N, k]) of the k largest ReLU pre-activations."""
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
+        return F.relu(values), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = self.topk(x)
+        return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device).scatter_(-1, indices, values)
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x̂ from the k active latents only: [N, k], [N, k] -> [N, d_in]."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pre = self.pre_acts(x)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values = F.relu(values)
+        x_hat = self.decode_sparse(values, indices)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        active = values > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[active]] = True
+        out = {"mse": mse, "l0": active.sum(-1).float().mean(), "fired": fired}
+        aux = torch.zeros((), device=x.device)
+        if dead is not None and dead.any() and self.auxk_alpha > 0:
+            e = (x - x_hat).detach()
+            n_aux = min(self.aux_k, int(dead.sum()))
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_values, aux_indices = dead_pre.topk(n_aux, dim=-1, sorted=False)
+            e_hat = F.embedding_bag(aux_indices, self.W_dec, per_sample_weights=F.relu(aux_values), mode="sum")
+            aux = (e - e_hat).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+            aux = torch.nan_to_num(aux, nan=0.0)
+        out["auxk"] = aux
+        out["loss"] = mse + self.auxk_alpha * aux
+        return out
