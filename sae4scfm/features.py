@@ -63,8 +63,8 @@ def generate_features(cfg: DictConfig) -> Path:
         mask = batch.gene_mask.to(device)
         f = sae.encode(h[mask].float())  # [n_gene_tokens, d_sae]
         row_of_token = torch.arange(len(mask), device=device)[:, None].expand_as(mask)[mask]
-        pooled_max = torch.zeros(len(mask), d_sae, device=device).index_reduce_(0, row_of_token, f, "amax",
-                                                                                 include_self=True)
+        pooled_max = torch.zeros(len(mask), d_sae, device=device).scatter_reduce_(
+            0, row_of_token[:, None].expand_as(f), f, "amax")  # latents are >= 0
         counts = mask.sum(1, keepdim=True).clamp(min=1).float()
         pooled_mean = torch.zeros(len(mask), d_sae, device=device).index_add_(0, row_of_token, f) / counts
         cells = batch.cell_index.numpy()

@@ -1,0 +1,40 @@
+"""Shared fixtures: one real end-to-end run of the default small configuration.
+
+The demo model is built once into the cache ($SAE4SCFM_CACHE, else the user cache
+dir) and reused across sessions; everything else is written under pytest's tmp dirs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import sae4scfm
+
+# The README's example configuration (small enough for 2 CPU cores).
+SMALL_RUN = [
+    "scfm=demo", "data=pbmc", "sae=topk", "sae.target_layer=2", "sae.dictionary_multiplier=4",
+    "sae.hyperparams.k=16", "sae.hyperparams.lr=3e-4", "seed=0", "data.n_cells=500",
+    "data.preprocess.split=0.2", "data.preprocess.subset_hvg=true", "wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stores")
+
+
+@pytest.fixture(scope="session")
+def small_run(runs_dir, store_dir):
+    """(train config, run dir) of a trained small run, with features and label scoring done."""
+    cfg = sae4scfm.compose("train", [*SMALL_RUN, f"runs_dir={runs_dir}", f"buffer.store_dir={store_dir}",
+                                     "experiment=small"])
+    run_dir = sae4scfm.train(cfg)
+    address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
+    sae4scfm.generate_features(sae4scfm.compose("features", address))
+    sae4scfm.analyze_features(sae4scfm.compose("analyze", [*address, "analysis.run_label_scoring=true"]))
+    return cfg, run_dir

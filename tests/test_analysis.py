@@ -1,0 +1,234 @@
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
+
+from sae4scfm.analysis import (
+    auroc_sparse,
+    label_auroc,
+    label_scoring,
+    read_results,
+    update_results,
+)
+from sae4scfm.errors import InputError
+
+
+def _tricky_matrix(rng, n=300, m=40, density=0.2):
+    """Sparse matrix with ties, explicit zeros, negatives, all-zero and constant columns."""
+    X = sp.random(n, m, density=density, format="coo", random_state=rng)
+    X.data = rng.integers(-3, 5, size=X.nnz).astype(float)  # heavy ties, negatives, explicit zeros
+    X = X.tolil()
+    X[:, 0] = 0.0  # all-zero column
+    X[:, 1] = 0.0
+    X[rng.choice(n, 50, replace=False), 1] = 2.5  # all-equal nonzeros
+    X[:, 2] = 0.0
+    X[:, 2] = 7.0  # fully dense constant column
+    X[:, 3] = 0.0
+    X[:, 3] = -np.arange(n, dtype=float) - 1  # dense negatives, no zeros
+    X[:, 4] = 0.0
+    X[rng.choice(n, 30, replace=False), 4] = rng.normal(size=30)[:, None]  # continuous, no ties
+    X = X.tocsc()
+    # explicit stored zeros in a few columns
+    coo = X.tocoo()
+    rows = np.concatenate([coo.row, rng.integers(0, n, 20)])
+    cols = np.concatenate([coo.col, rng.integers(5, m, 20)])
+    data = np.concatenate([coo.data, np.zeros(20)])
+    # keep one entry per position (duplicate positions would be summed)
+    key = rows * m + cols
+    _, first = np.unique(key, return_index=True)
+    Xz = sp.csc_matrix((data[first], (rows[first], cols[first])), shape=(n, m))
+    assert (Xz.data == 0).sum() > 0
+    return Xz
+
+
+def _sklearn_per_column(X, y):
+    D = X.toarray()
+    return np.array([roc_auc_score(y, D[:, j]) for j in range(D.shape[1])])
+
+
+@pytest.mark.parametrize("fmt", ["csc", "csr", "coo"])
+def test_auroc_sparse_matches_sklearn(fmt):
+    rng = np.random.default_rng(0)
+    X = _tricky_matrix(rng)
+    y = rng.random(X.shape[0]) < 0.3
+    got = auroc_sparse(X.asformat(fmt), y)
+    assert got.dtype == np.float64 and got.shape == (X.shape[1],)
+    np.testing.assert_allclose(got, _sklearn_per_column(X, y), rtol=0, atol=1e-12)
+    # dense input and 0/1 labels give the same
+    np.testing.assert_allclose(auroc_sparse(X.toarray(), y.astype(int)), got, rtol=0, atol=1e-12)
+
+
+def test_auroc_sparse_known_values_and_mannwhitney():
+    rng = np.random.default_rng(1)
+    X = _tricky_matrix(rng, n=120, m=15)
+    y = rng.random(120) < 0.5
+    got = auroc_sparse(X, y)
+    assert got[0] == 0.5 and got[2] == 0.5  # constant columns
+    D = X.toarray()
+    u = np.array([mannwhitneyu(D[y, j], D[~y, j]).statistic for j in range(D.shape[1])])
+    np.testing.assert_allclose(got, u / (y.sum() * (~y).sum()), rtol=0, atol=1e-12)
+    # perfect separation
+    Xp = sp.csc_matrix(y.astype(float)[:, None] * 3.0)
+    assert auroc_sparse(Xp, y)[0] == 1.0
+    assert auroc_sparse(-Xp, y)[0] == 0.0
+
+
+def test_auroc_sparse_duplicate_entries_summed():
+    # non-canonical COO with duplicates: scipy semantics sum them
+    X = sp.coo_matrix(([1.0, 2.0, -1.0, 1.0], ([0, 0, 1, 1], [0, 0, 0, 0])), shape=(4, 1))
+    y = np.array([True, False, True, False])
+    assert auroc_sparse(X, y)[0] == roc_auc_score(y, X.toarray()[:, 0])
+
+
+def test_auroc_sparse_one_class_errors():
+    X = sp.random(10, 3, density=0.5, format="csr", random_state=0)
+    with pytest.raises(InputError, match="one"):
+        auroc_sparse(X, np.ones(10, dtype=bool))
+    with pytest.raises(InputError):
+        auroc_sparse(X, np.ones(9, dtype=bool))
+
+
+def test_label_auroc_matches_sklearn_one_vs_rest_with_nan():
+    rng = np.random.default_rng(2)
+    X = _tricky_matrix(rng, n=400, m=25)
+    labels = pd.Series(rng.choice(["T", "B", "NK", "rare"], size=400, p=[0.4, 0.3, 0.29, 0.01]), dtype=object)
+    labels[rng.random(400) < 0.15] = np.nan
+    n_rare = int((labels == "rare").sum())
+    assert 0 < n_rare < 10
+    got = label_auroc(X, labels, min_cells=10)
+    assert list(got.columns) == ["B", "NK", "T"]  # rare skipped, sorted
+    assert got.index.name == "feature_id" and list(got.index) == list(range(25))
+    valid = labels.notna().to_numpy()
+    D = X.toarray()[valid]
+    lv = labels[valid].to_numpy()
+    for value in got.columns:
+        ref = [roc_auc_score(lv == value, D[:, j]) for j in range(D.shape[1])]
+        np.testing.assert_allclose(got[value].to_numpy(), ref, rtol=0, atol=1e-12)
+    # min_cells=1 keeps "rare"; NaN is never a column; same values for the others
+    all_ = label_auroc(X, labels.to_numpy())
+    assert list(all_.columns) == ["B", "NK", "T", "rare"]
+    np.testing.assert_allclose(all_[["B", "NK", "T"]].to_numpy(), got.to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_label_auroc_categorical_order_and_one_class():
+    rng = np.random.default_rng(3)
+    X = sp.random(50, 4, density=0.3, format="csr", random_state=rng)
+    lab = pd.Series(pd.Categorical(rng.choice(["b", "a"], 50), categories=["z", "b", "a"]))
+    assert list(label_auroc(X, lab).columns) == ["b", "a"]  # observed, in category order
+    with pytest.raises(InputError):
+        label_auroc(X, pd.Series(["a"] * 49 + [None]))
+
+
+def test_large_case_is_vectorised():
+    rng = np.random.default_rng(4)
+    n, m = 20_000, 2_000
+    X = sp.random(n, m, density=0.01, format="csr", random_state=rng, dtype=np.float64)
+    X.data = np.round(X.data * 10)  # ties and explicit zeros
+    labels = rng.integers(0, 20, n)
+    t0 = time.perf_counter()
+    auc = label_auroc(X, labels)
+    a1 = auroc_sparse(X, labels == 3)
+    elapsed = time.perf_counter() - t0
+    print(f"20000x2000 @1%: label_auroc(20 values) + auroc_sparse in {elapsed:.2f}s")
+    assert auc.shape == (m, 20)
+    np.testing.assert_allclose(auc[3].to_numpy(), a1, rtol=0, atol=1e-12)
+    D = X[:, :5].toarray()
+    ref = [roc_auc_score(labels == 3, D[:, j]) for j in range(5)]
+    np.testing.assert_allclose(a1[:5], ref, rtol=0, atol=1e-12)
+
+
+def test_label_scoring_columns_and_best():
+    rng = np.random.default_rng(5)
+    X = _tricky_matrix(rng, n=200, m=12)
+    obs = pd.DataFrame(
+        {"cell_type": rng.choice(["T", "B", "NK"], 200), "batch": rng.choice([1.0, 2.0, np.nan], 200)},
+        index=[f"cell{i}" for i in range(200)],
+    )
+    res = label_scoring(X, obs, ["cell_type", "batch"], min_cells=5)
+    assert list(res.index) == list(range(12)) and res.index.name == "feature_id"
+    assert list(res.columns) == [
+        "auroc:cell_type=B", "auroc:cell_type=NK", "auroc:cell_type=T", "best:cell_type", "best_auroc:cell_type",
+        "auroc:batch=1.0", "auroc:batch=2.0", "best:batch", "best_auroc:batch",
+    ]
+    D = X.toarray()
+    ref_nk = [roc_auc_score(obs["cell_type"] == "NK", D[:, j]) for j in range(12)]
+    np.testing.assert_allclose(res["auroc:cell_type=NK"], ref_nk, rtol=0, atol=1e-12)
+    aucs = res[["auroc:cell_type=B", "auroc:cell_type=NK", "auroc:cell_type=T"]].to_numpy()
+    expected_best = np.array(["B", "NK", "T"])[aucs.argmax(axis=1)]
+    assert list(res["best:cell_type"]) == list(expected_best)
+    np.testing.assert_array_equal(res["best_auroc:cell_type"].to_numpy(), aucs.max(axis=1))
+
+
+def test_label_scoring_errors():
+    X = sp.random(20, 3, density=0.5, format="csr", random_state=0)
+    obs = pd.DataFrame({"cell_type": ["a", "b"] * 10, "empty": [np.nan] * 20})
+    with pytest.raises(InputError, match="celltype") as exc:
+        label_scoring(X, obs, ["celltype"])
+    assert "cell_type" in str(exc.value)  # lists available columns
+    with pytest.raises(InputError, match="empty"):
+        label_scoring(X, obs, ["empty"])
+    with pytest.raises(InputError, match="min_cells"):
+        label_scoring(X, obs, ["cell_type"], min_cells=11)
+    with pytest.raises(InputError, match="rows"):
+        label_scoring(X, obs.iloc[:10], ["cell_type"])
+
+
+def _metrics(n, seed, ids=None):
+    rng = np.random.default_rng(seed)
+    idx = pd.Index(ids if ids is not None else range(n), name="feature_id")
+    return pd.DataFrame(
+        {"score": rng.random(n), "count": rng.integers(0, 100, n), "best": rng.choice(["x", "y z", "a,b"], n)},
+        index=idx,
+    )
+
+
+def test_update_results_replaces_only_named_analysis(tmp_path):
+    a = _metrics(5, 0)
+    b = _metrics(5, 1)[["score"]]
+    update_results(tmp_path, "label_auroc", a)
+    merged = update_results(tmp_path, "density", b)
+    assert merged.columns.names == ["analysis", "metric"]
+    assert list(merged.columns) == [("label_auroc", "score"), ("label_auroc", "count"), ("label_auroc", "best"),
+                                    ("density", "score")]
+    a2 = _metrics(5, 2)[["score", "best"]].rename(columns={"score": "new_score"})
+    merged = update_results(tmp_path, "label_auroc", a2)
+    assert set(merged.columns) == {("density", "score"), ("label_auroc", "new_score"), ("label_auroc", "best")}
+    pd.testing.assert_series_equal(merged[("density", "score")], b["score"], check_names=False)
+    pd.testing.assert_series_equal(merged[("label_auroc", "best")], a2["best"], check_names=False)
+    pd.testing.assert_frame_equal(read_results(tmp_path), merged)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_update_results_outer_join_on_feature_id(tmp_path):
+    update_results(tmp_path, "a", _metrics(3, 0, ids=[0, 1, 2])[["score"]])
+    merged = update_results(tmp_path, "b", _metrics(3, 1, ids=[2, 3, 4])[["score"]])
+    assert list(merged.index) == [0, 1, 2, 3, 4]
+    assert merged[("a", "score")].isna().tolist() == [False, False, False, True, True]
+    assert merged[("b", "score")].isna().tolist() == [True, True, False, False, False]
+
+
+def test_results_round_trip_parquet_and_csv(tmp_path):
+    table = _metrics(7, 3)
+    merged = update_results(tmp_path, "label_auroc", table)
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "results.parquet").exists()
+    assert merged.dtypes[("label_auroc", "count")] == np.int64
+    back = read_results(tmp_path)  # parquet
+    pd.testing.assert_frame_equal(back, merged, check_exact=True)
+    (tmp_path / "results.parquet").unlink()
+    back_csv = read_results(tmp_path)  # CSV only
+    pd.testing.assert_frame_equal(back_csv, merged, check_exact=True)
+    raw = pd.read_csv(tmp_path / "results.csv", header=[0, 1], index_col=0)
+    assert list(raw.columns) == list(merged.columns)
+
+
+def test_update_results_rejects_bad_tables(tmp_path):
+    with pytest.raises(InputError, match="strings"):
+        update_results(tmp_path, "x", pd.DataFrame({0: [1.0]}))
+    with pytest.raises(InputError, match="integer"):
+        update_results(tmp_path, "x", pd.DataFrame({"a": [1.0]}, index=["f0"]))
+    with pytest.raises(InputError, match="no results"):
+        read_results(tmp_path / "missing")

@@ -1,0 +1,88 @@
+"""Bad input gets one clear error that names the problem and the fix, never a deep traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import sae4scfm
+from sae4scfm.data import load_pbmc
+from sae4scfm.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_h5ad(path: Path, *, genes=None, value=None, n=40) -> Path:
+    pbmc = load_pbmc()[:n]
+    X = pbmc.X.toarray()
+    if value is not None:
+        X[3, 5] = value
+    adata = ad.AnnData(X=sp.csr_matrix(X), obs=pbmc.obs.copy(),
+                       var=pbmc.var.copy() if genes is None else None)
+    if genes is not None:
+        adata.var_names = genes
+    adata.write_h5ad(path)
+    return path
+
+
+def train_cfg(tmp_path, *overrides):
+    return sae4scfm.compose("train", ["wandb.mode=disabled", f"runs_dir={tmp_path / 'runs'}",
+                                      f"buffer.store_dir={tmp_path / 'stores'}", *overrides])
+
+
+def test_missing_file_cli(tmp_path):
+    """From the command line: exit status 2, one line naming the field and file, no traceback."""
+    missing = tmp_path / "nope.h5ad"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_sae.py"), "data=h5ad",
+                           f"data.path={missing}", "wandb.mode=disabled", f"runs_dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error: data.path" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_genes_in_vocab(tmp_path):
+    path = write_h5ad(tmp_path / "x.h5ad", genes=[f"ENSG{i:011d}" for i in range(765)])
+    with pytest.raises(InputError, match=r"none of its 765 genes .*model vocabulary.*data.gene_key"):
+        sae4scfm.train(train_cfg(tmp_path, "data=h5ad", f"data.path={path}"))
+
+
+def test_unknown_label_column(tmp_path):
+    with pytest.raises(InputError, match=r"data.cell_type_key='celltype'.*available columns: bulk_labels"):
+        sae4scfm.train(train_cfg(tmp_path, "data.cell_type_key=celltype"))
+
+
+@pytest.mark.parametrize("value, message", [(np.nan, "NaN"), (-1.0, "negative values")])
+def test_bad_expression_values(tmp_path, value, message):
+    path = write_h5ad(tmp_path / "x.h5ad", value=value)
+    with pytest.raises(InputError, match=message) as err:
+        sae4scfm.train(train_cfg(tmp_path, "data=h5ad", f"data.path={path}"))
+    assert str(path) in str(err.value)
+
+
+def test_non_integer_counts(tmp_path):
+    path = write_h5ad(tmp_path / "x.h5ad", value=0.5)
+    with pytest.raises(InputError, match="non-integer values.*input_kind=log_normalized"):
+        sae4scfm.train(train_cfg(tmp_path, "data=h5ad", f"data.path={path}"))
+
+
+def test_layer_out_of_range(tmp_path):
+    with pytest.raises(InputError, match=r"sae.target_layer=9 is out of range.*0 \(embeddings\) to 4"):
+        sae4scfm.train(train_cfg(tmp_path, "sae.target_layer=9"))
+
+
+def test_unknown_experiment_and_timestamp(tmp_path):
+    (tmp_path / "runs" / "exists" / "Jan01-00-00").mkdir(parents=True)
+    (tmp_path / "runs" / "exists" / "Jan01-00-00" / "cfg.json").write_text("{}")
+    with pytest.raises(InputError, match=r"experiment='nope'.*known: exists"):
+        sae4scfm.generate_features(sae4scfm.compose("features", [
+            f"runs_dir={tmp_path / 'runs'}", "sae_checkpoint.experiment=nope", "sae_checkpoint.timestamp=latest"]))
+    with pytest.raises(InputError, match=r"timestamp='Feb02-00-00'.*Jan01-00-00"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", [
+            f"runs_dir={tmp_path / 'runs'}", "sae_checkpoint.experiment=exists", "sae_checkpoint.timestamp=Feb02-00-00"]))

@@ -1,0 +1,107 @@
+"""SAE, activation store and trainer pieces against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from sae4scfm.activations import ActivationStore, _ShardWriter
+from sae4scfm.saes import TopKSAE
+from sae4scfm.training import geometric_median, lr_factor
+
+
+def make_store(tmp_path, n=1000, d=8, shard_tokens=128):
+    w = _ShardWriter(tmp_path / "store", layer=1, d_model=d, dtype="float32", shard_tokens=shard_tokens,
+                     include_special=False)
+    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, d)  # row i is all i: identifiable
+    for chunk in x.split(37):
+        w.add(chunk, torch.zeros(len(chunk), dtype=torch.long), torch.zeros(len(chunk), dtype=torch.long),
+              torch.zeros(len(chunk), dtype=torch.bool))
+    w.close(n_cells=1)
+    return ActivationStore(tmp_path / "store")
+
+
+def test_buffer_covers_each_token_once_deterministically(tmp_path):
+    store = make_store(tmp_path)
+    assert store.n_tokens == 1000 and store.n_shards == 7  # 27 chunks of 37 flushed at >= 128 tokens
+    batches = list(store.iter_batches(64, seed=3, epoch=0, buffer_tokens=300))
+    assert len(batches) == store.batches_per_epoch(64, seed=3, epoch=0, buffer_tokens=300)
+    ids = torch.cat(batches)[:, 0].long()
+    assert len(ids) == len(set(ids.tolist()))  # no token twice
+    assert len(ids) > 1000 - 64 * 3  # only remainders dropped
+    again = torch.cat(list(store.iter_batches(64, seed=3, epoch=0, buffer_tokens=300)))
+    assert torch.equal(torch.cat(batches), again)
+    other = torch.cat(list(store.iter_batches(64, seed=3, epoch=1, buffer_tokens=300)))
+    assert not torch.equal(torch.cat(batches)[:64], other[:64])
+    # shuffled across shards: a batch mixes tokens from several shards
+    assert len(set((batches[0][:, 0] // 148).long().tolist())) > 1  # shards hold 4 chunks = 148 tokens
+
+
+def test_store_sample_is_uniform_without_replacement(tmp_path):
+    store = make_store(tmp_path)
+    s = store.sample(500, seed=0)[:, 0]
+    assert len(set(s.tolist())) == 500 and 350 < float(s.mean()) < 650
+
+
+def test_topk_sparse_decode_equals_dense():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, k=5)
+    x = torch.randn(32, 16)
+    f = sae.encode(x)
+    assert ((f > 0).sum(1) <= 5).all()
+    values, indices = sae.topk(x)
+    torch.testing.assert_close(sae.decode_sparse(values, indices), sae.decode(f))
+    out = sae.loss(x)
+    torch.testing.assert_close(out["mse"], (x - sae.decode(f)).pow(2).sum(-1).mean())
+
+
+def test_fold_input_scale_keeps_latents():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, k=5)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(32, 16) * 7
+    scale = 0.37
+    f_scaled = sae.encode(x * scale)
+    x_hat = sae.decode(f_scaled) / scale
+    sae.fold_input_scale(scale)
+    torch.testing.assert_close(sae.encode(x), f_scaled)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_auxk_gradient_reaches_dead_encoder_rows():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, k=4, aux_k=8)
+    x = torch.randn(128, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:32] = True
+    sae.loss(x, dead=dead)["auxk"].backward()
+    assert sae.W_enc.grad[:, :32].abs().sum() > 0  # dead latents get encoder gradient
+    assert sae.W_enc.grad[:, 32:].abs().sum() == 0  # live ones get none from AuxK
+
+
+def test_parallel_decoder_grad_removed():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, k=4)
+    sae.loss(torch.randn(64, 16))["loss"].backward()
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-6
+
+
+def test_geometric_median_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(200, 5)), rng.normal(50, 1, size=(20, 5))])
+    ref = scipy.optimize.minimize(lambda m: np.linalg.norm(x - m, axis=1).sum(), x.mean(0), method="Nelder-Mead",
+                                  options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000}).x
+    got = geometric_median(torch.tensor(x, dtype=torch.float64), n_iter=500, eps=1e-10).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    assert np.linalg.norm(got - x.mean(0)) > 1  # robust: not pulled to the outliers like the mean
+
+
+def test_lr_schedule_warmup_and_decay():
+    total, warmup = 100, 10
+    lrs = [lr_factor(s, total, warmup, 0.2) for s in range(total)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0
+    assert lrs[80] == 1.0 and lrs[99] == 0.05 and all(np.diff(lrs[80:]) < 0)
