@@ -156,3 +156,22 @@ def test_desc_without_file_gives_input_error(monkeypatch, tmp_path):
     monkeypatch.setattr(pbmc3k_mod.importlib.util, "find_spec", lambda name, *a, **k: spec)
     with pytest.raises(InputError, match="pbmc.h5ad"):
         pbmc3k_mod.load_pbmc3k()
+
+
+@needs_desc
+def test_pbmc3k_preset_feeds_the_demo_model():
+    """data=pbmc3k goes through the same loader, split and tokenizer as the default."""
+    import sae4scfm
+    from sae4scfm.data import load_dataset
+    from sae4scfm.pipeline import tokenize_dataset
+    from sae4scfm.scfm import load_scfm
+
+    cfg = sae4scfm.compose("train", ["data=pbmc3k", "data.n_cells=300"])
+    adata = load_dataset(cfg.data)
+    assert adata.n_obs == 300 and set(adata.obs["split"]) == {"train", "eval"}
+    assert "cell_type_derived" in adata.obs
+    adapter = load_scfm(cfg.scfm)
+    tokens = tokenize_dataset(adapter, adata, cfg.data)
+    assert len(tokens) == 300
+    # symbols match the demo vocabulary: most of the 765 PBMC genes are found and expressed
+    assert 100 < np.median(tokens.lengths) < 765
