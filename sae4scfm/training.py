@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -155,7 +156,7 @@ def evaluate(sae: SAE, store: ActivationStore, adapter: ScFMAdapter, tokens: Tok
     metrics = {"fvu": sse / total_var, "explained_variance": 1 - sse / total_var, "l0": l0 / n,
                "dead_fraction": float((~fired).float().mean()), "n_eval_tokens": int(n)}
 
-    cells = tokens.subset(torch.arange(min(max_cells, len(tokens))).numpy())
+    cells = tokens.subset(np.arange(min(max_cells, len(tokens))))
 
     def loss_with(fn=None) -> float:
         gen = torch.Generator().manual_seed(seed)
@@ -187,6 +188,49 @@ def _replace(h: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.T
     out = h.clone()
     out[mask] = rows.to(h.dtype)
     return out
+
+
+def _fit(sae: SAE, opt: torch.optim.Optimizer, train_store: ActivationStore, cfg: DictConfig, run_dir: Path,
+         metrics_log: MetricsLog, per_epoch: list[int], start: int, scale: float, since_fired: torch.Tensor,
+         warmup: int) -> None:
+    """The optimisation loop from step ``start`` to the end; checkpoints as it goes."""
+    tc, hp = cfg.train, cfg.sae.hyperparams
+    bs, seed, buffer_tokens = int(tc.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens)
+    device, total, step = since_fired.device, sum(per_epoch), 0
+    bar = tqdm(total=total, initial=start, desc=f"training {cfg.sae.architecture} SAE", unit="step")
+    for epoch in range(int(tc.n_epochs)):
+        if step + per_epoch[epoch] <= start:  # whole epoch already done
+            step += per_epoch[epoch]
+            continue
+        for x in train_store.iter_batches(bs, seed=seed, epoch=epoch, buffer_tokens=buffer_tokens):
+            if step < start:
+                step += 1
+                continue
+            x = x.to(device) * scale
+            for group in opt.param_groups:
+                group["lr"] = float(hp["lr"]) * lr_factor(step, total, warmup, float(tc.lr_decay_frac))
+            out = sae.loss(x, dead=since_fired >= int(tc.dead_after_tokens))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            sae.remove_parallel_decoder_grad()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), float(tc.grad_clip))
+            opt.step()
+            sae.normalize_decoder()
+            since_fired += len(x)
+            since_fired[out["fired"]] = 0
+            step += 1
+            bar.update()
+            if step % int(tc.log_every) == 0 or step == total:
+                fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())
+                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
+                       "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
+                       "dead_fraction": float((since_fired >= int(tc.dead_after_tokens)).float().mean())}
+                row.update({k: float(v) for k, v in out.items() if k in ("auxk",)})
+                metrics_log.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{fvu:.3f}")
+            if step % int(tc.checkpoint_every) == 0 or step == total:
+                save_checkpoint(run_dir, sae, opt, since_fired, step, scale)
+    bar.close()
 
 
 def train(cfg: DictConfig) -> Path:
@@ -238,41 +282,12 @@ def train(cfg: DictConfig) -> Path:
         start, since_fired = 0, torch.zeros(sae.d_sae, dtype=torch.long, device=device)
 
     metrics_log = MetricsLog(run_dir, cfg, start)
-    step = 0
-    bar = tqdm(total=total, initial=start, desc=f"training {cfg.sae.architecture} SAE", unit="step")
-    for epoch in range(int(tc.n_epochs)):
-        if step + per_epoch[epoch] <= start:  # whole epoch already done
-            step += per_epoch[epoch]
-            continue
-        for x in train_store.iter_batches(bs, seed=seed, epoch=epoch, buffer_tokens=buffer_tokens):
-            if step < start:
-                step += 1
-                continue
-            x = x.to(device) * scale
-            for group in opt.param_groups:
-                group["lr"] = float(hp["lr"]) * lr_factor(step, total, warmup, float(tc.lr_decay_frac))
-            out = sae.loss(x, dead=since_fired >= int(tc.dead_after_tokens))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            sae.remove_parallel_decoder_grad()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), float(tc.grad_clip))
-            opt.step()
-            sae.normalize_decoder()
-            since_fired += len(x)
-            since_fired[out["fired"]] = 0
-            step += 1
-            bar.update()
-            if step % int(tc.log_every) == 0 or step == total:
-                fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())
-                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
-                       "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
-                       "dead_fraction": float((since_fired >= int(tc.dead_after_tokens)).float().mean())}
-                row.update({k: float(v) for k, v in out.items() if k in ("auxk",)})
-                metrics_log.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{fvu:.3f}")
-            if step % int(tc.checkpoint_every) == 0 or step == total:
-                save_checkpoint(run_dir, sae, opt, since_fired, step, scale)
-    bar.close()
+    try:
+        _fit(sae, opt, train_store, cfg, run_dir, metrics_log, per_epoch, start, scale, since_fired, warmup)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
+              f"sae_checkpoint.experiment={cfg.experiment} sae_checkpoint.timestamp={run_dir.name}")
+        raise
 
     sae.fold_input_scale(scale)
     sae.eval()
@@ -284,6 +299,7 @@ def train(cfg: DictConfig) -> Path:
         "layer": layer, "hook_point": f"hook_resid.{layer}", "d_model": d_in,
         "dataset": OmegaConf.to_container(cfg.data, resolve=True), "seed": seed,
         "n_train_tokens": train_store.n_tokens, "steps": total, "sae4scfm_version": __version__,
+        "training": {"lr": float(hp["lr"]), "batch_size": bs, "n_epochs": int(tc.n_epochs), "tokens_seen": total * bs},
     })
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     metrics_log.close(results)
