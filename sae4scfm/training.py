@@ -4,7 +4,8 @@ Inputs are scaled by one factor ``s = sqrt(d_in / E‖x‖²)`` estimated once f
 training store; the saved weights have it folded in (``SAE.fold_input_scale``) so
 they act on raw activations. ``b_dec`` starts at the geometric median of the scaled
 data. Each step: loss → backward → drop the decoder-gradient component parallel to
-each decoder row → clip the gradient norm → Adam → renormalise decoder rows.
+each decoder row → clip the gradient norm → Adam → renormalise decoder rows (the
+decoder-norm policy; architectures that learn decoder norms opt out).
 The learning rate warms up linearly and decays linearly to zero over the last
 ``lr_decay_frac`` of the steps. A latent is dead once it has not fired for
 ``dead_after_tokens`` training tokens (AuxK revives those).
@@ -225,7 +226,7 @@ def _fit(sae: SAE, opt: torch.optim.Optimizer, train_store: ActivationStore, cfg
                 row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
                        "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
                        "dead_fraction": float((since_fired >= int(tc.dead_after_tokens)).float().mean())}
-                row.update({k: float(v) for k, v in out.items() if k in ("auxk",)})
+                row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
                 metrics_log.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{fvu:.3f}")
             if step % int(tc.checkpoint_every) == 0 or step == total:

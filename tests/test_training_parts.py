@@ -77,7 +77,9 @@ def test_auxk_gradient_reaches_dead_encoder_rows():
     x = torch.randn(128, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:32] = True
-    sae.loss(x, dead=dead)["auxk"].backward()
+    out = sae.loss(x, dead=dead)
+    assert out["auxk"] > 0
+    (out["loss"] - out["mse"]).backward()  # the AuxK term alone
     assert sae.W_enc.grad[:, :32].abs().sum() > 0  # dead latents get encoder gradient
     assert sae.W_enc.grad[:, 32:].abs().sum() == 0  # live ones get none from AuxK
 

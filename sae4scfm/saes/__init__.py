@@ -2,9 +2,13 @@
 
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE, load_sae
+from sae4scfm.saes.batchtopk import BatchTopKSAE
+from sae4scfm.saes.jumprelu import JumpReLUSAE
+from sae4scfm.saes.standard import StandardSAE
 from sae4scfm.saes.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SAE]] = {cls.architecture: cls for cls in (TopKSAE,)}
+ARCHITECTURES: dict[str, type[SAE]] = {
+    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, StandardSAE)}
 
 
 def build_sae(architecture: str, d_in: int, d_sae: int, hyperparams: dict) -> SAE:
@@ -14,4 +18,4 @@ def build_sae(architecture: str, d_in: int, d_sae: int, hyperparams: dict) -> SA
     return ARCHITECTURES[architecture](d_in, d_sae, **hp)
 
 
-__all__ = ["SAE", "TopKSAE", "build_sae", "load_sae", "ARCHITECTURES"]
+__all__ = ["SAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "StandardSAE", "build_sae", "load_sae", "ARCHITECTURES"]

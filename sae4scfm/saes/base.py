@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,6 +20,9 @@ class SAE(nn.Module):
     """Base class; an architecture overrides ``encode`` and ``loss``."""
 
     architecture = "base"
+    # False: decoder rows keep their learned norms (e.g. the ‖W_dec,i‖-weighted L1 SAE);
+    # ``normalize_decoder`` and ``remove_parallel_decoder_grad`` are then no-ops.
+    unit_norm_decoder = True
 
     def __init__(self, d_in: int, d_sae: int, **hyperparams):
         super().__init__()
@@ -52,12 +56,14 @@ class SAE(nn.Module):
     # --- decoder-norm policy --------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        if not self.unit_norm_decoder:
+            return
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Project out the gradient component along each (unit) decoder row."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or not self.unit_norm_decoder:
             return
         W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
         self.W_dec.grad -= (self.W_dec.grad * W).sum(dim=1, keepdim=True) * W
@@ -81,6 +87,19 @@ class SAE(nn.Module):
         meta = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                 "hyperparams": self.hyperparams, **cfg}
         (run_dir / "cfg.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def auxk_loss(sae: SAE, e: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): ‖e − ê‖² / ‖e − ē‖², ê = W_decᵀ of the top ``aux_k`` ReLU'd
+    pre-activations ``pre`` [N, d_sae] of ``dead`` latents; ``e`` [N, d_in] is the (detached)
+    residual. Zero when no latent is dead."""
+    if dead is None or not dead.any():
+        return torch.zeros((), device=e.device)
+    n_aux = min(aux_k, int(dead.sum()))
+    values, indices = pre.masked_fill(~dead, float("-inf")).topk(n_aux, dim=-1, sorted=False)
+    e_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=F.relu(values), mode="sum")
+    aux = (e - e_hat).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+    return torch.nan_to_num(aux, nan=0.0)
 
 
 def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[SAE, dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE
+from sae4scfm.saes.base import SAE, auxk_loss
 
 
 class TopKSAE(SAE):
@@ -46,15 +46,7 @@ class TopKSAE(SAE):
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[indices[active]] = True
         out = {"mse": mse, "l0": active.sum(-1).float().mean(), "fired": fired}
-        aux = torch.zeros((), device=x.device)
-        if dead is not None and dead.any() and self.auxk_alpha > 0:
-            e = (x - x_hat).detach()
-            n_aux = min(self.aux_k, int(dead.sum()))
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            aux_values, aux_indices = dead_pre.topk(n_aux, dim=-1, sorted=False)
-            e_hat = F.embedding_bag(aux_indices, self.W_dec, per_sample_weights=F.relu(aux_values), mode="sum")
-            aux = (e - e_hat).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
-            aux = torch.nan_to_num(aux, nan=0.0)
-        out["auxk"] = aux
+        aux = auxk_loss(self, (x - x_hat).detach(), pre, dead, self.aux_k) if self.auxk_alpha > 0 else torch.zeros(())
+        out["auxk"] = aux.detach()
         out["loss"] = mse + self.auxk_alpha * aux
         return out

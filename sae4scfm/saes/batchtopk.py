@@ -1,0 +1,63 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders") with AuxK.
+
+Training: the k·B largest ReLU pre-activations over the whole batch [B, d_sae] are kept, so
+the number of active latents varies per token with mean k. A global threshold θ (buffer
+``threshold``, saved with the weights) tracks an EMA of the smallest activation kept per
+batch; ``encode`` is per-sample: f = ReLU(pre) · (pre > θ). θ acts on latents, so
+``fold_input_scale`` leaves it unchanged. AuxK on dead latents as in ``TopKSAE``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sae4scfm.saes.base import SAE, auxk_loss
+
+
+class BatchTopKSAE(SAE):
+    architecture = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_alpha: float = 1 / 32,
+                 aux_k: int | None = None, threshold_momentum: float = 0.99, **hyperparams):
+        super().__init__(d_in, d_sae, k=k, auxk_alpha=auxk_alpha, aux_k=aux_k,
+                         threshold_momentum=threshold_momentum, **hyperparams)
+        self.k, self.auxk_alpha = int(k), float(auxk_alpha)
+        self.aux_k = int(aux_k) if aux_k else max(1, d_in // 2)
+        self.threshold_momentum = float(threshold_momentum)
+        # < 0: not estimated yet (the first training batch sets it); encode is then plain ReLU
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.pre_acts(x))
+        return pre * (pre > self.threshold)
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Keep the k·B largest entries of ReLU'd ``pre`` [B, d_sae] over the flattened batch."""
+        flat = F.relu(pre).flatten()
+        values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor) -> None:
+        kept = f[f > 0]
+        if kept.numel() == 0:
+            return
+        low = kept.min()
+        if self.threshold < 0:
+            self.threshold.copy_(low)
+        else:
+            self.threshold.lerp_(low, 1 - self.threshold_momentum)
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pre = self.pre_acts(x)
+        f = self.batch_topk(pre)
+        if self.training:
+            self.update_threshold(f)
+        x_hat = self.decode(f)
+        mse = (x - x_hat).pow(2).sum(-1).mean()
+        active = f > 0
+        aux = auxk_loss(self, (x - x_hat).detach(), pre, dead, self.aux_k) if self.auxk_alpha > 0 \
+            else torch.zeros((), device=x.device)
+        return {"loss": mse + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
+                "l0": active.sum(-1).float().mean(), "fired": active.any(0)}

@@ -1,0 +1,46 @@
+"""Standard ReLU SAE with an L1 sparsity penalty (Bricken et al. 2023).
+
+f = ReLU(W_encᵀ(x − b_dec) + b_enc); x̂ = W_dec f + b_dec.
+Loss = ‖x − x̂‖² + λ · Σᵢ fᵢ, with unit-norm decoder rows (the shared loop renormalises them).
+With ``decoder_norm_l1`` (Anthropic's April 2024 update) the penalty is λ · Σᵢ fᵢ ‖W_dec,i‖ and
+the decoder rows keep their learned norms (``unit_norm_decoder = False``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sae4scfm.saes.base import SAE
+
+
+class StandardSAE(SAE):
+    architecture = "standard"
+
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 1.0, decoder_norm_l1: bool = False,
+                 **hyperparams):
+        super().__init__(d_in, d_sae, l1_coeff=l1_coeff, decoder_norm_l1=decoder_norm_l1, **hyperparams)
+        self.l1_coeff, self.decoder_norm_l1 = float(l1_coeff), bool(decoder_norm_l1)
+        self.unit_norm_decoder = not self.decoder_norm_l1
+        with torch.no_grad():  # small initial latents: a dense ReLU code of unit rows overshoots x
+            self.W_enc *= 0.1
+            if self.decoder_norm_l1:  # Anthropic (April 2024): decoder rows of norm 0.1, W_enc = W_decᵀ
+                self.W_dec *= 0.1
+                self.W_enc.copy_(self.W_dec.t())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pre_acts(x))
+
+    def l1_penalty(self, f: torch.Tensor) -> torch.Tensor:
+        """Per-token Σᵢ fᵢ (· ‖W_dec,i‖ with ``decoder_norm_l1``), batch mean."""
+        if self.decoder_norm_l1:
+            f = f * self.W_dec.norm(dim=1)
+        return f.sum(-1).mean()
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        f = self.encode(x)
+        mse = (x - self.decode(f)).pow(2).sum(-1).mean()
+        l1 = self.l1_penalty(f)
+        active = f > 0
+        return {"loss": mse + self.l1_coeff * l1, "mse": mse, "l1": l1.detach(),
+                "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
