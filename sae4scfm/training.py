@@ -90,6 +90,21 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def reset_adam_rows(opt: torch.optim.Optimizer, sae: SAE, latents: torch.Tensor) -> None:
+    """Zero the Adam moments of the given latents (rows of W_dec, columns of W_enc, b_enc,
+    and any other parameter with a d_sae axis) after they were re-initialised."""
+    for p in sae.parameters():
+        state = opt.state.get(p)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[key]
+            if p is sae.W_enc:
+                t[:, latents] = 0
+            elif p.dim() >= 1 and p.shape[0] == sae.d_sae:
+                t[latents] = 0
+
+
 def save_checkpoint(run_dir: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
                     step: int, scale: float) -> None:
     """Training state as safetensors + json; ``state.json`` is replaced last, atomically."""
@@ -220,6 +235,10 @@ def _fit(sae: SAE, opt: torch.optim.Optimizer, train_store: ActivationStore, cfg
             since_fired += len(x)
             since_fired[out["fired"]] = 0
             step += 1
+            resampled = sae.after_step(step, total, since_fired >= int(tc.dead_after_tokens), x)
+            if resampled is not None and len(resampled):
+                reset_adam_rows(opt, sae, resampled)
+                since_fired[resampled] = 0
             bar.update()
             if step % int(tc.log_every) == 0 or step == total:
                 fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())

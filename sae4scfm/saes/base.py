@@ -53,6 +53,13 @@ class SAE(nn.Module):
         (mean active latents per token) and ``fired`` [d_sae] bool (latents active in the batch)."""
         raise NotImplementedError
 
+    def after_step(self, step: int, total: int, dead: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Called by the trainer after each optimizer step (``step`` counts from 1 to ``total``)
+        with the current ``dead`` mask [d_sae] and the batch ``x`` [N, d_in] (scaled inputs).
+        Schedules (annealing) and dead-latent resampling live here. Returns the indices of
+        latents whose weights were re-initialised, so the trainer resets their Adam state."""
+        return None
+
     # --- decoder-norm policy --------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
