@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from sae4scfm.errors import InputError
 
 
-def new_run_dir(runs_dir: str | Path, experiment: str) -> Path:
-    """Create ``runs_dir/experiment/<Mon DD-HH-MM>`` (suffix ``-2``, ``-3``… if taken)."""
+def new_run_dir(runs_dir: str | Path, experiment: str, suffix: str = "") -> Path:
+    """Create ``runs_dir/experiment/<Mon DD-HH-MM><suffix>`` (``-2``, ``-3``… appended if taken)."""
     parent = Path(runs_dir) / experiment
     parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%b%d-%H-%M")
+    stamp = datetime.now().strftime("%b%d-%H-%M") + suffix
     for n in range(1, 10_000):
         path = parent / (stamp if n == 1 else f"{stamp}-{n}")
         try:

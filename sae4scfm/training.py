@@ -13,9 +13,11 @@ The learning rate warms up linearly and decays linearly to zero over the last
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -206,55 +208,103 @@ def _replace(h: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.T
     return out
 
 
-def _fit(sae: SAE, opt: torch.optim.Optimizer, train_store: ActivationStore, cfg: DictConfig, run_dir: Path,
-         metrics_log: MetricsLog, per_epoch: list[int], start: int, scale: float, since_fired: torch.Tensor,
-         warmup: int) -> None:
-    """The optimisation loop from step ``start`` to the end; checkpoints as it goes."""
-    tc, hp = cfg.train, cfg.sae.hyperparams
+@dataclass
+class Member:
+    """One SAE being trained: its config, run dir, optimizer and dead-latent counters."""
+
+    cfg: DictConfig
+    run_dir: Path
+    sae: SAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # [d_sae] training tokens since each latent last fired
+    start: int  # steps already done
+    scale: float  # input scaling factor s (the SAE trains on s·x)
+    log: MetricsLog
+
+
+def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(run-dir suffix, config) for every combination in ``train.sweep`` ({hyperparam: [values]});
+    one ("", cfg) without a sweep. Each config names its own values and no sweep."""
+    sweep = cfg.train.get("sweep")
+    sweep = OmegaConf.to_container(sweep, resolve=True) if sweep else {}
+    unknown = [k for k in sweep if k not in cfg.sae.hyperparams]
+    if unknown:
+        raise InputError(f"train.sweep: {', '.join(unknown)} not in sae.hyperparams "
+                         f"({', '.join(cfg.sae.hyperparams)}); only SAE hyperparameters can share a pass.")
+    combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())] if sweep else [{}]
+    out = []
+    for combo in combos:
+        member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        member.train.sweep = None
+        for key, value in combo.items():
+            member.sae.hyperparams[key] = value
+        out.append(("".join(f"-{k}{v}" for k, v in combo.items()), member))
+    return out
+
+
+def _fit(members: list[Member], train_store: ActivationStore, cfg: DictConfig, per_epoch: list[int]) -> None:
+    """One pass over the training batches that steps every member SAE on each batch, from
+    the earliest member's ``start``; each member checkpoints as it goes."""
+    tc = cfg.train
     bs, seed, buffer_tokens = int(tc.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens)
-    device, total, step = since_fired.device, sum(per_epoch), 0
-    bar = tqdm(total=total, initial=start, desc=f"training {cfg.sae.architecture} SAE", unit="step")
+    total, step, start = sum(per_epoch), 0, min(m.start for m in members)
+    warmup = max(1, int(tc.lr_warmup_frac * total))
+    device = members[0].since_fired.device
+    name = cfg.sae.architecture + (f" x{len(members)}" if len(members) > 1 else "")
+    bar = tqdm(total=total, initial=start, desc=f"training {name} SAE", unit="step")
     for epoch in range(int(tc.n_epochs)):
         if step + per_epoch[epoch] <= start:  # whole epoch already done
             step += per_epoch[epoch]
             continue
         for x in train_store.iter_batches(bs, seed=seed, epoch=epoch, buffer_tokens=buffer_tokens):
-            if step < start:
-                step += 1
-                continue
-            x = x.to(device) * scale
-            for group in opt.param_groups:
-                group["lr"] = float(hp["lr"]) * lr_factor(step, total, warmup, float(tc.lr_decay_frac))
-            out = sae.loss(x, dead=since_fired >= int(tc.dead_after_tokens))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            sae.remove_parallel_decoder_grad()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), float(tc.grad_clip))
-            opt.step()
-            sae.normalize_decoder()
-            since_fired += len(x)
-            since_fired[out["fired"]] = 0
             step += 1
-            resampled = sae.after_step(step, total, since_fired >= int(tc.dead_after_tokens), x)
-            if resampled is not None and len(resampled):
-                reset_adam_rows(opt, sae, resampled)
-                since_fired[resampled] = 0
+            if step <= start:
+                continue
+            x, row = x.to(device), None
+            for m in members:
+                if step > m.start:
+                    row = _step(m, x * m.scale, step, total, warmup, epoch)
             bar.update()
-            if step % int(tc.log_every) == 0 or step == total:
-                fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())
-                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
-                       "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
-                       "dead_fraction": float((since_fired >= int(tc.dead_after_tokens)).float().mean())}
-                row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
-                metrics_log.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{fvu:.3f}")
-            if step % int(tc.checkpoint_every) == 0 or step == total:
-                save_checkpoint(run_dir, sae, opt, since_fired, step, scale)
+            if row is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
     bar.close()
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train one SAE as configured; returns the run dir. ``resume=true`` continues the run
+def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch: int) -> dict | None:
+    """One optimizer step of one member on batch ``x`` (scaled); returns its metrics row if logged."""
+    tc, hp = m.cfg.train, m.cfg.sae.hyperparams
+    sae, opt, dead_after = m.sae, m.opt, int(tc.dead_after_tokens)
+    for group in opt.param_groups:
+        group["lr"] = float(hp["lr"]) * lr_factor(step - 1, total, warmup, float(tc.lr_decay_frac))
+    out = sae.loss(x, dead=m.since_fired >= dead_after)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    sae.remove_parallel_decoder_grad()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), float(tc.grad_clip))
+    opt.step()
+    sae.normalize_decoder()
+    m.since_fired += len(x)
+    m.since_fired[out["fired"]] = 0
+    resampled = sae.after_step(step, total, m.since_fired >= dead_after, x)
+    if resampled is not None and len(resampled):
+        reset_adam_rows(opt, sae, resampled)
+        m.since_fired[resampled] = 0
+    row = None
+    if step % int(tc.log_every) == 0 or step == total:
+        fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())
+        row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
+               "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
+               "dead_fraction": float((m.since_fired >= dead_after).float().mean())}
+        row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
+        m.log.log(row)
+    if step % int(tc.checkpoint_every) == 0 or step == total:
+        save_checkpoint(m.run_dir, sae, opt, m.since_fired, step, m.scale)
+    return row
+
+
+def train(cfg: DictConfig) -> Path | list[Path]:
+    """Train the configured SAE (or every SAE of ``train.sweep`` on the same batches in one
+    pass); returns the run dir (a list for a sweep). ``resume=true`` continues the run
     addressed by ``sae_checkpoint`` from its last checkpoint with its saved config."""
     if cfg.resume:
         from sae4scfm.runs import load_run_config
@@ -264,68 +314,77 @@ def train(cfg: DictConfig) -> Path:
             raise InputError(f"resume=true: {run_dir} has no checkpoint to resume from; check "
                              "sae_checkpoint.experiment and sae_checkpoint.timestamp.")
         cfg = load_run_config(run_dir)
+        plan = [(run_dir, cfg)]
     else:
-        run_dir = new_run_dir(cfg.runs_dir, cfg.experiment)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    print(f"run dir: {run_dir}")
+        plan = [(new_run_dir(cfg.runs_dir, cfg.experiment, suffix), member) for suffix, member in sweep_configs(cfg)]
+        for run_dir, member in plan:
+            OmegaConf.save(member, run_dir / "config.yaml", resolve=True)
+    for run_dir, _ in plan:
+        print(f"run dir: {run_dir}")
     device = pick_device(cfg.device)
     adapter, adata, tokens = load_model_and_data(cfg, device)
     layer = int(cfg.sae.target_layer)
     stores = activation_stores(cfg, adapter, adata, tokens, [layer])
     train_store, eval_store = stores["train"][layer], stores["eval"][layer]
 
-    torch.manual_seed(int(cfg.seed))
-    d_in = adapter.d_model
-    hp = OmegaConf.to_container(cfg.sae.hyperparams, resolve=True)
-    sae = build_sae(cfg.sae.architecture, d_in, int(cfg.sae.dictionary_multiplier * d_in), hp).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.999))
-    tc = cfg.train
-    bs, seed, buffer_tokens = int(tc.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens)
+    tc, seed, d_in = cfg.train, int(cfg.seed), adapter.d_model
+    bs, buffer_tokens = int(tc.batch_size), int(cfg.buffer.buffer_tokens)
     per_epoch = [train_store.batches_per_epoch(bs, seed=seed, epoch=e, buffer_tokens=buffer_tokens)
                  for e in range(int(tc.n_epochs))]
-    total = sum(per_epoch)
-    if total == 0:
+    if sum(per_epoch) == 0:
         raise InputError(f"train.batch_size={bs} exceeds the {train_store.n_tokens} training tokens; "
                          "lower it or use more cells (data.n_cells).")
-    warmup = max(1, int(tc.lr_warmup_frac * total))
-
-    resumed = (run_dir / "checkpoint" / "state.json").is_file()
-    if resumed:
-        start, scale, since_fired = load_checkpoint(run_dir, sae, opt)
-        since_fired = since_fired.to(device)
-        print(f"resuming at step {start} of {total}")
-    else:
-        sample = train_store.sample(8192, seed)
-        scale = float((d_in / sample.pow(2).sum(1).mean()).sqrt())
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample.to(device) * scale))
-        start, since_fired = 0, torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-
-    metrics_log = MetricsLog(run_dir, cfg, start)
+    sample = train_store.sample(8192, seed)
+    scale = float((d_in / sample.pow(2).sum(1).mean()).sqrt())
+    b_dec = geometric_median(sample.to(device) * scale)
+    members = []
+    for run_dir, member_cfg in plan:
+        torch.manual_seed(seed)
+        hp = OmegaConf.to_container(member_cfg.sae.hyperparams, resolve=True)
+        sae = build_sae(member_cfg.sae.architecture, d_in, int(member_cfg.sae.dictionary_multiplier * d_in), hp).to(device)
+        opt = torch.optim.Adam(sae.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.999), fused=True)
+        if (run_dir / "checkpoint" / "state.json").is_file():
+            start, member_scale, since_fired = load_checkpoint(run_dir, sae, opt)
+            print(f"{run_dir.name}: resuming at step {start} of {sum(per_epoch)}")
+        else:
+            with torch.no_grad():
+                sae.b_dec.copy_(b_dec)
+            start, member_scale, since_fired = 0, scale, torch.zeros(sae.d_sae, dtype=torch.long)
+        members.append(Member(member_cfg, run_dir, sae, opt, since_fired.to(device), start, member_scale,
+                              MetricsLog(run_dir, member_cfg, start)))
     try:
-        _fit(sae, opt, train_store, cfg, run_dir, metrics_log, per_epoch, start, scale, since_fired, warmup)
+        _fit(members, train_store, cfg, per_epoch)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
-              f"sae_checkpoint.experiment={cfg.experiment} sae_checkpoint.timestamp={run_dir.name}")
+        for m in members:
+            print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
+                  f"sae_checkpoint.experiment={m.cfg.experiment} sae_checkpoint.timestamp={m.run_dir.name}")
         raise
+    for m in members:
+        _finish(m, adapter, eval_store, split_tokens(tokens, adata, "eval"), layer, train_store, sum(per_epoch))
+    return members[0].run_dir if len(members) == 1 else [m.run_dir for m in members]
 
-    sae.fold_input_scale(scale)
+
+def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_tokens: TokenizedCells,
+            layer: int, train_store: ActivationStore, total: int) -> None:
+    """Fold the input scaling, evaluate on held-out data, write the run dir's final files."""
+    cfg, sae = m.cfg, m.sae
+    tc, hp = cfg.train, cfg.sae.hyperparams
+    sae.fold_input_scale(m.scale)
     sae.eval()
-    results = evaluate(sae, eval_store, adapter, split_tokens(tokens, adata, "eval"), layer, seed,
-                       int(tc.eval_max_cells))
-    sae.save(run_dir, {
-        "input_scaling": {"factor": scale, "folded": True},
+    results = evaluate(sae, eval_store, adapter, eval_tokens, layer, int(cfg.seed), int(tc.eval_max_cells))
+    sae.save(m.run_dir, {
+        "input_scaling": {"factor": m.scale, "folded": True},
         "model": OmegaConf.to_container(cfg.scfm, resolve=True), "model_family": adapter.family,
-        "layer": layer, "hook_point": f"hook_resid.{layer}", "d_model": d_in,
-        "dataset": OmegaConf.to_container(cfg.data, resolve=True), "seed": seed,
+        "layer": layer, "hook_point": f"hook_resid.{layer}", "d_model": adapter.d_model,
+        "dataset": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
         "n_train_tokens": train_store.n_tokens, "steps": total, "sae4scfm_version": __version__,
-        "training": {"lr": float(hp["lr"]), "batch_size": bs, "n_epochs": int(tc.n_epochs), "tokens_seen": total * bs},
+        "training": {"lr": float(hp["lr"]), "batch_size": int(tc.batch_size), "n_epochs": int(tc.n_epochs),
+                     "tokens_seen": total * int(tc.batch_size)},
     })
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    metrics_log.close(results)
-    print(f"held-out: FVU {results['fvu']:.4f}  explained variance {results['explained_variance']:.4f}  "
-          f"L0 {results['l0']:.2f}  dead fraction {results['dead_fraction']:.4f}  "
+    (m.run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    m.log.close(results)
+    print(f"{m.run_dir.name} held-out: FVU {results['fvu']:.4f}  explained variance "
+          f"{results['explained_variance']:.4f}  L0 {results['l0']:.2f}  dead fraction {results['dead_fraction']:.4f}  "
           f"model loss clean {results['loss_clean']:.3f} -> spliced {results['loss_spliced']:.3f} "
           f"(recovered {results['loss_recovered']:.3f})")
-    print(f"run: sae_checkpoint.experiment={cfg.experiment} sae_checkpoint.timestamp={run_dir.name}")
-    return run_dir
+    print(f"run: sae_checkpoint.experiment={cfg.experiment} sae_checkpoint.timestamp={m.run_dir.name}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE, auxk_loss
+from sae4scfm.saes.base import SAE, auxk_loss, selected_pre_acts
 
 
 class BatchTopKSAE(SAE):
@@ -50,14 +50,24 @@ class BatchTopKSAE(SAE):
             self.threshold.lerp_(low, 1 - self.threshold_momentum)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        pre = self.pre_acts(x)
-        f = self.batch_topk(pre)
+        """Sparse in k·B: the dense encoder GEMM runs without grad; gradients flow through the
+        kept entries and their decoder rows only."""
+        with torch.no_grad():
+            flat = F.relu(self.pre_acts(x)).flatten()
+            top, flat_idx = flat.topk(min(self.k * len(x), flat.numel()), sorted=False)
+            flat_idx = flat_idx.sort().values  # row-major: entries of one token are contiguous
+            top = flat[flat_idx]
+            rows, cols = flat_idx // self.d_sae, flat_idx % self.d_sae
+            offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
+        values = F.relu(selected_pre_acts(self, x, rows, cols, top))
         if self.training:
-            self.update_threshold(f)
-        x_hat = self.decode(f)
+            self.update_threshold(values.detach())
+        x_hat = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=values, mode="sum") + self.b_dec
         mse = (x - x_hat).pow(2).sum(-1).mean()
-        active = f > 0
-        aux = auxk_loss(self, (x - x_hat).detach(), pre, dead, self.aux_k) if self.auxk_alpha > 0 \
+        active = values > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+        aux = auxk_loss(self, x, (x - x_hat).detach(), dead, self.aux_k) if self.auxk_alpha > 0 \
             else torch.zeros((), device=x.device)
         return {"loss": mse + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
-                "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
+                "l0": active.sum().float() / len(x), "fired": fired}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE, auxk_loss
+from sae4scfm.saes.base import SAE, auxk_loss, selected_pre_acts
 
 
 class TopKSAE(SAE):
@@ -37,16 +37,18 @@ class TopKSAE(SAE):
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        pre = self.pre_acts(x)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        values = F.relu(values)
+        """Sparse in k: one dense encoder GEMM (no grad), then gradients through the k
+        selected pre-activations and the k decoder rows of each token only."""
+        with torch.no_grad():
+            top, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(self.k)
+        values = F.relu(selected_pre_acts(self, x, rows, indices.flatten(), top.flatten())).view_as(top)
         x_hat = self.decode_sparse(values, indices)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         active = values > 0
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[indices[active]] = True
-        out = {"mse": mse, "l0": active.sum(-1).float().mean(), "fired": fired}
-        aux = auxk_loss(self, (x - x_hat).detach(), pre, dead, self.aux_k) if self.auxk_alpha > 0 else torch.zeros(())
-        out["auxk"] = aux.detach()
-        out["loss"] = mse + self.auxk_alpha * aux
-        return out
+        aux = auxk_loss(self, x, (x - x_hat).detach(), dead, self.aux_k) if self.auxk_alpha > 0 \
+            else torch.zeros((), device=x.device)
+        return {"loss": mse + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
+                "l0": active.sum(-1).float().mean(), "fired": fired}
