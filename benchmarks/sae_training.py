@@ -1,0 +1,183 @@
+"""TopK and BatchTopK SAE training throughput and quality: ours vs SAELens vs dictionary_learning,
+in the same run, on the same data (d_in 512, d_sae 4096, k 32, batch 4096 by default).
+
+Prints tokens/s, held-out FVU and dead fraction for each, the machine's dense float32 matmul
+rate for a [B, d_in] @ [d_in, d_sae] product, and the encoder-GEMM floor (the one dense
+product a TopK-family step cannot avoid). Asserts nothing.
+
+    python benchmarks/sae_training.py [--steps 30] [--batch 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from sae4scfm.saes import BatchTopKSAE, TopKSAE
+from sae4scfm.training import geometric_median
+
+
+def synthetic_activations(n: int, d_in: int, n_true: int, k_true: int, seed: int) -> torch.Tensor:
+    """x = offset + Σ of k_true of n_true unit ground-truth directions with |N(0,1)|+0.5 weights."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_true, d_in, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    offset = torch.randn(d_in, generator=torch.Generator().manual_seed(1234)) * 2
+    idx = torch.randint(0, n_true, (n, k_true), generator=g)
+    w = torch.randn(n, k_true, generator=g).abs() + 0.5
+    return offset + torch.einsum("nk,nkd->nd", w, directions[idx])
+
+
+def fvu_and_dead(encode, decode, x: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        f = encode(x)
+        x_hat = decode(f)
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    return fvu, float((f > 0).sum(0).eq(0).float().mean())
+
+
+def run(name: str, step, batches: list[torch.Tensor], warmup: int) -> float:
+    """Tokens/s of ``step(x)`` over ``batches`` after ``warmup`` untimed steps."""
+    for x in batches[:warmup]:
+        step(x)
+    start = time.perf_counter()
+    for x in batches[warmup:]:
+        step(x)
+    elapsed = time.perf_counter() - start
+    return sum(len(x) for x in batches[warmup:]) / elapsed
+
+
+def ours(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+    torch.manual_seed(0)
+    sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(d_in, d_sae, k=k)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(init))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    since_fired = torch.zeros(d_sae, dtype=torch.long)
+
+    def step(x):
+        out = sae.loss(x, dead=since_fired >= 10 * len(x))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.normalize_decoder()
+        since_fired.add_(len(x))
+        since_fired[out["fired"]] = 0
+
+    return step, lambda x: sae.eval().encode(x), sae.decode
+
+
+def saelens(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    if arch == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device="cpu"))
+    else:
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device="cpu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)  # as SAELens's trainer: Adam, clip 1.0
+    since_fired = torch.zeros(d_sae)
+
+    def step(x):
+        sae.train()
+        out = sae.training_forward_pass(TrainStepInput(x, {}, since_fired > 10, 0, False))
+        with torch.no_grad():
+            since_fired.add_(1)
+            since_fired[out.feature_acts.bool().any(0)] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    def encode(x):
+        sae.eval()
+        return sae.encode(x)
+
+    return step, encode, sae.decode
+
+
+def _dictionary_learning_trainers():
+    """dictionary_learning's trainers without its package __init__ (which imports nnsight)."""
+    if "dictionary_learning" not in sys.modules:
+        spec = importlib.util.find_spec("dictionary_learning")
+        if spec is None:
+            raise ImportError("dictionary_learning is not installed")
+        pkg = types.ModuleType("dictionary_learning")
+        pkg.__path__ = [str(Path(spec.origin).parent)]
+        sys.modules["dictionary_learning"] = pkg
+    from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.top_k import TopKTrainer
+
+    return TopKTrainer, BatchTopKTrainer
+
+
+def dictionary_learning(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+    TopKTrainer, BatchTopKTrainer = _dictionary_learning_trainers()
+    cls = TopKTrainer if arch == "topk" else BatchTopKTrainer
+    trainer = cls(steps=10_000, activation_dim=d_in, dict_size=d_sae, k=k, layer=0, lm_name="bench",
+                  lr=lr, warmup_steps=1, seed=0, device="cpu")
+    n = [0]
+
+    def step(x):
+        trainer.update(n[0], x)
+        n[0] += 1
+
+    return step, trainer.ae.encode, trainer.ae.decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = synthetic_activations((args.steps + 1) * args.batch, args.d_in, 2 * args.d_sae, args.k // 2, seed=0)
+    batches, held_out = list(data[:-args.batch].split(args.batch)), data[-args.batch:]
+
+    a, b = torch.randn(args.batch, args.d_in), torch.randn(args.d_in, args.d_sae)
+    for _ in range(3):
+        a @ b
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    gemm_s = (time.perf_counter() - start) / reps
+    gflops = 2 * args.batch * args.d_in * args.d_sae / gemm_s / 1e9
+    floor = args.batch / gemm_s
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"[{args.batch}x{args.d_in}]@[{args.d_in}x{args.d_sae}] float32: {gflops:.0f} GFLOP/s; "
+          f"encoder-GEMM floor {floor:,.0f} tokens/s")
+    print(f"{'arch':10s} {'library':20s} {'tokens/s':>10s} {'vs best ref':>11s} {'of floor':>9s} "
+          f"{'FVU':>7s} {'dead':>6s}   ({args.steps} steps x {args.batch} tokens)")
+    for arch in ("topk", "batchtopk"):
+        results = {}
+        for lib, build in (("sae4scfm", ours), ("SAELens", saelens), ("dictionary_learning", dictionary_learning)):
+            try:
+                step, encode, decode = build(arch, args.d_in, args.d_sae, args.k, args.lr, batches[0][:2048])
+            except ImportError as e:
+                print(f"{arch:10s} {lib:20s} unavailable ({e})")
+                continue
+            tps = run(lib, step, batches, args.warmup)
+            results[lib] = (tps, *fvu_and_dead(encode, decode, held_out))
+        best_ref = max((v[0] for k, v in results.items() if k != "sae4scfm"), default=float("nan"))
+        for lib, (tps, fvu, dead) in results.items():
+            print(f"{arch:10s} {lib:20s} {tps:10,.0f} {tps / best_ref:10.2f}x {tps / floor:8.0%} "
+                  f"{fvu:7.3f} {dead:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
