@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import InputError
+from .runs import make_shareable
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
@@ -223,6 +224,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        make_shareable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

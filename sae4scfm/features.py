@@ -96,9 +96,9 @@ def generate_features(cfg: DictConfig) -> Path:
         cell_of = np.concatenate(tok_cell)
         gene_ids = np.concatenate(tok_gene)
         obs = pd.DataFrame({
-            "cell": adata.obs_names.to_numpy()[cell_of], "cell_index": cell_of,
+            "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names), "cell_index": cell_of,
             "gene": pd.Categorical([adapter.id_to_gene[int(g)] for g in gene_ids]), "gene_id": gene_ids,
-            "split": adata.obs["split"].to_numpy()[cell_of],
+            "split": pd.Categorical(adata.obs["split"].to_numpy()[cell_of], categories=["train", "eval"]),
         }, index=[str(i) for i in range(n_tok)])
         tokens_ad = ad.AnnData(X=_csr(*tok, shape=(n_tok, d_sae)), obs=obs, var=var.copy(), uns={"sae4scfm": info})
         write_h5ad(tokens_ad, out_dir / "token_features.h5ad")

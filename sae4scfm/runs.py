@@ -7,6 +7,7 @@ for resume) and, after the later stages, ``features/`` and ``analysis/``.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def resolve_run_dir(runs_dir: str | Path, experiment: str | None, timestamp: str
         raise InputError("set sae_checkpoint.experiment=<name> sae_checkpoint.timestamp=<stamp|latest> "
                          f"to choose a trained run under {root}/.")
     exp_dir = root / experiment
-    runs = sorted((p for p in exp_dir.glob("*") if (p / "cfg.json").is_file()), key=lambda p: p.stat().st_mtime)
+    # finished runs, oldest first by when training wrote cfg.json (later stages never touch it)
+    runs = sorted((p for p in exp_dir.glob("*") if (p / "cfg.json").is_file()),
+                  key=lambda p: (p / "cfg.json").stat().st_mtime)
     if not exp_dir.is_dir():
         known = sorted(p.name for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
         raise InputError(f"sae_checkpoint.experiment={experiment!r}: no such experiment under {root}/; "
@@ -52,6 +55,13 @@ def resolve_run_dir(runs_dir: str | Path, experiment: str | None, timestamp: str
         raise InputError(f"sae_checkpoint.timestamp={timestamp!r}: no finished run {path}; runs of "
                          f"{experiment!r}: {', '.join(p.name for p in runs) or 'none'} (or use latest).")
     return path
+
+
+def make_shareable(path: Path) -> None:
+    """Give a file written through a private temp file (mode 0600) the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_run_config(run_dir: Path) -> DictConfig:

@@ -30,7 +30,7 @@ from sae4scfm import __version__
 from sae4scfm.activations import ActivationStore
 from sae4scfm.errors import InputError
 from sae4scfm.pipeline import activation_stores, load_model_and_data, pick_device, split_tokens
-from sae4scfm.runs import new_run_dir
+from sae4scfm.runs import make_shareable, new_run_dir
 from sae4scfm.saes import SAE, build_sae
 from sae4scfm.scfm import ScFMAdapter
 from sae4scfm.scfm.tokens import TokenizedCells
@@ -122,6 +122,7 @@ def save_checkpoint(run_dir: Path, sae: SAE, opt: torch.optim.Optimizer, since_f
     name = f"state-{step:08d}.safetensors"
     save_file(tensors, ckpt / (name + ".tmp"))
     os.replace(ckpt / (name + ".tmp"), ckpt / name)
+    make_shareable(ckpt / name)
     (ckpt / "state.json.tmp").write_text(json.dumps({"step": step, "scale": scale, "file": name}))
     os.replace(ckpt / "state.json.tmp", ckpt / "state.json")
     for old in ckpt.glob("state-*.safetensors"):
@@ -314,15 +315,19 @@ def train(cfg: DictConfig) -> Path | list[Path]:
             raise InputError(f"resume=true: {run_dir} has no checkpoint to resume from; check "
                              "sae_checkpoint.experiment and sae_checkpoint.timestamp.")
         cfg = load_run_config(run_dir)
+        sweep = [("", cfg)]
+    else:
+        sweep = sweep_configs(cfg)
+    device = pick_device(cfg.device)
+    adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
+    if cfg.resume:
         plan = [(run_dir, cfg)]
     else:
-        plan = [(new_run_dir(cfg.runs_dir, cfg.experiment, suffix), member) for suffix, member in sweep_configs(cfg)]
+        plan = [(new_run_dir(cfg.runs_dir, cfg.experiment, suffix), member) for suffix, member in sweep]
         for run_dir, member in plan:
             OmegaConf.save(member, run_dir / "config.yaml", resolve=True)
     for run_dir, _ in plan:
         print(f"run dir: {run_dir}")
-    device = pick_device(cfg.device)
-    adapter, adata, tokens = load_model_and_data(cfg, device)
     layer = int(cfg.sae.target_layer)
     stores = activation_stores(cfg, adapter, adata, tokens, [layer])
     train_store, eval_store = stores["train"][layer], stores["eval"][layer]

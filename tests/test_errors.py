@@ -75,6 +75,23 @@ def test_non_integer_counts(tmp_path):
 def test_layer_out_of_range(tmp_path):
     with pytest.raises(InputError, match=r"sae.target_layer=9 is out of range.*0 \(embeddings\) to 4"):
         sae4scfm.train(train_cfg(tmp_path, "sae.target_layer=9"))
+    assert not list((tmp_path / "runs").glob("*/*"))  # a rejected run leaves no run dir behind
+
+
+def test_latest_is_the_last_trained_run(tmp_path):
+    """Later stages write into run dirs; "latest" still means the run that finished training last."""
+    import os
+    import time
+
+    from sae4scfm.runs import resolve_run_dir
+
+    exp = tmp_path / "runs" / "exp"
+    for i, name in enumerate(["Jan01-00-00", "Jan02-00-00"]):
+        (exp / name).mkdir(parents=True)
+        (exp / name / "cfg.json").write_text("{}")
+        os.utime(exp / name / "cfg.json", (time.time() - 100 + i, time.time() - 100 + i))
+    (exp / "Jan01-00-00" / "features").mkdir()  # the older run gets new files afterwards
+    assert resolve_run_dir(tmp_path / "runs", "exp", "latest").name == "Jan02-00-00"
 
 
 def test_unknown_experiment_and_timestamp(tmp_path):

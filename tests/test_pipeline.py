@@ -26,6 +26,8 @@ def test_run_dir_contract(small_run):
     assert meta["d_sae"] == 4 * 128 and meta["hyperparams"]["k"] == 16
     assert meta["input_scaling"]["folded"] and meta["input_scaling"]["factor"] > 0
     assert set(load_file(run_dir / "sae.safetensors")) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+    for shared in ("sae.safetensors", "analysis/results.csv", "analysis/results.parquet"):
+        assert (run_dir / shared).stat().st_mode & 0o044, f"{shared} is private"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps == sorted(steps) and steps[-1] == meta["steps"]

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sae4scfm.runs import make_shareable
+
 
 class SAE(nn.Module):
     """Base class; an architecture overrides ``encode`` and ``loss``."""
@@ -91,6 +93,7 @@ class SAE(nn.Module):
     def save(self, run_dir: str | Path, cfg: dict) -> None:
         run_dir = Path(run_dir)
         save_file(self.state_tensors(), run_dir / "sae.safetensors")
+        make_shareable(run_dir / "sae.safetensors")
         meta = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                 "hyperparams": self.hyperparams, **cfg}
         (run_dir / "cfg.json").write_text(json.dumps(meta, indent=1, default=str))
