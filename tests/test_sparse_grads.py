@@ -67,3 +67,19 @@ def test_batchtopk_sparse_gradients_equal_dense():
 
     check(sae, x, dead, batch_mask)
     assert sae.threshold > 0
+
+
+def test_batch_topk_candidates_are_exact_including_fallback():
+    """The candidate shortcut selects exactly the global top k·B, also when one row holds
+    more than 4k of them (the case that needs the full flattened top-k)."""
+    torch.manual_seed(2)
+    sae = BatchTopKSAE(8, 256, k=4)
+    acts = F.relu(torch.randn(32, 256))
+    skewed = acts.clone()
+    skewed[5] = 10.0 + torch.rand(256)  # row 5 alone holds far more than 4k of the top 128 (no ties)
+    for a in (acts, skewed):
+        rows, cols, values = sae.batch_topk_entries(a)
+        expected = set(a.flatten().topk(4 * 32).indices.tolist())
+        assert set((rows * 256 + cols).tolist()) == expected
+        torch.testing.assert_close(values, a[rows, cols])
+        assert torch.all(torch.diff(rows * 256 + cols) > 0)  # row-major order

@@ -8,6 +8,7 @@ first (the pre-encoder bias of Bricken et al. / Gao et al.).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,7 +116,9 @@ class _SelectedPreActs(torch.autograd.Function):
         # d pre[r, c] / d W_enc[:, c] = x_r - b_dec: a sparse [d_sae, N] @ dense [N, d_in] product
         order = torch.argsort(cols)
         crow = torch.searchsorted(cols[order], torch.arange(d_sae + 1, device=cols.device))
-        S = torch.sparse_csr_tensor(crow, rows[order], grad[order], (d_sae, len(x)), check_invariants=False)
+        with warnings.catch_warnings():  # "CSR support is in beta": we use only CSR @ dense
+            warnings.simplefilter("ignore", UserWarning)
+            S = torch.sparse_csr_tensor(crow, rows[order], grad[order], (d_sae, len(x)), check_invariants=False)
         grad_W_enc = (S @ (x - b_dec)).t()
         grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
         return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None

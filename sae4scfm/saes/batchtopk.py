@@ -38,6 +38,30 @@ class BatchTopKSAE(SAE):
         values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
 
+    def batch_topk_entries(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, values) of the k·B largest entries of ``acts`` [B, d_sae] (>= 0), in
+        row-major order. Exact, but fast: the global top k·B is found among each row's top 4k
+        candidates, and a row is taken whole only if it could hold more than that."""
+        B, d = acts.shape
+        n_keep = min(self.k * B, acts.numel())
+        m = min(d, 4 * self.k)
+        cand, cand_idx = acts.topk(m, dim=-1, sorted=False)  # [B, m]
+        top, pos = cand.flatten().topk(n_keep, sorted=False)
+        rows, cols = pos // m, cand_idx.flatten()[pos]
+        # a row whose m-th candidate reaches the cut-off may hold more: take those rows whole
+        full = (cand.min(dim=-1).values >= top.min()) & (top.min() > 0) if m < d else torch.zeros(B, dtype=torch.bool)
+        if full.any():
+            part, whole = (~full).nonzero().squeeze(1), full.nonzero().squeeze(1)
+            values = torch.cat([cand[part].flatten(), acts[whole].flatten()])
+            top, pos = values.topk(n_keep, sorted=False)
+            n_part = len(part) * m
+            rows = torch.where(pos < n_part, part[pos.clamp(max=n_part - 1) // m],
+                               whole[(pos - n_part).clamp(min=0) // d])
+            cols = torch.where(pos < n_part, cand_idx[part].flatten()[pos.clamp(max=n_part - 1)],
+                               (pos - n_part).clamp(min=0) % d)
+        order = torch.argsort(rows * acts.shape[1] + cols)
+        return rows[order], cols[order], top[order]
+
     @torch.no_grad()
     def update_threshold(self, f: torch.Tensor) -> None:
         kept = f[f > 0]
@@ -53,11 +77,7 @@ class BatchTopKSAE(SAE):
         """Sparse in k·B: the dense encoder GEMM runs without grad; gradients flow through the
         kept entries and their decoder rows only."""
         with torch.no_grad():
-            flat = F.relu(self.pre_acts(x)).flatten()
-            top, flat_idx = flat.topk(min(self.k * len(x), flat.numel()), sorted=False)
-            flat_idx = flat_idx.sort().values  # row-major: entries of one token are contiguous
-            top = flat[flat_idx]
-            rows, cols = flat_idx // self.d_sae, flat_idx % self.d_sae
+            rows, cols, top = self.batch_topk_entries(F.relu(self.pre_acts(x)))
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
         values = F.relu(selected_pre_acts(self, x, rows, cols, top))
         if self.training:
