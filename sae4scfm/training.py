@@ -277,7 +277,8 @@ def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch:
     sae, opt, dead_after = m.sae, m.opt, int(tc.dead_after_tokens)
     for group in opt.param_groups:
         group["lr"] = float(hp["lr"]) * lr_factor(step - 1, total, warmup, float(tc.lr_decay_frac))
-    out = sae.loss(x, dead=m.since_fired >= dead_after)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and tc.autocast == "bf16"):
+        out = sae.loss(x, dead=m.since_fired >= dead_after)  # parameters stay float32 (master weights)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     sae.remove_parallel_decoder_grad()

@@ -363,7 +363,8 @@ def interop_store_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("interop_stores")  # activations extracted once for all runs
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "gated"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "gated", "matryoshka", "p_anneal",
+                                  "gated_anneal"])
 def test_export_round_trip(arch, tmp_path, interop_store_dir):
     """Train briefly, export, load with SAELens: same latents and reconstructions on the held-out
     activations of the run's store."""

@@ -128,7 +128,8 @@ def selected_pre_acts(sae: SAE, x: torch.Tensor, rows: torch.Tensor, cols: torch
                       values: torch.Tensor) -> torch.Tensor:
     """``values`` [nnz] = pre_acts(x)[rows, cols] (computed without grad) made differentiable
     with respect to W_enc, b_enc and b_dec through the selected entries only."""
-    return _SelectedPreActs.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, values)
+    # float32 even under bf16 autocast: only the dense encoder GEMM runs in low precision
+    return _SelectedPreActs.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, values.float())
 
 
 def auxk_loss(sae: SAE, x: torch.Tensor, e: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> torch.Tensor:
@@ -141,7 +142,8 @@ def auxk_loss(sae: SAE, x: torch.Tensor, e: torch.Tensor, dead: torch.Tensor | N
     dead_idx = dead.nonzero().squeeze(1)
     pre = (x - sae.b_dec) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]
     values, local = pre.topk(min(aux_k, len(dead_idx)), dim=-1, sorted=False)
-    e_hat = F.embedding_bag(dead_idx[local], sae.W_dec, per_sample_weights=F.relu(values), mode="sum")
+    e_hat = F.embedding_bag(dead_idx[local], sae.W_dec, per_sample_weights=F.relu(values).to(sae.W_dec.dtype),
+                            mode="sum")
     aux = (e - e_hat).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
     return torch.nan_to_num(aux, nan=0.0)
 

@@ -67,7 +67,7 @@ class BatchTopKSAE(SAE):
         kept = f[f > 0]
         if kept.numel() == 0:
             return
-        low = kept.min()
+        low = kept.min().to(self.threshold.dtype)
         if self.threshold < 0:
             self.threshold.copy_(low)
         else:
