@@ -125,3 +125,29 @@ def test_capture_and_intervene_hooks(tmp_path):
         assert not torch.allclose(adapter.run(batch)["mlm"], out["mlm"])
     with pytest.raises(InputError, match="out of range"):
         adapter.capture(batch, [3])
+
+
+def test_extract_several_layers_in_one_pass(tmp_path):
+    """One pass writes a store per layer; stored rows are exactly the gene tokens' hidden states."""
+    from sae4scfm.activations import extract_activations
+
+    pbmc = load_pbmc()[:20]
+    adapter = ScGPTAdapter.from_pretrained(tiny_checkpoint(tmp_path, list(pbmc.var_names)))
+    tokens = adapter.tokenize(pbmc)
+    stores = extract_activations(adapter, tokens, [0, 2], tmp_path / "store", batch_size=7, shard_tokens=500)
+    with_special = extract_activations(adapter, tokens, [2], tmp_path / "special", include_special=True)
+    batch = tokens.collate(np.arange(len(tokens)))
+    hidden = adapter.capture(batch, [0, 2])
+    for layer, store in stores.items():
+        assert store.n_tokens == tokens.n_gene_tokens and store.n_shards > 1
+        got = {}
+        for shard in store.iter_shards():
+            for a, c, g in zip(shard["acts"], shard["cell"].tolist(), shard["gene"].tolist()):
+                got[(c, g)] = a
+        rows = batch.gene_mask.nonzero().tolist()
+        assert len(got) == len(rows)
+        for b, t in rows[::37]:
+            key = (int(batch.cell_index[b]), int(batch.gene_ids[b, t]))
+            torch.testing.assert_close(got[key], hidden[layer][b, t], rtol=1e-5, atol=1e-5)
+    assert with_special[2].n_tokens == tokens.n_gene_tokens + len(tokens)  # + one <cls> per cell
+    assert int(sum(s["special"].sum() for s in with_special[2].iter_shards())) == len(tokens)
