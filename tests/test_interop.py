@@ -57,7 +57,8 @@ def _dictionary_learning():
         dictionary=importlib.import_module("dictionary_learning.dictionary"),
         top_k=importlib.import_module("dictionary_learning.trainers.top_k"),
         batch_top_k=importlib.import_module("dictionary_learning.trainers.batch_top_k"),
-        jumprelu=importlib.import_module("dictionary_learning.trainers.jumprelu"))
+        jumprelu=importlib.import_module("dictionary_learning.trainers.jumprelu"),
+        matryoshka=importlib.import_module("dictionary_learning.trainers.matryoshka_batch_top_k"))
 
 
 def make(name: str, seed: int = 0):
@@ -210,7 +211,8 @@ def dl_reference(arch: str):
           "topk": lambda: dl.top_k.AutoEncoderTopK(D_IN, D_SAE, 5),
           "batchtopk": lambda: dl.batch_top_k.BatchTopKSAE(D_IN, D_SAE, 5),
           "jumprelu": lambda: dl.dictionary.JumpReluAutoEncoder(D_IN, D_SAE),
-          "gated": lambda: dl.dictionary.GatedAutoEncoder(D_IN, D_SAE)}[arch]()
+          "gated": lambda: dl.dictionary.GatedAutoEncoder(D_IN, D_SAE),
+          "matryoshka": lambda: dl.matryoshka.MatryoshkaBatchTopKSAE(D_IN, D_SAE, 5, [4, 12, 16, 32])}[arch]()
     with torch.no_grad():
         for name, p in ae.named_parameters():
             if name in ("threshold",):
@@ -219,12 +221,12 @@ def dl_reference(arch: str):
                 p.normal_(0, 0.5)
             else:
                 p.normal_(0, 0.3)
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             ae.threshold.fill_(0.4)
     return ae.eval()
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"])
 def test_dictionary_learning_same_weights_same_latents(arch, tmp_path):
     """AutoEncoder / AutoEncoderTopK / BatchTopKSAE / JumpReluAutoEncoder / GatedAutoEncoder:
     nn.Linear weights transposed, their b_dec names (``bias``, ``decoder_bias``, ``b_dec``),
@@ -237,8 +239,16 @@ def test_dictionary_learning_same_weights_same_latents(arch, tmp_path):
     torch.save(ae.state_dict(), tmp_path / "ae.pt")  # their checkpoint file
     again = import_dictionary_learning(tmp_path / "ae.pt", arch)
     assert_same(again, ae.encode, ae.decode, x)
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert again.k == 5
+    if arch == "matryoshka":  # same groups, and the same training-time batch top-k selection
+        assert again.group_ends == [4, 16, 32, 64]
+        with torch.no_grad():
+            theirs = ae.encode(x, use_threshold=False)
+            rows, cols, values = again.batch_topk_entries(F.relu(again.pre_acts(x)))
+        f = torch.zeros_like(theirs)
+        f[rows, cols] = values
+        torch.testing.assert_close(f, theirs, rtol=1e-5, atol=1e-5)
     if arch == "standard":  # their random decoder columns are not unit norm: ours keeps the learned norms
         assert again.decoder_norm_l1 and not again.unit_norm_decoder
 

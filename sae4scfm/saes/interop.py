@@ -42,7 +42,7 @@ from sae4scfm.saes.topk import TopKSAE
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
 SAELENS_VERSION = "6.0.0"  # the format written (SAELens ≥ 6 loads it)
-DICTIONARY_LEARNING_ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
+DICTIONARY_LEARNING_ARCHITECTURES = ("standard", "topk", "batchtopk", "matryoshka", "jumprelu", "gated")
 
 
 def _base_tensors(sae: SAE) -> dict[str, torch.Tensor]:
@@ -179,7 +179,8 @@ def import_dictionary_learning(path_or_state_dict: str | Path | Mapping[str, tor
     """Our SAE from a dictionary_learning (0.1.0) checkpoint: a path to ``ae.pt`` or its state dict.
 
     ``architecture``: "standard" (AutoEncoder), "topk" (AutoEncoderTopK), "batchtopk"
-    (BatchTopKSAE), "jumprelu" (JumpReluAutoEncoder) or "gated" (GatedAutoEncoder). ``apply_b_dec_to_input`` is the
+    (BatchTopKSAE), "matryoshka" (MatryoshkaBatchTopKSAE), "jumprelu" (JumpReluAutoEncoder) or
+    "gated" (GatedAutoEncoder). ``apply_b_dec_to_input`` is the
     JumpReluAutoEncoder attribute of that name (not saved in its state dict; False unless the
     SAE came from SAELens)."""
     if isinstance(path_or_state_dict, (str, Path)):
@@ -200,6 +201,11 @@ def import_dictionary_learning(path_or_state_dict: str | Path | Mapping[str, tor
             # theirs: ReLU(z·1[z > θ]); ours z·1[z > θ] with θ > 0; θ ≤ 0 acts as θ = 0
             extra = {"log_threshold": sd["threshold"].float().clamp(min=0).log()}
             return _build("jumprelu", {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}, {}, extra)
+        if architecture == "matryoshka":  # W_enc [d_in, d_sae] as ours; groups as sizes
+            tensors = {k: sd[k].float() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+            d_sae = tensors["W_dec"].shape[0]
+            hp = {"k": int(sd["k"]), "group_fractions": [int(n) / d_sae for n in sd["group_sizes"].tolist()]}
+            return _build("matryoshka", tensors, hp, {"threshold": sd["threshold"].float().reshape(())})
         if architecture == "gated":  # GatedAutoEncoder: encoder(x − decoder_bias), as ours
             tensors = {"W_enc": sd["encoder.weight"].float().t(), "W_dec": sd["decoder.weight"].float().t(),
                        "b_enc": sd["gate_bias"].float(), "b_dec": sd["decoder_bias"].float()}
