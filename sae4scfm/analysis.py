@@ -1,8 +1,18 @@
-"""Feature interpretation: exact sparse label AUROC and the per-run results table.
+"""Feature interpretation: exact sparse label scores and the per-run results table.
 
-AUROC is the Mann-Whitney U statistic with average ranks for ties,
-``U / (n_pos * n_neg)``, i.e. exactly ``sklearn.metrics.roc_auc_score``.
-It is computed for all features at once from one sort of the explicit entries.
+Label scores, per feature x label column (an ``obs`` column) x value (one-vs-rest), all exact:
+
+- AUROC: the Mann-Whitney U statistic with average ranks for ties, ``U / (n_pos * n_neg)``,
+  i.e. exactly ``sklearn.metrics.roc_auc_score(labels == value, activation)``.
+- F1 of the best threshold: ``max_t f1_score(labels == value, activation > t)`` over all
+  thresholds t (the empty prediction scores 0; t below the minimum predicts every cell).
+- AMI (per feature x label column): ``sklearn.metrics.adjusted_mutual_info_score(labels,
+  activation > 0)``, the adjusted mutual information between the label and the binarised
+  feature (active vs not), over all non-missing cells and all values of the column.
+
+All are computed for all features at once from one sort of the explicit (nonzero) entries
+per block of feature columns, so memory stays within a small multiple of the sparse input
+(a CSC copy of it when it is not CSC, plus fixed-size per-block buffers).
 
 Results table: one per run, index ``feature_id`` (int), columns
 ``(analysis, metric)`` with string names, stored as ``results.parquet`` and
@@ -19,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.special import gammaln
 
 from .errors import InputError
 from .runs import make_shareable
@@ -27,77 +38,311 @@ RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 COLUMN_LEVELS = ["analysis", "metric"]
 INDEX_NAME = "feature_id"
+LABEL_METRICS = ("auroc", "f1", "ami")
+
+# Explicit entries sorted at a time: nnz / 8 within these bounds. The per-block buffers take
+# about 80 bytes per entry, so they stay near the size of the input (8-12 bytes per entry).
+_BLOCK_NNZ = (1 << 16, 1 << 20)
+_MAX_BLOCK_COLS = 65535  # column ids of a block fit in uint16
 
 
-# --------------------------------------------------------------------------- AUROC
+# --------------------------------------------------------------------------- sparse scan
 
 
 def _as_csc(X) -> sp.csc_matrix:
-    """Canonical float64 CSC copy [n_cells, n_features] without explicit zeros."""
+    """CSC [n_cells, n_features] with float32/float64 data and no duplicate entries.
+
+    Canonical CSC input of a float dtype is used as is (never modified); anything
+    else is converted (one copy). Explicit zeros may remain; the scan skips them.
+    """
     if sp.issparse(X):
-        X = sp.csc_matrix(X, dtype=np.float64, copy=True)
+        dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+        if X.format == "csc" and X.dtype == dtype and X.has_canonical_format:
+            X = X if isinstance(X, sp.csc_matrix) else sp.csc_matrix(X)
+        else:
+            X = sp.csc_matrix(X, dtype=dtype, copy=True)
+            X.sum_duplicates()
     else:
-        arr = np.asarray(X, dtype=np.float64)
+        arr = np.asarray(X)
         if arr.ndim != 2:
             raise InputError(f"feature matrix must be 2-D [n_cells, n_features], got shape {arr.shape}")
-        X = sp.csc_matrix(arr)
-    X.sum_duplicates()
-    X.eliminate_zeros()
+        dtype = arr.dtype if arr.dtype in (np.float32, np.float64) else np.float64
+        X = sp.csc_matrix(arr.astype(dtype, copy=False))
     if not np.isfinite(X.data).all():
         raise InputError(
-            "feature matrix contains NaN or infinite values; AUROC needs finite scores. "
+            "feature matrix contains NaN or infinite values; label scores need finite activations. "
             "Fix or drop those features/cells before the analysis."
         )
     return X
 
 
-def _shifted_ranks(X: sp.csc_matrix) -> tuple[sp.csc_matrix, np.ndarray]:
-    """Average ranks (1-based, within each column) of a canonical CSC matrix.
+def _column_blocks(indptr: np.ndarray):
+    """(c0, c1) column ranges with at most ``block`` entries each (a single larger column alone)."""
+    m = len(indptr) - 1
+    block = int(np.clip(indptr[-1] // 8, *_BLOCK_NNZ))
+    c0 = 0
+    while c0 < m:
+        c1 = int(np.searchsorted(indptr, indptr[c0] + block, side="right")) - 1
+        c1 = min(max(c1, c0 + 1), c0 + _MAX_BLOCK_COLS, m)
+        yield c0, c1
+        c0 = c1
 
-    Returns ``(S, zero_rank)``: ``zero_rank`` [n_features] is the tied rank of
-    the (implicit) zeros of each column, and ``S`` [n_cells, n_features] has
-    the same sparsity as ``X`` with data ``rank - zero_rank[col]``, so the full
-    rank matrix is ``S + zero_rank`` (broadcast over rows).
+
+def _sort_within_columns(col: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Permutation sorting entries by (col, value); ``col`` is non-decreasing uint16."""
+    with np.errstate(over="ignore"):
+        as32 = vals.dtype == np.float32 or (vals.astype(np.float32) == vals).all()
+    if as32:
+        # one sort of a 64-bit key: column in the high word, order-preserving float32 bits below
+        bits = vals.astype(np.float32).view(np.uint32)
+        bits = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(1 << 31))
+        key = (col.astype(np.uint64) << np.uint64(32)) | bits
+        return np.argsort(key)
+    order = np.argsort(vals)  # float64 values: value sort, then a stable (radix) sort by column
+    return order[np.argsort(col[order], kind="stable")]
+
+
+def _scan(X: sp.csc_matrix, valid, codes: list, n_codes: list, f1_codes: list) -> list[dict]:
+    """Label statistics of every feature for one or several integer labellings of the cells.
+
+    X: canonical CSC [n_cells, m]; valid: bool [n_cells] or None (cells to use; the others
+    are dropped from both sides); codes[i]: int [n_cells], value index 0..n_codes[i]-1 of
+    every valid cell; f1_codes[i]: value indices whose best-threshold F1 is wanted.
+    Returns per labelling a dict of float64 arrays [n_codes, m]: ``auroc``, ``active``
+    (cells of the value with activation > 0) and ``f1`` [len(f1_codes), m].
     """
-    n, m = X.shape
-    nnz_per_col = np.diff(X.indptr)
-    col = np.repeat(np.arange(m, dtype=np.int32 if m < 2**31 else np.int64), nnz_per_col)
-    # Sort by column, then value: value sort, then a stable integer sort by column
-    # (about 2x faster than np.lexsort; order within tied values is irrelevant).
-    order = np.argsort(X.data)
-    order = order[np.argsort(col[order], kind="stable")]
-    vals = X.data[order]
-    scol = col[order]
-    pos = np.arange(X.nnz) - X.indptr[scol]  # 0-based position within column
-    start = np.ones(X.nnz, dtype=bool)
-    if X.nnz:
-        start[1:] = (scol[1:] != scol[:-1]) | (vals[1:] != vals[:-1])
-    end = np.ones(X.nnz, dtype=bool)
-    end[:-1] = start[1:]
-    group = np.cumsum(start) - 1
-    avg = (pos[start] + pos[end]) / 2.0 + 1.0  # average rank among explicit entries
-    rank_explicit = avg[group]
+    n_cells, m = X.shape
+    n = n_cells if valid is None else int(valid.sum())
+    out = []
+    for c, V, fc in zip(codes, n_codes, f1_codes):
+        n_pos = np.bincount(c if valid is None else c[valid], minlength=V).astype(np.float64)
+        out.append(dict(n_pos=n_pos, auroc=np.empty((V, m)), active=np.empty((V, m)), f1=np.empty((len(fc), m))))
+    codes_small = [c.astype(np.uint16 if V <= 65535 else np.int64) for c, V in zip(codes, n_codes)]
 
-    n_zero = n - nnz_per_col
-    n_negative = np.bincount(col[X.data < 0], minlength=m)
-    zero_rank = n_negative + (n_zero + 1) / 2.0
-    # Positive values rank after all zeros of their column.
-    rank = rank_explicit + np.where(vals > 0, n_zero[scol], 0)
-    data = np.empty(X.nnz, dtype=np.float64)
-    data[order] = rank - zero_rank[scol]
-    S = sp.csc_matrix((data, X.indices.copy(), X.indptr.copy()), shape=(n, m))
-    return S, zero_rank.astype(np.float64)
+    for c0, c1 in _column_blocks(X.indptr):
+        nb = c1 - c0
+        p0, p1 = X.indptr[c0], X.indptr[c1]
+        rows, vals = X.indices[p0:p1], X.data[p0:p1]
+        col = np.repeat(np.arange(nb, dtype=np.uint16), np.diff(X.indptr[c0 : c1 + 1]))
+        keep = vals != 0
+        if valid is not None:
+            keep &= valid[rows]
+        if not keep.all():
+            rows, vals, col = rows[keep], vals[keep], col[keep]
+        del keep
+        cnt = np.bincount(col, minlength=nb)  # explicit nonzero entries per column
+        ends = np.cumsum(cnt)
+        n_zero = n - cnt
+        order = _sort_within_columns(col, vals)
+        vals, rows = vals[order], rows[order]  # col is unchanged by the sort: already grouped
+        del order
+        k = vals.size
+        start = np.ones(k, dtype=bool)  # first entry of each run of tied values within a column
+        if k:
+            start[1:] = (col[1:] != col[:-1]) | (vals[1:] != vals[:-1])
+        gs = np.flatnonzero(start)
+        group = np.cumsum(start, dtype=np.int64) - 1
+        del start
+        size = np.diff(np.append(gs, k))
+        # average rank among the column's explicit entries (1-based), then shift positives past the zeros
+        avg = (gs - (ends - cnt)[col[gs]]) + (size - 1) / 2.0 + 1.0
+        positive = vals > 0
+        rank = avg[group] + np.where(positive, n_zero[col], 0)
+        del avg
+        n_neg = cnt - np.bincount(col[positive], minlength=nb)
+        zero_rank = n_neg + (n_zero + 1) / 2.0
+
+        for cs, V, fc, res in zip(codes_small, n_codes, f1_codes, out):
+            ce = cs[rows]
+            key = ce.astype(np.int64) * nb + col
+            rank_sum = np.bincount(key, weights=rank, minlength=V * nb).reshape(V, nb)
+            count = np.bincount(key, minlength=V * nb).reshape(V, nb)
+            active = np.bincount(key[positive], minlength=V * nb).reshape(V, nb)
+            del key
+            n_pos = res["n_pos"][:, None]
+            u = rank_sum + (n_pos - count) * zero_rank - n_pos * (n_pos + 1) / 2.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res["auroc"][:, c0:c1] = u / (n_pos * (n - n_pos))
+            res["active"][:, c0:c1] = active
+            if len(fc):
+                res["f1"][:, c0:c1] = _best_f1_block(
+                    ce, V, fc, col, vals, group, gs, ends, n_zero, count, active, cnt - n_neg, res["n_pos"]
+                )
+    return out
 
 
-def _auroc_from_onehot(S: sp.csc_matrix, zero_rank: np.ndarray, onehot: sp.csc_matrix) -> np.ndarray:
-    """One-vs-rest AUROC [n_values, n_features] from ranks and a 0/1 matrix [n_cells, n_values]."""
-    n = S.shape[0]
-    n_pos = np.asarray(onehot.sum(axis=0), dtype=np.float64).ravel()
-    n_neg = n - n_pos
-    rank_sum = np.asarray((onehot.T @ S).todense(), dtype=np.float64)
-    rank_sum += n_pos[:, None] * zero_rank[None, :]
-    u = rank_sum - (n_pos * (n_pos + 1) / 2.0)[:, None]
-    return u / (n_pos * n_neg)[:, None]
+def _best_f1_block(ce, V, fc, col, vals, group, gs, ends, n_zero, count, active, n_positive, n_pos):
+    """Best-threshold F1 [len(fc), nb] of one block of sorted entries (see ``_scan``).
+
+    The predicted sets ``activation > t`` are the column's value groups from the top down to
+    some group. The best set ends at a group holding a cell of the value (ending at a group
+    without one only adds false positives), so the candidates are: for each value cell that is
+    the first of its value in its tie group, everything >= its activation; and everything >= 0
+    (all positives plus the zeros). F1 = 2 TP / (n_predicted + n_value).
+    """
+    nb = len(ends)
+    by_code = np.argsort(ce, kind="stable")  # entries of each value, in (column, activation) order
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(ce, minlength=V))])
+    best = np.zeros((len(fc), nb))
+    for r, v in enumerate(fc):
+        P = n_pos[v]
+        nv_col = count[v]
+        zero_tp = P - nv_col  # cells of the value among the zeros of each column
+        k0 = n_positive + n_zero
+        best[r] = 2.0 * (active[v] + zero_tp) / (k0 + P)
+        idx = by_code[offsets[v] : offsets[v + 1]]
+        if idx.size == 0:
+            continue
+        cc, gg = col[idx], group[idx]
+        first = np.ones(idx.size, dtype=bool)
+        first[1:] = gg[1:] != gg[:-1]  # group ids are unique across columns
+        sel = np.flatnonzero(first)
+        q = sel - (np.cumsum(nv_col) - nv_col)[cc[sel]]  # index among the column's value entries
+        cs = cc[sel]
+        tp = (nv_col[cs] - q).astype(np.float64)
+        npred = (ends[cs] - gs[gg[sel]]).astype(np.float64)
+        neg = vals[idx[sel]] < 0
+        if neg.any():  # the set also takes all zeros
+            npred[neg] += n_zero[cs[neg]]
+            tp[neg] += zero_tp[cs[neg]]
+        f1 = 2.0 * tp / (npred + P)
+        seg = np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]]))
+        colmax = np.maximum.reduceat(f1, seg)
+        b = best[r]
+        b[cs[seg]] = np.maximum(b[cs[seg]], colmax)
+    return best
+
+
+def _ami_active(active: np.ndarray, n_value: np.ndarray, n: int) -> np.ndarray:
+    """``adjusted_mutual_info_score(labels, activation > 0)`` per feature, as sklearn computes it.
+
+    active: [V, m] cells of each value with activation > 0; n_value: [V] cells per value (all
+    observed values, >= 2 of them); n: cells. The expected MI sums the hypergeometric law of each
+    (active, value) cell over n_ij within mean +- (12 sd + 30) (binomial sd, which bounds the
+    hypergeometric tails): the mass left out is below 1e-19, so values agree with sklearn
+    to rounding.
+    """
+    V, m = active.shape
+    b = n_value.astype(np.int64)
+    a = active.sum(axis=0).astype(np.int64)  # active cells per feature
+    N = float(n)
+    eps = np.finfo(np.float64).eps
+    two = (a > 0) & (a < n)  # features with two clusters; else sklearn returns 0
+
+    # MI, sklearn's mutual_info_score formula over the nonzero contingency cells
+    mi = np.zeros(m)
+    for cell, cluster in ((active, a), (b[:, None] - active, n - a)):
+        nz = cell > 0
+        val = np.where(nz, cell, 1).astype(np.float64)
+        outer = (b[:, None] * np.where(nz, cluster[None, :], 1)).astype(np.float64)
+        term = (val / N) * (np.log(val) - np.log(N)) + (val / N) * (-np.log(outer) + np.log(N) + np.log(N))
+        term = np.where(nz & (np.abs(term) >= eps), term, 0.0)
+        mi += term.sum(axis=0)
+    mi = np.clip(mi, 0.0, None)
+
+    def entropy(counts):  # counts [k, ...] > 0
+        s = counts.sum(axis=0)
+        return -np.sum((counts / s) * (np.log(counts) - np.log(s)), axis=0)
+
+    h_true = float(entropy(b.astype(np.float64)))
+    pa = np.stack([np.where(two, a, 1), np.where(two, n - a, 1)]).astype(np.float64)
+    h_pred = np.where(two, entropy(pa), 0.0)
+
+    # EMI depends on a feature only through a: compute it once per distinct a
+    ua, inverse = np.unique(np.where(two, a, 0), return_inverse=True)
+    emi_u = np.zeros(ua.size)
+    todo = np.flatnonzero(ua > 0)
+    if todo.size:
+        lg = gammaln(np.arange(n + 1, dtype=np.float64) + 1.0)  # lg[k] = log k!
+        lk = np.log(np.maximum(np.arange(n + 1, dtype=np.float64), 1.0))  # log k (0 for k = 0)
+        pa_, pb_ = np.repeat(ua[todo], V), np.tile(b, todo.size)  # (a, b_j) pairs
+        lo_n, hi_n = np.maximum(0, pa_ + pb_ - n), np.minimum(pa_, pb_)
+        small, big = np.minimum(pa_, pb_), np.maximum(pa_, pb_)
+        sd = np.sqrt(small * (big / N) * (1.0 - big / N))
+        w = np.ceil(12.0 * sd + 30.0).astype(np.int64)
+        mu = pa_ * pb_ / N
+        lo = np.maximum(lo_n, np.floor(mu).astype(np.int64) - w)
+        hi = np.minimum(hi_n, np.ceil(mu).astype(np.int64) + w)
+        length = np.maximum(hi - lo + 1, 0)
+        pair_emi = np.zeros(pa_.size)
+        const = lg[pa_] + lg[pb_] + lg[n - pa_] + lg[n - pb_] - lg[n]
+        la, lb, lna = np.log(pa_.astype(np.float64)), np.log(pb_.astype(np.float64)), np.log(N - pa_)
+        csum = np.cumsum(length)
+        p = 0
+        while p < pa_.size:  # chunks of about 4M terms
+            q = max(int(np.searchsorted(csum, (csum[p - 1] if p else 0) + (1 << 22), side="right")), p + 1)
+            q = min(q, pa_.size)
+            L = length[p:q]
+            pid = np.repeat(np.arange(p, q), L)
+            first = np.cumsum(L) - L
+            n1 = lo[pid] + (np.arange(pid.size) - np.repeat(first, L))
+            ai, bj = pa_[pid], pb_[pid]
+            n2 = bj - n1  # the same draw seen from the inactive row
+            logp = const[pid] - lg[n1] - lg[ai - n1] - lg[bj - n1] - lg[n - ai - bj + n1]
+            g = (n1 / N) * (np.log(N) + lk[n1] - la[pid] - lb[pid]) + (n2 / N) * (
+                np.log(N) + lk[n2] - lna[pid] - lb[pid]
+            )
+            pair_emi[p:q] = np.bincount(pid - p, weights=g * np.exp(logp), minlength=q - p)
+            p = q
+        emi_u[todo] = pair_emi.reshape(todo.size, V).sum(axis=1)
+    emi = emi_u[inverse]
+
+    denom = (h_true + h_pred) / 2.0 - emi
+    denom = np.where(denom < 0, np.minimum(denom, -eps), np.maximum(denom, eps))
+    num = mi - emi
+    num = np.where(num < 0, np.minimum(num, -eps), np.maximum(num, eps))
+    return np.where(two, num / denom, 0.0)
+
+
+# --------------------------------------------------------------------------- label scores
+
+
+def _encode(labels, n_cells: int):
+    """(valid bool [n], codes int [n] (0 for invalid cells), uniques) of a label vector."""
+    lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    if len(lab) != n_cells:
+        raise InputError(f"labels have {len(lab)} entries but the feature matrix has {n_cells} cells")
+    valid = lab.notna().to_numpy()
+    try:  # categorical: observed categories in category order
+        codes, uniques = pd.factorize(lab[valid], sort=True)
+    except TypeError:  # unorderable values
+        codes, uniques = pd.factorize(lab[valid], sort=False)
+    full = np.zeros(n_cells, dtype=np.int64)
+    full[valid] = codes
+    return valid, full, list(uniques)
+
+
+def _scan_labels(X, labels_list, min_cells: int, want_f1: bool):
+    """Encode each label vector, check it, and scan X once per distinct missing-cell pattern.
+
+    Returns per label vector (uniques, keep [value indices with >= min_cells cells], stats, n).
+    """
+    encoded = [_encode(lab, X.shape[0]) for lab in labels_list]
+    keeps = []
+    for valid, codes, uniques in encoded:
+        if len(uniques) < 2:
+            raise InputError(
+                f"one-vs-rest scores need at least 2 distinct label values, found {len(uniques)} "
+                "among non-missing cells; choose a label with several values"
+            )
+        counts = np.bincount(codes[valid], minlength=len(uniques))
+        keeps.append(np.flatnonzero(counts >= min_cells))
+    results = [None] * len(encoded)
+    groups: dict[bytes, list[int]] = {}
+    for i, (valid, _, _) in enumerate(encoded):
+        groups.setdefault(np.packbits(valid).tobytes(), []).append(i)
+    for idx in groups.values():
+        valid = encoded[idx[0]][0]
+        stats = _scan(
+            X,
+            None if valid.all() else valid,
+            [encoded[i][1] for i in idx],
+            [len(encoded[i][2]) for i in idx],
+            [keeps[i] if want_f1 else np.array([], dtype=np.int64) for i in idx],
+        )
+        for i, st in zip(idx, stats):
+            results[i] = (encoded[i][2], keeps[i], st, int(valid.sum()))
+    return results
 
 
 def auroc_sparse(X, y) -> np.ndarray:
@@ -120,9 +365,13 @@ def auroc_sparse(X, y) -> np.ndarray:
             f"AUROC needs both classes but the label has only one ({n_pos} positive of {y.shape[0]} cells); "
             "choose a label with positive and negative cells"
         )
-    S, zero_rank = _shifted_ranks(X)
-    onehot = sp.csc_matrix(y.astype(np.float64)[:, None])
-    return _auroc_from_onehot(S, zero_rank, onehot)[0]
+    (st,) = _scan(X, None, [y.astype(np.int64)], [2], [np.array([], dtype=np.int64)])
+    return st["auroc"][1]
+
+
+def _value_frame(arr: np.ndarray, uniques, keep, m: int) -> pd.DataFrame:
+    index = pd.RangeIndex(m, name=INDEX_NAME)
+    return pd.DataFrame(arr.T, index=index, columns=pd.Index([uniques[k] for k in keep], dtype=object))
 
 
 def label_auroc(X, labels, *, min_cells: int = 1) -> pd.DataFrame:
@@ -135,84 +384,120 @@ def label_auroc(X, labels, *, min_cells: int = 1) -> pd.DataFrame:
     columns = label values (categorical order if categorical, else sorted).
     """
     X = _as_csc(X)
-    lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
-    if len(lab) != X.shape[0]:
-        raise InputError(f"labels have {len(lab)} entries but the feature matrix has {X.shape[0]} cells")
-    valid = lab.notna().to_numpy()
-    try:  # categorical: observed categories in category order
-        codes, uniques = pd.factorize(lab[valid], sort=True)
-    except TypeError:  # unorderable values
-        codes, uniques = pd.factorize(lab[valid], sort=False)
-    if len(uniques) < 2:
-        raise InputError(
-            f"one-vs-rest AUROC needs at least 2 distinct label values, found {len(uniques)} "
-            "among non-missing cells; choose a label with several values"
-        )
-    n_valid = len(codes)
-    counts = np.bincount(codes, minlength=len(uniques))
-    keep = np.flatnonzero(counts >= min_cells)
-    index = pd.RangeIndex(X.shape[1], name=INDEX_NAME)
-    if keep.size == 0:
-        return pd.DataFrame(index=index, columns=pd.Index([], dtype=object), dtype=np.float64)
-    remap = np.full(len(uniques), -1)
-    remap[keep] = np.arange(keep.size)
-    kc = remap[codes]
-    rows = np.flatnonzero(kc >= 0)
-    onehot = sp.csc_matrix(
-        (np.ones(rows.size), (rows, kc[rows])), shape=(n_valid, keep.size), dtype=np.float64
-    )
-    S, zero_rank = _shifted_ranks(X if valid.all() else X[np.flatnonzero(valid)].tocsc())
-    auc = _auroc_from_onehot(S, zero_rank, onehot)
-    return pd.DataFrame(auc.T, index=index, columns=pd.Index([uniques[k] for k in keep], dtype=object))
+    ((uniques, keep, st, _),) = _scan_labels(X, [labels], min_cells, want_f1=False)
+    return _value_frame(st["auroc"][keep], uniques, keep, X.shape[1])
 
 
-def label_scoring(features_X, obs: pd.DataFrame, label_keys: list[str], *, min_cells: int = 10) -> pd.DataFrame:
-    """Label AUROC table for several ``obs`` columns.
+def label_f1(X, labels, *, min_cells: int = 1) -> pd.DataFrame:
+    """One-vs-rest F1 of the best threshold, ``max_t F1(labels == value, X[:, j] > t)``.
+
+    Same inputs, cells and columns as ``label_auroc``; values in [0, 1].
+    """
+    X = _as_csc(X)
+    ((uniques, keep, st, _),) = _scan_labels(X, [labels], min_cells, want_f1=True)
+    return _value_frame(st["f1"], uniques, keep, X.shape[1])
+
+
+def label_ami(X, labels) -> pd.Series:
+    """``adjusted_mutual_info_score(labels, X[:, j] > 0)`` per feature [n_features].
+
+    All non-missing cells and all values of the label count (no min_cells). A feature
+    active in all or none of the cells scores 0.
+    """
+    X = _as_csc(X)
+    ((uniques, _, st, n),) = _scan_labels(X, [labels], 1, want_f1=False)
+    ami = _ami_active(st["active"], st["n_pos"], n)
+    return pd.Series(ami, index=pd.RangeIndex(X.shape[1], name=INDEX_NAME), name="ami")
+
+
+def label_scoring(
+    features_X,
+    obs: pd.DataFrame,
+    label_keys: list[str],
+    *,
+    min_cells: int = 10,
+    metrics=("auroc",),
+    batch_key: str | None = None,
+    cell_type_key: str | None = None,
+    batch_auroc_threshold: float = 0.7,
+) -> pd.DataFrame:
+    """Label score table for several ``obs`` columns.
 
     features_X: [n_cells, n_features]; obs: [n_cells, ...] aligned by position.
-    Per key: ``auroc:{key}={value}`` (one-vs-rest, values with >= min_cells cells),
-    ``best:{key}`` (str, value of max AUROC) and ``best_auroc:{key}``.
+    metrics: any of ``auroc``, ``f1``, ``ami``. Per key, in this order:
+    ``auroc:{key}={value}`` (one-vs-rest, values with >= min_cells cells), ``best:{key}``
+    (str, value of max AUROC) and ``best_auroc:{key}``; ``f1:{key}={value}`` (F1 of the
+    best threshold, same values); ``ami:{key}`` (AMI of the label and activation > 0).
+
+    batch_key: when given, adds ``batch_associated`` (bool): the feature's max AUROC over the
+    batch values (>= min_cells cells) is > ``batch_auroc_threshold`` AND > its max AUROC over
+    the values of ``cell_type_key`` (that second condition is dropped when cell_type_key is
+    None). Both columns are scored for the flag even when not in label_keys or metrics.
     Returns DataFrame [n_features, ...] with index ``feature_id`` 0..n_features-1.
     """
+    metrics = list(metrics)
+    bad = [x for x in metrics if x not in LABEL_METRICS]
+    if bad:
+        raise InputError(f"unknown label metric(s) {bad} (analysis.label_metrics); choose from {list(LABEL_METRICS)}")
     X = _as_csc(features_X)
     if len(obs) != X.shape[0]:
         raise InputError(
             f"obs has {len(obs)} rows but the feature matrix has {X.shape[0]} cells; "
             "use the obs of the same dataset the features were extracted from"
         )
-    parts = []
-    for key in label_keys:
+    flag_keys = [k for k in (batch_key, cell_type_key) if k is not None] if batch_key is not None else []
+    all_keys = list(dict.fromkeys([*label_keys, *flag_keys]))
+    for key in all_keys:
         if key not in obs.columns:
             raise InputError(
                 f"label column {key!r} not found in obs; available columns: "
                 f"{', '.join(map(str, obs.columns)) or '(none)'}. Fix the label key in the config."
             )
-        col = obs[key].reset_index(drop=True)
+        col = obs[key]
         if col.isna().all():
             raise InputError(f"label column {key!r} in obs is entirely missing (NaN); choose another label key")
         n_distinct = col.dropna().nunique()
         if n_distinct < 2:
             raise InputError(
                 f"label column {key!r} in obs has {n_distinct} distinct value; "
-                "AUROC needs at least 2, choose another label key"
+                "scoring needs at least 2, choose another label key"
             )
-        auc = label_auroc(X, col, min_cells=min_cells)
-        if auc.shape[1] == 0:
+    scanned = dict(zip(all_keys, _scan_labels(X, [obs[k] for k in all_keys], min_cells, "f1" in metrics)))
+    m = X.shape[1]
+    parts = []
+    max_auroc = {}
+    for key in all_keys:
+        uniques, keep, st, n = scanned[key]
+        if keep.size == 0:
             raise InputError(
                 f"no value of label column {key!r} has at least min_cells={min_cells} cells; "
                 "lower min_cells or choose another label key"
             )
-        values = [str(v) for v in auc.columns]
-        arr = auc.to_numpy()
-        best = np.argmax(arr, axis=1)
-        part = pd.DataFrame(arr, index=auc.index, columns=[f"auroc:{key}={v}" for v in values])
-        part[f"best:{key}"] = np.asarray(values, dtype=object)[best]
-        part[f"best_auroc:{key}"] = arr[np.arange(arr.shape[0]), best]
-        parts.append(part)
+        values = [str(uniques[k]) for k in keep]
+        auc = st["auroc"][keep].T  # [m, n_kept]
+        max_auroc[key] = auc.max(axis=1)
+        if key not in label_keys:
+            continue
+        part = {}
+        if "auroc" in metrics:
+            best = np.argmax(auc, axis=1)
+            part.update({f"auroc:{key}={v}": auc[:, j] for j, v in enumerate(values)})
+            part[f"best:{key}"] = np.asarray(values, dtype=object)[best]
+            part[f"best_auroc:{key}"] = auc[np.arange(m), best]
+        if "f1" in metrics:
+            part.update({f"f1:{key}={v}": st["f1"][j] for j, v in enumerate(values)})
+        if "ami" in metrics:
+            part[f"ami:{key}"] = _ami_active(st["active"], st["n_pos"], n)
+        parts.append(pd.DataFrame(part, index=pd.RangeIndex(m, name=INDEX_NAME)))
+    if batch_key is not None:
+        flag = max_auroc[batch_key] > batch_auroc_threshold
+        if cell_type_key is not None:
+            flag &= max_auroc[batch_key] > max_auroc[cell_type_key]
+        parts.append(pd.DataFrame({"batch_associated": flag}, index=pd.RangeIndex(m, name=INDEX_NAME)))
     if not parts:
-        return pd.DataFrame(index=pd.RangeIndex(X.shape[1], name=INDEX_NAME))
+        return pd.DataFrame(index=pd.RangeIndex(m, name=INDEX_NAME))
     out = pd.concat(parts, axis=1)
-    out.index = pd.RangeIndex(X.shape[1], name=INDEX_NAME)
+    out.index = pd.RangeIndex(m, name=INDEX_NAME)
     return out
 
 
@@ -319,9 +604,15 @@ def analyze_features(cfg) -> pd.DataFrame:
             raise InputError("analysis.label_keys is not set and the run's dataset names no cell_type_key; "
                              "set analysis.label_keys=[<obs column>].")
         X = features.X if a.pooling == "max" else features.layers[a.pooling]
-        scores = label_scoring(X, features.obs, keys, min_cells=int(a.min_cells))
+        batch_key = data_cfg.batch_key if a.batch_flag else None
+        scores = label_scoring(X, features.obs, keys, min_cells=int(a.min_cells), metrics=list(a.label_metrics),
+                               batch_key=batch_key, cell_type_key=data_cfg.cell_type_key,
+                               batch_auroc_threshold=float(a.batch_auroc_threshold))
         table = update_results(out_dir, "label_scoring", scores)
         print_top_features(scores, keys, int(a.top_n))
+        if "batch_associated" in scores:
+            print(f"batch-associated features ({batch_key}): {int(scores['batch_associated'].sum())} "
+                  f"of {len(scores)}")
     if table is None:
         raise InputError("no analysis selected; set e.g. analysis.run_label_scoring=true.")
     print(f"results: {out_dir / 'results.csv'} and {out_dir / 'results.parquet'}")

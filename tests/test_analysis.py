@@ -232,3 +232,165 @@ def test_update_results_rejects_bad_tables(tmp_path):
         update_results(tmp_path, "x", pd.DataFrame({"a": [1.0]}, index=["f0"]))
     with pytest.raises(InputError, match="no results"):
         read_results(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- F1, AMI, batch flag
+
+from sklearn.metrics import adjusted_mutual_info_score, f1_score  # noqa: E402
+
+import sae4scfm.analysis as analysis_mod  # noqa: E402
+from sae4scfm.analysis import label_ami, label_f1  # noqa: E402
+
+
+def _brute_best_f1(y, x):
+    """max over all thresholds t (every distinct value, and below the minimum) of F1(y, x > t)."""
+    ts = np.concatenate([[x.min() - 1.0], np.unique(x)])
+    return max(f1_score(y, x > t, zero_division=0.0) for t in ts)
+
+
+def _labels_with_nan(rng, n):
+    lab = pd.Series(rng.choice(["T", "B", "NK", "rare"], size=n, p=[0.4, 0.3, 0.27, 0.03]), dtype=object)
+    lab[rng.random(n) < 0.1] = np.nan
+    return lab
+
+
+@pytest.mark.parametrize("block", [None, (7, 7)])
+@pytest.mark.parametrize("continuous", [False, True])
+def test_label_f1_matches_bruteforce_sklearn(monkeypatch, block, continuous):
+    if block is not None:  # many tiny column blocks
+        monkeypatch.setattr(analysis_mod, "_BLOCK_NNZ", block)
+    rng = np.random.default_rng(10)
+    X = _tricky_matrix(rng, n=90, m=14)
+    if continuous:  # float64 values that float32 cannot hold: the two-pass sort
+        X = X.tocsc(copy=True)
+        X.data[X.data != 0] += rng.normal(scale=1e-9, size=int((X.data != 0).sum()))
+    labels = _labels_with_nan(rng, 90)
+    got = label_f1(X, labels, min_cells=3)
+    valid = labels.notna().to_numpy()
+    D, lv = X.toarray()[valid], labels[valid].to_numpy()
+    assert list(got.columns) == sorted(set(lv[pd.Series(lv).map(pd.Series(lv).value_counts()) >= 3]))
+    for value in got.columns:
+        ref = [_brute_best_f1(lv == value, D[:, j]) for j in range(D.shape[1])]
+        np.testing.assert_allclose(got[value].to_numpy(), ref, rtol=0, atol=1e-12)
+    # AUROC is unchanged by the blocking and the sort path
+    auc = label_auroc(X, labels, min_cells=3)
+    for value in auc.columns:
+        ref = [roc_auc_score(lv == value, D[:, j]) for j in range(D.shape[1])]
+        np.testing.assert_allclose(auc[value].to_numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_label_f1_known_values():
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    x = np.array([5.0, 3.0, 3.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    got = label_f1(sp.csr_matrix(x[:, None]), pd.Series(np.where(y, "a", "b")))
+    # a: best is x > 1 -> {5, 3, 3}: TP 2, FP 1, FN 1 -> F1 2/3
+    assert got.loc[0, "a"] == pytest.approx(2 / 3, abs=1e-15)
+    # b: best is x > -inf (all cells): 2*5 / (8 + 5)
+    assert got.loc[0, "b"] == pytest.approx(10 / 13, abs=1e-15)
+    # a perfect feature scores 1
+    assert label_f1(sp.csr_matrix(y[:, None] * 2.0), pd.Series(y)).loc[0, True] == 1.0
+
+
+@pytest.mark.parametrize("block", [None, (7, 7)])
+def test_label_ami_matches_sklearn_binarised(monkeypatch, block):
+    """ami = adjusted_mutual_info_score(labels, activation > 0) over non-missing cells, all values."""
+    if block is not None:
+        monkeypatch.setattr(analysis_mod, "_BLOCK_NNZ", block)
+    rng = np.random.default_rng(11)
+    n = 300
+    X = _tricky_matrix(rng, n=n, m=20).tolil()
+    X[:, 5] = 0.0
+    X[:, 5] = 1.0  # active everywhere -> 0
+    X[:, 6] = 0.0
+    X[7, 6] = 2.0  # active in one cell
+    X[:, 7] = 3.0
+    X[3, 7] = 0.0  # inactive in one cell
+    X = X.tocsr()
+    labels = _labels_with_nan(rng, n)
+    got = label_ami(X, labels)
+    assert got.shape == (20,) and got.index.name == "feature_id"
+    valid = labels.notna().to_numpy()
+    D, lv = X.toarray()[valid], labels[valid].to_numpy()
+    ref = [adjusted_mutual_info_score(lv, D[:, j] > 0) for j in range(D.shape[1])]
+    np.testing.assert_allclose(got.to_numpy(), ref, rtol=0, atol=1e-10)
+    assert got[0] == 0.0 and got[5] == 0.0  # never / always active
+
+
+def test_label_ami_large_n_matches_sklearn():
+    """Many cells: the expected MI sums only a window of the hypergeometric law."""
+    rng = np.random.default_rng(12)
+    n = 40_000
+    labels = rng.choice(4, size=n, p=[0.6, 0.3, 0.099, 0.001])
+    rates = [0.00005, 0.002, 0.05, 0.3, 0.5, 0.97, 0.9999]
+    cols = [(rng.random(n) < r) * rng.random(n) for r in rates]
+    cols.append((labels == 2) * (rng.random(n) < 0.8) * 1.0)  # tied to value 2
+    X = sp.csc_matrix(np.stack(cols, axis=1))
+    got = label_ami(X, labels).to_numpy()
+    D = X.toarray()
+    ref = [adjusted_mutual_info_score(labels, D[:, j] > 0) for j in range(D.shape[1])]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+    assert got[-1] > 0.3
+
+
+def test_label_scoring_all_metrics_columns():
+    rng = np.random.default_rng(13)
+    X = _tricky_matrix(rng, n=200, m=12)
+    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK"], 200), "batch": rng.choice([1.0, 2.0, np.nan], 200)})
+    res = label_scoring(X, obs, ["cell_type", "batch"], min_cells=5, metrics=["auroc", "f1", "ami"])
+    assert list(res.columns) == [
+        "auroc:cell_type=B", "auroc:cell_type=NK", "auroc:cell_type=T", "best:cell_type", "best_auroc:cell_type",
+        "f1:cell_type=B", "f1:cell_type=NK", "f1:cell_type=T", "ami:cell_type",
+        "auroc:batch=1.0", "auroc:batch=2.0", "best:batch", "best_auroc:batch",
+        "f1:batch=1.0", "f1:batch=2.0", "ami:batch",
+    ]
+    np.testing.assert_array_equal(res[["f1:batch=1.0", "f1:batch=2.0"]].to_numpy(),
+                                  label_f1(X, obs["batch"], min_cells=5).to_numpy())
+    np.testing.assert_array_equal(res["ami:cell_type"].to_numpy(), label_ami(X, obs["cell_type"]).to_numpy())
+    only = label_scoring(X, obs, ["cell_type"], metrics=["ami"])
+    assert list(only.columns) == ["ami:cell_type"]
+    with pytest.raises(InputError, match="label_metrics"):
+        label_scoring(X, obs, ["cell_type"], metrics=["auc"])
+
+
+def test_batch_associated_flag():
+    """batch_associated: max AUROC over batches > threshold AND > max AUROC over cell types."""
+    rng = np.random.default_rng(14)
+    n = 400
+    ct = np.tile(["A", "B"], n // 2)
+    batch = np.repeat(["b1", "b2"], n // 2)  # balanced against cell type
+    noise = rng.random(n)
+    cols = [
+        (batch == "b1") * (1 + noise),  # 0: pure batch feature -> flagged
+        (ct == "A") * (1 + noise),  # 1: pure cell-type feature -> not flagged
+        ((ct == "A") * 2.0 + (batch == "b1")) * (1 + 0.01 * noise),  # 2: both, cell type stronger -> not flagged
+        ((batch == "b1") * 2.0 + (ct == "A")) * (1 + 0.01 * noise),  # 3: both, batch stronger -> flagged
+        ((batch == "b1") & (noise < 0.3)) * 1.0,  # 4: weak batch (AUROC 0.65) -> flagged only at threshold 0.6
+    ]
+    X = sp.csr_matrix(np.stack(cols, axis=1))
+    obs = pd.DataFrame({"cell_type": ct, "batch": batch})
+    res = label_scoring(X, obs, ["cell_type", "batch"], batch_key="batch", cell_type_key="cell_type")
+    assert res["batch_associated"].dtype == bool
+    assert res["batch_associated"].tolist() == [True, False, False, True, False]
+    b, c = res["best_auroc:batch"].to_numpy(), res["best_auroc:cell_type"].to_numpy()
+    np.testing.assert_array_equal(res["batch_associated"].to_numpy(), (b > 0.7) & (b > c))
+    low = label_scoring(X, obs, ["cell_type"], batch_key="batch", cell_type_key="cell_type",
+                        batch_auroc_threshold=0.6)
+    assert low["batch_associated"].tolist() == [True, False, False, True, True]
+    assert not any(col.endswith("batch") or "batch=" in col for col in low.columns if col != "batch_associated")
+    no_ct = label_scoring(X, obs, [], batch_key="batch", batch_auroc_threshold=0.7)
+    assert list(no_ct.columns) == ["batch_associated"]
+    # without cell types only the threshold counts: feature 2 has AUROC(b1) = 0.75
+    assert no_ct["batch_associated"].tolist() == [True, False, True, True, False]
+    assert "batch_associated" not in label_scoring(X, obs, ["cell_type"]).columns
+    with pytest.raises(InputError, match="batch_key_typo"):
+        label_scoring(X, obs, ["cell_type"], batch_key="batch_key_typo")
+
+
+def test_canonical_csc_input_not_modified():
+    rng = np.random.default_rng(15)
+    X = _tricky_matrix(rng, n=100, m=8).tocsc()
+    X.sum_duplicates()
+    before = (X.data.copy(), X.indices.copy(), X.indptr.copy())
+    label_scoring(X, pd.DataFrame({"c": rng.choice(["a", "b"], 100)}), ["c"], metrics=["auroc", "f1", "ami"])
+    for a, b in zip(before, (X.data, X.indices, X.indptr)):
+        np.testing.assert_array_equal(a, b)
