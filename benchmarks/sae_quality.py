@@ -25,7 +25,8 @@ How each library is used:
                        Changed because the budget is short: warmup_steps 1000 -> steps/20,
                        sparsity_warmup_steps 2000 -> steps/10, threshold_start_step 1000 ->
                        steps/20, anneal_start 15000 -> steps/10 (ours: 0.1), and the AuxK dead
-                       window 10M tokens -> ours (train.dead_after_tokens). jumprelu has a
+                       window 10M tokens -> ours (train.dead_after_tokens); p_anneal and gated_anneal
+                       p_end 0 -> 0.2 (ours: their p_end=0 divides by zero at this budget). jumprelu has a
                        target_l0 in its loss: it is set to the target and not searched.
   SAELens              the training SAEs' ``training_forward_pass`` with SAELens's trainer step
                        (Adam 3e-4 constant, betas 0.9/0.999, clip 1.0, no activation
@@ -33,7 +34,7 @@ How each library is used:
                        ours (in steps) so AuxK can act within the budget. BatchTopK/Matryoshka
                        are scored with their learned threshold (as SAELens saves them: JumpReLU).
 
-    python benchmarks/sae_quality.py [--steps 400] [--batch 1024] [--datasets synthetic,demo]
+    python benchmarks/sae_quality.py [--steps 300] [--batch 1024] [--datasets synthetic,demo]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sae_training import _dictionary_learning_trainers, synthetic_activations  # noqa: E402
 
 from sae4scfm.saes import build_sae  # noqa: E402
-from sae4scfm.training import Member, _step, geometric_median  # noqa: E402
+from sae4scfm.training import Member, _step, base_lr, geometric_median  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "sae4scfm" / "config"
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
@@ -105,7 +106,7 @@ def train_ours(arch: str, data: Data, d_sae: int, coeff: float | None) -> Traine
     sae = build_sae(arch, d_in, d_sae, hp)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
-    opt = torch.optim.Adam(sae.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr(hp, sae.d_sae), betas=(0.9, 0.999), fused=True)
     total = len(data.batches)
     warmup = max(1, int(float(train_cfg.lr_warmup_frac) * total))
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,10 +151,10 @@ def train_dictionary_learning(arch: str, data: Data, d_sae: int, coeff: float | 
         trainer = JumpReluTrainer(target_l0=coeff, warmup_steps=warm, sparsity_warmup_steps=sparse_warm, **common)
     elif arch == "p_anneal":
         trainer = PAnnealTrainer(initial_sparsity_penalty=coeff, warmup_steps=warm,
-                                 sparsity_warmup_steps=sparse_warm, anneal_start=steps // 10, **common)
+                                 sparsity_warmup_steps=sparse_warm, anneal_start=steps // 10, p_end=0.2, **common)
     elif arch == "gated_anneal":
         trainer = GatedAnnealTrainer(initial_sparsity_penalty=coeff, warmup_steps=warm,
-                                     sparsity_warmup_steps=sparse_warm, anneal_start=steps // 10, **common)
+                                     sparsity_warmup_steps=sparse_warm, anneal_start=steps // 10, p_end=0.2, **common)
     else:
         raise ValueError(arch)
     if hasattr(trainer, "dead_feature_threshold"):
@@ -258,27 +259,44 @@ def score(t: Trained, data: Data) -> dict:
     return out
 
 
+def _next_coeff(tried: list[tuple[float, dict]], target: float) -> float:
+    """Next coefficient: log L0 is taken as linear in log c. Inside a bracket (one run denser,
+    one sparser than the target) interpolate between its ends, kept off them; outside, extrapolate
+    along the slope of the two nearest runs (slope -1 with one run), at most x10 per step."""
+    pts = [(math.log(c), math.log(max(s["l0"], 0.05))) for c, s in tried]
+    goal = math.log(target)
+    dense = [p for p in pts if p[1] > goal]
+    sparse = [p for p in pts if p[1] <= goal]
+    if dense and sparse:
+        (x0, y0), (x1, y1) = max(dense), min(sparse)
+        t = (y0 - goal) / (y0 - y1) if y0 != y1 else 0.5
+        return math.exp(x0 + min(0.8, max(0.2, t)) * (x1 - x0))
+    near = sorted(pts, key=lambda p: abs(p[1] - goal))[:2]
+    slope = -1.0
+    if len(near) == 2 and near[0][0] != near[1][0]:
+        slope = (near[0][1] - near[1][1]) / (near[0][0] - near[1][0])
+        slope = min(-0.2, slope)  # L0 falls with c; flat or rising slopes are noise
+    x, y = near[0]
+    step = max(-math.log(10), min(math.log(10), (goal - y) / slope))
+    return math.exp(x + step)
+
+
 def matched(lib: str, arch: str, data: Data, d_sae: int, max_runs: int, tol: float) -> tuple[float | None, dict, int]:
     """(coefficient, scores, runs): one run for TopK-family / fixed-target, else a search on the
-    coefficient (L0 falls as it grows): x5 steps until the target is bracketed, then geometric
-    bisection; stops within ``tol`` (relative) of the target or after ``max_runs`` runs."""
+    coefficient (L0 falls as it grows) in log-log space (``_next_coeff``); stops within ``tol``
+    (relative) of the target or after ``max_runs`` runs, and returns the run closest to it."""
     train = LIBRARIES[lib][0]
     target = data.target_l0
     c = default_coeff(lib, arch, target)
     if c is None or (lib == "dictionary_learning" and arch == "jumprelu"):
         return c, score(train(arch, data, d_sae, c), data), 1
-    tried, dense, sparse = [], None, None  # dense: a coefficient giving L0 > target
+    tried = []  # (coefficient, scores)
     for _ in range(max_runs):
         s = score(train(arch, data, d_sae, c), data)
         tried.append((c, s))
         if abs(s["l0"] / target - 1) <= tol:
             break
-        if s["l0"] > target:
-            dense = c if dense is None else max(dense, c)
-        else:
-            sparse = c if sparse is None else min(sparse, c)
-        c = math.sqrt(dense * sparse) if dense is not None and sparse is not None else \
-            (dense * 5 if dense is not None else sparse / 5)
+        c = _next_coeff(tried, target)
     c, s = min(tried, key=lambda cs: abs(math.log(max(cs[1]["l0"], 1e-3) / target)))
     return c, s, len(tried)
 
@@ -315,18 +333,18 @@ def main() -> None:
     p.add_argument("--datasets", default="synthetic,demo")
     p.add_argument("--archs", default="standard,topk,batchtopk,matryoshka,gated,jumprelu,p_anneal,gated_anneal")
     p.add_argument("--libraries", default="sae4scfm,dictionary_learning,SAELens")
-    p.add_argument("--steps", type=int, default=400, help="training steps (same batches for every library)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (same batches for every library)")
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--d-in", type=int, default=64, help="synthetic d_in (demo: the model's d_model)")
     p.add_argument("--d-sae", type=int, default=512, help="synthetic d_sae")
-    p.add_argument("--n-true", type=int, default=512, help="synthetic ground-truth directions")
-    p.add_argument("--k-true", type=int, default=8, help="synthetic active directions per token")
-    p.add_argument("--k", type=int, default=16, help="synthetic k / L0 target")
+    p.add_argument("--n-true", type=int, default=256, help="synthetic ground-truth directions")
+    p.add_argument("--k-true", type=int, default=4, help="synthetic active directions per token")
+    p.add_argument("--k", type=int, default=8, help="synthetic k / L0 target")
     p.add_argument("--demo-multiplier", type=int, default=4, help="demo d_sae = multiplier x d_model")
     p.add_argument("--demo-k", type=int, default=16, help="demo k / L0 target")
     p.add_argument("--held-out", type=int, default=16384, help="synthetic held-out tokens")
-    p.add_argument("--max-runs", type=int, default=5, help="runs per coefficient search")
-    p.add_argument("--tol", type=float, default=0.1, help="search stops at |L0/target - 1| <= tol")
+    p.add_argument("--max-runs", type=int, default=4, help="runs per coefficient search")
+    p.add_argument("--tol", type=float, default=0.2, help="search stops at |L0/target - 1| <= tol")
     args = p.parse_args()
     start = time.perf_counter()
     rows = []

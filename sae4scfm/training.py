@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,13 @@ def geometric_median(x: torch.Tensor, n_iter: int = 100, eps: float = 1e-6) -> t
             return new
         median = new
     return median
+
+
+def base_lr(hyperparams, d_sae: int) -> float:
+    """``hyperparams.lr``, or for ``lr: null`` the scaling law of Gao et al. (2024, Fig. 3) that
+    dictionary_learning also uses: 2e-4 / sqrt(d_sae / 2^14)."""
+    lr = hyperparams.get("lr")
+    return float(lr) if lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
@@ -276,7 +284,7 @@ def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch:
     tc, hp = m.cfg.train, m.cfg.sae.hyperparams
     sae, opt, dead_after = m.sae, m.opt, int(tc.dead_after_tokens)
     for group in opt.param_groups:
-        group["lr"] = float(hp["lr"]) * lr_factor(step - 1, total, warmup, float(tc.lr_decay_frac))
+        group["lr"] = base_lr(hp, sae.d_sae) * lr_factor(step - 1, total, warmup, float(tc.lr_decay_frac))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and tc.autocast == "bf16"):
         out = sae.loss(x, dead=m.since_fired >= dead_after)  # parameters stay float32 (master weights)
     opt.zero_grad(set_to_none=True)
@@ -348,7 +356,7 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         torch.manual_seed(seed)
         hp = OmegaConf.to_container(member_cfg.sae.hyperparams, resolve=True)
         sae = build_sae(member_cfg.sae.architecture, d_in, int(member_cfg.sae.dictionary_multiplier * d_in), hp).to(device)
-        opt = torch.optim.Adam(sae.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.999), fused=True)
+        opt = torch.optim.Adam(sae.parameters(), lr=base_lr(hp, sae.d_sae), betas=(0.9, 0.999), fused=True)
         if (run_dir / "checkpoint" / "state.json").is_file():
             start, member_scale, since_fired = load_checkpoint(run_dir, sae, opt)
             print(f"{run_dir.name}: resuming at step {start} of {sum(per_epoch)}")
@@ -384,7 +392,7 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
         "layer": layer, "hook_point": f"hook_resid.{layer}", "d_model": adapter.d_model,
         "dataset": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
         "n_train_tokens": train_store.n_tokens, "steps": total, "sae4scfm_version": __version__,
-        "training": {"lr": float(hp["lr"]), "batch_size": int(tc.batch_size), "n_epochs": int(tc.n_epochs),
+        "training": {"lr": base_lr(hp, sae.d_sae), "batch_size": int(tc.batch_size), "n_epochs": int(tc.n_epochs),
                      "tokens_seen": total * int(tc.batch_size)},
     })
     (m.run_dir / "eval.json").write_text(json.dumps(results, indent=1))

@@ -1,0 +1,348 @@
+"""Co-activation of SAE features: co-firing PMI, significance, modules, cross-layer matching.
+
+Pure functions on a ``[tokens or cells, features]`` activation matrix ``X`` (for
+example ``features/token_features.h5ad``'s CSR ``X``) and on decoder matrices
+``W_dec [d_sae, d_in]``. A feature *fires* on a row where its activation is ``> 0``.
+
+Everything feature x feature is computed sparsely: with ``B = (X > 0)`` as a CSR
+matrix, the co-firing counts are ``C = B^T B``, which only holds the pairs that
+co-fire at least once; no dense ``features x features`` matrix is built (only
+:func:`match_by_decoder` builds dense cosine blocks, ``chunk`` rows of A at a time).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.stats import hypergeom
+
+from sae4scfm.errors import InputError
+
+__all__ = [
+    "CofiringPMI",
+    "cofiring_pmi",
+    "significant_pairs",
+    "benjamini_hochberg",
+    "coactivation_modules",
+    "match_by_decoder",
+    "match_by_cofiring",
+    "persistence",
+]
+
+
+class CofiringPMI(NamedTuple):
+    """Result of :func:`cofiring_pmi`: two CSR ``[features, features]`` matrices with the same pattern."""
+
+    pmi: sp.csr_matrix
+    counts: sp.csr_matrix
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _firing(X, name: str = "X") -> sp.csr_matrix:
+    """``(X > 0)`` as an int32 CSR matrix with no stored zeros."""
+    if hasattr(X, "X") and hasattr(X, "obs"):  # AnnData
+        X = X.X
+    if sp.issparse(X):
+        B = sp.csr_matrix(X, copy=True)
+    else:
+        try:
+            arr = np.asarray(X)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise InputError(f"{name}: expected a sparse or dense 2-D matrix, got {type(X).__name__}.") from exc
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError(f"{name}: expected a numeric matrix, got dtype {arr.dtype}.")
+        B = sp.csr_matrix(arr)
+    if B.ndim != 2:
+        raise InputError(f"{name}: expected a 2-D [rows, features] matrix, got shape {B.shape}.")
+    B.data = (B.data > 0).astype(np.int32)  # NaN > 0 is False
+    B.eliminate_zeros()
+    B.sum_duplicates()
+    return B
+
+
+def _check_min_count(min_count) -> int:
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise InputError(f"min_count: expected an integer >= 1, got {min_count!r}.")
+    return int(min_count)
+
+
+class _Pairs(NamedTuple):
+    row: np.ndarray
+    col: np.ndarray
+    data: np.ndarray
+
+
+def _cooccurrence(B_a: sp.csr_matrix, B_b: sp.csr_matrix) -> _Pairs:
+    """Sparse ``B_a^T B_b`` (int counts) as (row, col, count) arrays, only pairs that co-fire at least once."""
+    C = B_a.T.tocsr() @ B_b  # CSR product: no duplicate entries
+    row = np.repeat(np.arange(C.shape[0], dtype=C.indices.dtype), np.diff(C.indptr))
+    return _Pairs(row, C.indices, C.data)
+
+
+def _pmi_values(count, n_i, n_j, n_rows):
+    """``log(P(i,j) / (P(i) P(j))) = log(count * N / (n_i * n_j))`` in float64."""
+    return np.log(count.astype(np.float64)) + np.log(float(n_rows)) - np.log(n_i.astype(np.float64)) - np.log(
+        n_j.astype(np.float64)
+    )
+
+
+# --------------------------------------------------------------------------- PMI
+
+
+def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
+    """Pointwise mutual information of co-firing for every pair of features that co-fire.
+
+    ``PMI(i, j) = log(P(i, j) / (P(i) P(j)))`` (natural log), with ``P(i) = n_i / N``
+    the fraction of the ``N`` rows where feature ``i`` fires (``X > 0``) and
+    ``P(i, j) = c_ij / N`` the fraction where both fire.
+
+    Returns :class:`CofiringPMI` ``(pmi, counts)``: symmetric CSR ``[features, features]``
+    matrices holding only the off-diagonal pairs with ``c_ij >= min_count``. ``counts``
+    defines the pattern; ``pmi`` has the same pattern and may store explicit zeros
+    (``PMI == 0`` means independence, not "not tested").
+    """
+    min_count = _check_min_count(min_count)
+    B = _firing(X)
+    n_rows, n_feat = B.shape
+    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
+    C = _cooccurrence(B, B)
+    keep = (C.row != C.col) & (C.data >= min_count)
+    row, col, cnt = C.row[keep], C.col[keep], C.data[keep].astype(np.int64)
+    del C
+    pmi = _pmi_values(cnt, n_fire[row], n_fire[col], n_rows)
+    shape = (n_feat, n_feat)
+    counts = sp.csr_matrix((cnt, (row, col)), shape=shape)
+    pmi_m = sp.csr_matrix((pmi, (row, col)), shape=shape)
+    return CofiringPMI(pmi=pmi_m, counts=counts)
+
+
+def benjamini_hochberg(p_values) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (FDR), same order as the input."""
+    p = np.asarray(p_values, dtype=np.float64).ravel()
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="mergesort")
+    ranked = p[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.clip(ranked, 0.0, 1.0)
+    return out
+
+
+def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
+    """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR.
+
+    Tests every pair ``i < j`` with co-firing count ``>= min_count`` (pairs below it
+    are not tested and do not enter the FDR correction). The p-value is
+    ``P(K >= count)`` for ``K ~ Hypergeom(N, n_i, n_j)``, i.e. the one-sided Fisher
+    exact test (``alternative='greater'``) on the 2x2 firing table. ``fdr`` is the
+    Benjamini-Hochberg adjustment over all tested pairs; the rows returned are those
+    with ``fdr <= max_fdr`` (``max_fdr=1.0`` returns every tested pair).
+
+    Returns a DataFrame with columns ``i, j, count, pmi, p_value, fdr``, sorted by
+    ``(i, j)``.
+    """
+    min_count = _check_min_count(min_count)
+    if not (0.0 <= float(max_fdr) <= 1.0):
+        raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
+    B = _firing(X)
+    n_rows = B.shape[0]
+    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
+    C = _cooccurrence(B, B)
+    keep = (C.row < C.col) & (C.data >= min_count)
+    i, j, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
+    del C
+    order = np.lexsort((j, i))
+    i, j, cnt = i[order], j[order], cnt[order]
+    n_i, n_j = n_fire[i], n_fire[j]
+    pmi = _pmi_values(cnt, n_i, n_j, n_rows)
+    p = hypergeom.sf(cnt - 1, n_rows, n_i, n_j) if cnt.size else np.empty(0)
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    fdr = benjamini_hochberg(p)
+    df = pd.DataFrame({"i": i, "j": j, "count": cnt, "pmi": pmi, "p_value": p, "fdr": fdr})
+    return df.loc[df["fdr"] <= max_fdr].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def coactivation_modules(pairs: pd.DataFrame, n_features: int, *, resolution: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Leiden communities of the co-firing graph.
+
+    ``pairs`` has columns ``i, j, pmi`` (e.g. from :func:`significant_pairs`); each row
+    is an undirected edge weighted by ``max(pmi, 0)`` (edges with weight 0 are dropped).
+    Uses ``leidenalg.RBConfigurationVertexPartition`` with ``resolution_parameter=resolution``.
+
+    Returns an int array of length ``n_features``: the module of each feature,
+    numbered from 0 by decreasing size; features with no positive edge get ``-1``.
+    """
+    import igraph as ig
+    import leidenalg
+
+    if isinstance(n_features, bool) or not isinstance(n_features, (int, np.integer)) or n_features < 0:
+        raise InputError(f"n_features: expected an integer >= 0, got {n_features!r}.")
+    n_features = int(n_features)
+    missing = {"i", "j", "pmi"} - set(pairs.columns)
+    if missing:
+        raise InputError(f"pairs: missing column(s) {sorted(missing)}; pass the DataFrame from significant_pairs().")
+    i = pairs["i"].to_numpy(dtype=np.int64)
+    j = pairs["j"].to_numpy(dtype=np.int64)
+    w = np.clip(pairs["pmi"].to_numpy(dtype=np.float64), 0.0, None)
+    if i.size and (min(i.min(), j.min()) < 0 or max(i.max(), j.max()) >= n_features):
+        raise InputError(f"pairs: feature indices must lie in [0, {n_features}); raise n_features or fix the pairs.")
+    keep = (w > 0) & np.isfinite(w) & (i != j)
+    i, j, w = i[keep], j[keep], w[keep]
+    labels = np.full(n_features, -1, dtype=np.int64)
+    if i.size == 0:
+        return labels
+    g = ig.Graph(n=n_features, edges=list(zip(i.tolist(), j.tolist())), directed=False)
+    g.es["weight"] = w.tolist()
+    part = leidenalg.find_partition(
+        g,
+        leidenalg.RBConfigurationVertexPartition,
+        weights="weight",
+        resolution_parameter=float(resolution),
+        seed=int(seed),
+    )
+    member = np.asarray(part.membership, dtype=np.int64)
+    connected = np.asarray(g.degree()) > 0
+    member = np.where(connected, member, -1)
+    # renumber connected modules 0.. by decreasing size (ties: smallest old id first)
+    ids, sizes = np.unique(member[connected], return_counts=True)
+    order = ids[np.lexsort((ids, -sizes))]
+    remap = {int(old): new for new, old in enumerate(order)}
+    labels[connected] = [remap[int(m)] for m in member[connected]]
+    return labels
+
+
+# --------------------------------------------------------------------------- cross-layer matching
+
+
+def _as_2d_float(W, name: str) -> np.ndarray:
+    if hasattr(W, "detach"):  # torch tensor
+        W = W.detach().cpu().float().numpy()
+    arr = np.asarray(W, dtype=np.float64)
+    if arr.ndim != 2:
+        raise InputError(f"{name}: expected a 2-D decoder matrix [d_sae, d_in], got shape {arr.shape}.")
+    return arr
+
+
+def match_by_decoder(W_dec_a, W_dec_b, *, chunk: int = 1024) -> pd.DataFrame:
+    """For each feature of A, the feature of B whose decoder direction is closest.
+
+    ``W_dec_a [n_a, d]``, ``W_dec_b [n_b, d]`` (rows are decoder directions, as in
+    ``sae.safetensors``). Similarity is ``|cos|`` so a sign-flipped direction counts as
+    the same feature. Returns columns ``feature_a, best_b, cosine`` (``cosine`` = the
+    max ``|cos|``) and ``signed_cosine`` (the cosine at that match). Zero rows give
+    cosine 0. Ties go to the smallest index of B.
+    """
+    A = _as_2d_float(W_dec_a, "W_dec_a")
+    Bm = _as_2d_float(W_dec_b, "W_dec_b")
+    if A.shape[1] != Bm.shape[1]:
+        raise InputError(
+            f"W_dec_a has d_in={A.shape[1]} but W_dec_b has d_in={Bm.shape[1]}; decoder matching needs the same "
+            "residual width (compare SAEs of the same model, or use match_by_cofiring on aligned tokens)."
+        )
+    if Bm.shape[0] == 0:
+        raise InputError("W_dec_b has no features (shape [0, d]); nothing to match against.")
+
+    def _unit(M):
+        norm = np.linalg.norm(M, axis=1, keepdims=True)
+        return np.divide(M, norm, out=np.zeros_like(M), where=norm > 0)
+
+    A, Bm = _unit(A), _unit(Bm)
+    n_a = A.shape[0]
+    best = np.empty(n_a, dtype=np.int64)
+    signed = np.empty(n_a, dtype=np.float64)
+    step = max(1, int(chunk))
+    for s in range(0, n_a, step):
+        cos = A[s : s + step] @ Bm.T
+        k = np.argmax(np.abs(cos), axis=1)
+        best[s : s + step] = k
+        signed[s : s + step] = cos[np.arange(cos.shape[0]), k]
+    signed = np.clip(signed, -1.0, 1.0)
+    return pd.DataFrame({"feature_a": np.arange(n_a), "best_b": best, "cosine": np.abs(signed), "signed_cosine": signed})
+
+
+def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) -> pd.DataFrame:
+    """For each feature of A, the feature of B that fires on the most similar rows.
+
+    ``X_a [N, n_a]`` and ``X_b [N, n_b]`` must be on the same rows (tokens/cells) in
+    the same order, e.g. two layers' ``token_features.h5ad``. Computed sparsely from
+    the co-firing counts ``B_a^T B_b``.
+
+    ``metric="jaccard"`` (default): ``|F_a ∩ F_b| / |F_a ∪ F_b|`` of the firing sets,
+    in [0, 1], so a fixed threshold is meaningful in :func:`persistence`.
+    ``metric="pmi"``: ``log(P(a, b) / (P(a) P(b)))``; it favours rare features and is
+    unbounded, so use it with ``min_count`` > 1.
+
+    Returns columns ``feature_a, best_b, <metric>, count`` (``count`` = co-firing
+    rows). Features of A that co-fire with no feature of B (at least ``min_count``
+    times) get ``best_b = -1``, score 0 (jaccard) or NaN (pmi), count 0. Ties go to
+    the smallest index of B.
+    """
+    if metric not in ("jaccard", "pmi"):
+        raise InputError(f"metric: expected 'jaccard' or 'pmi', got {metric!r}.")
+    min_count = _check_min_count(min_count)
+    Ba, Bb = _firing(X_a, "X_a"), _firing(X_b, "X_b")
+    if Ba.shape[0] != Bb.shape[0]:
+        raise InputError(
+            f"X_a has {Ba.shape[0]} rows but X_b has {Bb.shape[0]}; match_by_cofiring needs the same tokens/cells "
+            "in the same order (encode the same dataset with both SAEs)."
+        )
+    n_rows, n_a = Ba.shape
+    na = np.asarray(Ba.sum(axis=0)).ravel().astype(np.int64)
+    nb = np.asarray(Bb.sum(axis=0)).ravel().astype(np.int64)
+    C = _cooccurrence(Ba, Bb)
+    keep = C.data >= min_count
+    r, c, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
+    del C
+    if metric == "jaccard":
+        score = cnt / (na[r] + nb[c] - cnt).astype(np.float64)
+    else:
+        score = _pmi_values(cnt, na[r], nb[c], n_rows)
+    best = np.full(n_a, -1, dtype=np.int64)
+    out_score = np.full(n_a, 0.0 if metric == "jaccard" else np.nan)
+    out_cnt = np.zeros(n_a, dtype=np.int64)
+    if r.size:
+        order = np.lexsort((c, -score, r))  # per row: highest score, then smallest column
+        rows_sorted = r[order]
+        first = order[np.r_[True, rows_sorted[1:] != rows_sorted[:-1]]]
+        best[r[first]] = c[first]
+        out_score[r[first]] = score[first]
+        out_cnt[r[first]] = cnt[first]
+    return pd.DataFrame({"feature_a": np.arange(n_a), "best_b": best, metric: out_score, "count": out_cnt})
+
+
+_SCORE_COLUMNS = ("cosine", "jaccard", "pmi")
+
+
+def persistence(match_df: pd.DataFrame, threshold: float, *, column: str | None = None) -> float:
+    """Fraction of A's features (rows of ``match_df``) with a match scoring ``>= threshold``.
+
+    ``column`` defaults to the first of ``cosine``, ``jaccard``, ``pmi`` present, so it
+    works on the output of :func:`match_by_decoder` and :func:`match_by_cofiring`.
+    Rows with ``best_b < 0`` (no match) or a NaN score never count as matched.
+    """
+    if column is None:
+        column = next((c for c in _SCORE_COLUMNS if c in match_df.columns), None)
+        if column is None:
+            raise InputError(
+                f"match_df: no score column ({', '.join(_SCORE_COLUMNS)}); pass the output of match_by_decoder / "
+                "match_by_cofiring or name the column with column=."
+            )
+    elif column not in match_df.columns:
+        raise InputError(f"column: {column!r} is not a column of match_df ({list(match_df.columns)}).")
+    if len(match_df) == 0:
+        raise InputError("match_df is empty: A has no features, so persistence is undefined.")
+    score = match_df[column].to_numpy(dtype=np.float64)
+    ok = score >= float(threshold)
+    if "best_b" in match_df.columns:
+        ok &= match_df["best_b"].to_numpy() >= 0
+    return float(np.mean(ok))

@@ -1,0 +1,408 @@
+"""Gene-level scores of SAE features: token firing per gene, cell correlations, gene families, density.
+
+All functions are pure (AnnData / scipy.sparse in, numpy / pandas out) and vectorised with
+sparse matrix products; none loops over features, tokens or cells in Python.
+
+"Fires" always means activation ``> 0`` (explicit zeros and negative values do not fire).
+
+* :func:`token_gene_scores` – per (feature, gene) from ``token_features.h5ad`` (tokens x
+  features, ``obs["gene"]``), long table of the pairs where the feature fires on the gene at
+  least once. With ``N`` tokens (those with a gene), ``n_g`` tokens of gene g, ``c_f`` firing
+  tokens of feature f and ``c_fg`` firing tokens of f on g:
+
+  - ``freq = c_fg / n_g`` – firing frequency on that gene's tokens;
+  - ``mean_act`` – mean activation over those ``c_fg`` firing tokens;
+  - ``log2_enrichment = log2( (c_fg / c_f) / (n_g / N) )`` – specificity: how much more likely
+    the gene is among the feature's firing tokens than among all tokens (its base rate).
+    0 = no preference; no pseudocount (rows only exist where ``c_fg > 0``, so it is finite).
+    Equivalently ``log2(freq / (c_f / N))``: the gene's firing rate over the feature's
+    overall firing rate.
+
+  :func:`gene_score_matrix` pivots a column of that table to a dense ``[features, genes]`` array.
+* :func:`cell_gene_correlation` – Pearson r between every feature (cells x features) and
+  every gene (cells x genes) from sparse moments; NaN where either side is constant.
+* :func:`top_genes` – top genes per feature, fixed N or adaptive (participation ratio).
+* :func:`gene_family_scores` – fraction of each feature's firing mass on gene families
+  (ribosomal, mitochondrial, MHC, histone, immunoglobulin, TCR, metallothionein by default).
+* :func:`density_scores` / :func:`expression_where_firing` – how often features fire, and the
+  library size of the cells where they fire vs the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+
+TOKEN_GENE_COLUMNS = ("feature_id", "gene", "n_tokens", "n_fire", "freq", "mean_act", "log2_enrichment")
+
+# Human HGNC symbols, case-sensitive (mouse symbols such as "Rpl13a", "mt-Co1" do not match;
+# pass your own ``families`` for other species). Tested on real symbols in tests/test_gene_scoring.py.
+DEFAULT_FAMILIES: dict[str, str] = {
+    # RPL13A, RPS27A, RPLP0; not MRPL* (anchored), RPE65, RPN1
+    "ribosomal": r"^RP[SL]\d|^RPLP\d",
+    # MT-CO1, MT-ND4; not MTOR, MT2A
+    "mitochondrial": r"^MT-",
+    # HLA-DRA, HLA-A; not HLAB (no dash)
+    "MHC": r"^HLA-",
+    # HIST1H4C, H2AFZ, H3F3A, H1-2, H4C3, H2BC12; not H19 (lncRNA: a digit after H[1-4])
+    "histone": r"^HIST|^H[1-4](?!\d)",
+    # V/D/J/C segments (IGHV3-23, IGKC, IGLC2) and heavy constant genes IGHM, IGHD, IGHE,
+    # IGHG1-4, IGHA1/2; not IGHMBP2, IGF1, IGLON5, IGLL1
+    "immunoglobulin": r"^IG[HKL][VDJC]|^IGH(M|E)$|^IGHG[1-4P]|^IGHA[12]$",
+    # TRAV/TRAJ/TRAC, TRBC1, TRBD1, TRDC, TRGV9; not TRADD, TRAF1, TRDN (D segments need a digit)
+    "T-cell receptor": r"^TR[ABGD][VJC]|^TR[ABGD]D\d",
+    # MT1X, MT2A, MT1G, MT3, MT4; not MT-CO1, MTOR
+    "metallothionein": r"^MT[12][A-Z]|^MT[34]$",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _matrix(x, name: str) -> sp.csr_matrix:
+    """CSR float64 copy-free where possible, duplicates summed; AnnData -> its ``X``."""
+    x = getattr(x, "X", x)
+    if x is None:
+        raise InputError(f"{name} has no matrix (X is None); pass an AnnData with X or a matrix")
+    if sp.issparse(x):
+        m = sp.csr_matrix(x, dtype=np.float64)
+        if not m.has_canonical_format:
+            m = m.copy()
+            m.sum_duplicates()
+    else:
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2:
+            raise InputError(f"{name} must be 2-D, got shape {arr.shape}")
+        m = sp.csr_matrix(arr)
+    if not np.isfinite(m.data).all():
+        raise InputError(f"{name} contains NaN or infinite values; fix or drop them first")
+    return m
+
+
+def _firing(X: sp.csr_matrix) -> sp.csr_matrix:
+    """0/1 float matrix of the entries > 0."""
+    B = X.copy()
+    B.data = (B.data > 0).astype(np.float64)
+    B.eliminate_zeros()
+    return B
+
+
+def _positive(X: sp.csr_matrix) -> sp.csr_matrix:
+    P = X.copy()
+    P.data = np.where(P.data > 0, P.data, 0.0)
+    P.eliminate_zeros()
+    return P
+
+
+def _fire_counts(X: sp.csr_matrix) -> np.ndarray:
+    """Number of rows where each column is > 0 (X canonical)."""
+    return np.bincount(X.indices[X.data > 0], minlength=X.shape[1]).astype(np.float64)
+
+
+def _gene_codes(obs: pd.DataFrame, gene_key: str):
+    if gene_key not in obs.columns:
+        raise InputError(
+            f"token features obs has no column {gene_key!r} (columns: {list(obs.columns)}); "
+            "use the run's features/token_features.h5ad or pass gene_key="
+        )
+    col = obs[gene_key]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.codes.to_numpy(np.int64), np.asarray(col.cat.categories, dtype=object)
+    codes, uniques = pd.factorize(col, sort=True)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+
+
+# --------------------------------------------------------------------------- token scores
+
+
+def token_gene_scores(token_features, *, gene_key: str = "gene") -> pd.DataFrame:
+    """Per (feature, gene) firing frequency, mean activation when firing and log2 enrichment.
+
+    ``token_features``: AnnData tokens x features (``obs[gene_key]`` = the token's gene).
+    Tokens with a missing gene are ignored (they count neither in ``N`` nor anywhere else).
+    Returns a long DataFrame with :data:`TOKEN_GENE_COLUMNS` (see the module docstring), one
+    row per pair with ``n_fire > 0``, sorted by ``feature_id`` then ``gene`` order
+    (categories order for a categorical column, else sorted). Computed as
+    ``G.T @ (X > 0)`` and ``G.T @ max(X, 0)`` with the one-hot gene matrix ``G [tokens, genes]``.
+    """
+    X = _matrix(token_features, "token_features")
+    obs = getattr(token_features, "obs", None)
+    if obs is None:
+        raise InputError("token_features must be an AnnData with obs[gene_key] (features/token_features.h5ad)")
+    codes, genes = _gene_codes(obs, gene_key)
+    n_tok = X.shape[0]
+    if codes.shape[0] != n_tok:
+        raise InputError(f"token_features obs has {codes.shape[0]} rows but X has {n_tok}")
+    keep = codes >= 0
+    rows = np.flatnonzero(keep)
+    G = sp.csr_matrix((np.ones(rows.size), (rows, codes[keep])), shape=(n_tok, len(genes)))
+    n_g = np.asarray(G.sum(axis=0)).ravel()  # tokens per gene
+    N = float(rows.size)
+    B = _firing(X)
+    GB = sp.csr_matrix(G.T @ B)  # [genes, features] firing counts
+    c_f = np.asarray(GB.sum(axis=0)).ravel()  # firing tokens per feature (tokens with a gene)
+    C = GB.tocoo()
+    S = sp.csr_matrix(G.T @ _positive(X))  # [genes, features] summed positive activations
+    g, f, c = C.row, C.col, C.data
+    nz = c > 0
+    g, f, c = g[nz], f[nz], c[nz]
+    s = np.asarray(S[g, f]).ravel()
+    order = np.lexsort((g, f))
+    g, f, c, s = g[order], f[order], c[order], s[order]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        enrich = np.log2((c / c_f[f]) / (n_g[g] / N))
+    return pd.DataFrame(
+        {
+            "feature_id": f.astype(np.int64),
+            "gene": genes[g],
+            "n_tokens": n_g[g].astype(np.int64),
+            "n_fire": c.astype(np.int64),
+            "freq": c / n_g[g],
+            "mean_act": s / c,
+            "log2_enrichment": enrich,
+        },
+        columns=list(TOKEN_GENE_COLUMNS),
+    )
+
+
+def gene_score_matrix(
+    table: pd.DataFrame, value: str, *, n_features: int | None = None, genes: Sequence[str] | None = None,
+    fill: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ``[features, genes]`` array of one column of :func:`token_gene_scores`.
+
+    ``genes`` fixes the column order (default: genes of the table, sorted); pairs absent from
+    the table get ``fill``. ``n_features`` defaults to max ``feature_id`` + 1. Returns
+    ``(array, genes)``.
+    """
+    for col in ("feature_id", "gene", value):
+        if col not in table.columns:
+            raise InputError(f"gene table has no column {col!r}; pass a token_gene_scores table")
+    genes = np.asarray(sorted(pd.unique(table["gene"])) if genes is None else list(genes), dtype=object)
+    gi = pd.Index(genes).get_indexer(table["gene"])
+    if (gi < 0).any():
+        raise InputError("gene table has genes that are not in `genes`; pass all of them or genes=None")
+    fid = table["feature_id"].to_numpy(np.int64)
+    m = int(fid.max()) + 1 if n_features is None and fid.size else int(n_features or 0)
+    out = np.full((m, len(genes)), fill, dtype=np.float64)
+    out[fid, gi] = table[value].to_numpy(np.float64)
+    return out, genes
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def cell_gene_correlation(features_X, expression) -> np.ndarray:
+    """Pearson r ``[features, genes]`` between feature activations and gene expression over cells.
+
+    From sparse moments: ``cov = X.T @ E / n - mean_x mean_e``, ``var = mean(x^2) - mean_x^2``
+    (float64); neither input is densified. NaN where the feature or the gene is constant over
+    the cells (max == min, implicit zeros included). Clipped to [-1, 1].
+    """
+    X = _matrix(features_X, "features_X")
+    E = _matrix(expression, "expression")
+    n = X.shape[0]
+    if E.shape[0] != n:
+        raise InputError(f"features_X has {n} cells but expression has {E.shape[0]}; pass the same cells in order")
+
+    def moments(M):
+        mean = np.asarray(M.sum(axis=0)).ravel() / n
+        sq = np.asarray(M.multiply(M).sum(axis=0)).ravel() / n
+        const = (M.max(axis=0).toarray().ravel() == M.min(axis=0).toarray().ravel()) if n else np.ones(M.shape[1], bool)
+        return mean, np.sqrt(np.maximum(sq - mean**2, 0.0)), const
+
+    mx, sx, cx = moments(X)
+    me, se, ce = moments(E)
+    cross = (X.T @ E)
+    cross = cross.toarray() if sp.issparse(cross) else np.asarray(cross)
+    cov = cross / n - np.outer(mx, me)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = cov / np.outer(sx, se)
+    r = np.clip(r, -1.0, 1.0)
+    r[cx, :] = np.nan
+    r[:, ce] = np.nan
+    return r
+
+
+# --------------------------------------------------------------------------- top genes
+
+
+def participation_ratio(scores: np.ndarray) -> np.ndarray:
+    """PR = (sum s)^2 / sum s^2 over the positive scores of each row (NaN/<=0 ignored); 0 if none.
+
+    A row spread evenly over m genes gives m; one dominant gene gives ~1.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    p = np.where(np.isfinite(s) & (s > 0), s, 0.0)
+    num = p.sum(axis=1) ** 2
+    den = (p**2).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / den, 0.0)
+
+
+def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive: bool = True) -> dict[int, list[str]]:
+    """Top genes of each feature (row of ``scores [features, genes]``), best first.
+
+    Only positive, finite scores count (a gene scoring <= 0 or NaN is never a top gene).
+    ``adaptive=False``: the n best. ``adaptive=True``: the k best with
+    ``k = min(n, max(1, floor(PR + 0.5)))``, PR the :func:`participation_ratio` of the row's
+    positive scores – the "effective number" of genes carrying the score (uniform over m genes
+    -> m). Ties keep gene order. A feature without positive scores gets ``[]``.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    genes = np.asarray(list(genes), dtype=object)
+    if s.shape[1] != genes.size:
+        raise InputError(f"scores have {s.shape[1]} gene columns but {genes.size} genes were given")
+    if n < 1:
+        raise InputError(f"n must be >= 1, got {n}")
+    pos = np.isfinite(s) & (s > 0)
+    n_pos = pos.sum(axis=1)
+    k = np.minimum(n, n_pos)
+    if adaptive:
+        pr = participation_ratio(s)
+        k = np.minimum(k, np.maximum(1, np.floor(pr + 0.5)).astype(np.int64))
+    order = np.argsort(np.where(pos, -s, np.inf), axis=1, kind="stable")[:, :n]
+    return {i: genes[order[i, : k[i]]].tolist() for i in range(s.shape[0])}
+
+
+# --------------------------------------------------------------------------- families
+
+
+def family_membership(genes: Sequence[str], families: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Bool DataFrame [genes, families]: ``re.search(pattern, gene)`` (case-sensitive)."""
+    families = DEFAULT_FAMILIES if families is None else families
+    g = [str(x) for x in genes]
+    out = {}
+    for name, pat in families.items():
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise InputError(f"gene family {name!r} has an invalid regex {pat!r}: {e}") from e
+        out[name] = np.fromiter((rx.search(x) is not None for x in g), dtype=bool, count=len(g))
+    return pd.DataFrame(out, index=pd.Index(g, dtype=object))
+
+
+def gene_family_scores(
+    scores, genes: Sequence[str] | None = None, families: Mapping[str, str] | None = None, *, value: str = "n_fire",
+) -> pd.DataFrame:
+    """Fraction of each feature's firing mass on each gene family, and the best family.
+
+    ``scores``: a :func:`token_gene_scores` table (mass = its column ``value``, default the
+    firing-token counts ``n_fire``; e.g. ``value="freq"`` for per-gene rates) or an array /
+    sparse matrix ``[features, genes]`` with ``genes``. Negative/NaN scores count as 0.
+    ``families``: name -> regex (default :data:`DEFAULT_FAMILIES`); a gene may be in several
+    families, so fractions may sum to more than 1. Returns, indexed by ``feature_id``:
+    ``frac:<family>`` per family, ``best_family`` (None where no family has mass) and
+    ``best_fraction``.
+    """
+    if isinstance(scores, pd.DataFrame):
+        mat, genes = gene_score_matrix(scores, value, genes=genes)
+        mat = sp.csr_matrix(mat)
+    else:
+        if genes is None:
+            raise InputError("pass `genes` (the gene of each score column) with a score array")
+        mat = _matrix(np.nan_to_num(scores, nan=0.0) if not sp.issparse(scores) else scores, "scores")
+    mat = _positive(mat)
+    fam = family_membership(genes, families)
+    if mat.shape[1] != len(fam):
+        raise InputError(f"scores have {mat.shape[1]} gene columns but {len(fam)} genes were given")
+    M = sp.csr_matrix(fam.to_numpy(np.float64))
+    total = np.asarray(mat.sum(axis=1)).ravel()
+    mass = mat @ M
+    mass = mass.toarray() if sp.issparse(mass) else np.asarray(mass)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(total[:, None] > 0, mass / total[:, None], 0.0)
+    names = list(fam.columns)
+    out = pd.DataFrame(frac, columns=[f"frac:{k}" for k in names])
+    if names:
+        best = frac.argmax(axis=1)
+        bf = frac[np.arange(frac.shape[0]), best]
+        out["best_family"] = np.where(bf > 0, np.asarray(names, dtype=object)[best], None)
+        out["best_fraction"] = bf
+    else:
+        out["best_family"] = None
+        out["best_fraction"] = 0.0
+    out.index.name = "feature_id"
+    return out
+
+
+# --------------------------------------------------------------------------- density
+
+
+def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
+    """Per feature: fraction of tokens and of cells where it fires (> 0) and their log10.
+
+    ``features_X`` cells x features (max-pooled), ``token_X`` tokens x features (AnnData or
+    matrix); either may be None (its columns are then left out). Columns
+    ``token_fraction``, ``log10_token_density``, ``cell_fraction``, ``log10_cell_density``;
+    log10 of 0 (a feature that never fires) is ``-inf``.
+    """
+    if features_X is None and token_X is None:
+        raise InputError("density_scores needs features_X, token_X or both")
+    cols = {}
+    m = None
+    for key, x in (("token", token_X), ("cell", features_X)):
+        if x is None:
+            continue
+        X = _matrix(x, f"{key} matrix")
+        if m is not None and X.shape[1] != m:
+            raise InputError(f"features_X and token_X have different feature counts ({m} vs {X.shape[1]})")
+        m = X.shape[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = _fire_counts(X) / X.shape[0] if X.shape[0] else np.full(m, np.nan)
+            cols[f"{key}_fraction"] = frac
+            cols[f"log10_{key}_density"] = np.log10(frac)
+    out = pd.DataFrame(cols)
+    out.index.name = "feature_id"
+    return out
+
+
+def expression_where_firing(features_X, expression) -> pd.DataFrame:
+    """Library size (total expression per cell) in cells where each feature fires vs not.
+
+    ``expression``: cells x genes (row sums are taken) or a 1-D vector of per-cell totals.
+    Columns ``n_firing``, ``mean_firing``, ``std_firing``, ``mean_not``, ``std_not``,
+    ``log2_ratio`` (log2 mean_firing / mean_not). Population std (ddof=0); NaN for an empty
+    group. From ``(X > 0).T @ t`` and ``@ t^2`` with t centred on its mean first.
+    """
+    X = _matrix(features_X, "features_X")
+    e = getattr(expression, "X", expression)
+    if sp.issparse(e) or np.ndim(e) == 2:
+        t = np.asarray(e.sum(axis=1), dtype=np.float64).ravel()
+    else:
+        t = np.asarray(e, dtype=np.float64).ravel()
+    n = X.shape[0]
+    if t.size != n:
+        raise InputError(f"features_X has {n} cells but expression has {t.size}; pass the same cells in order")
+    B = _firing(X)
+    c = t.mean() if n else 0.0
+    u = t - c
+    k = _fire_counts(X)
+    s1 = B.T @ u
+    s2 = B.T @ (u * u)
+    k_not = n - k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu_f = np.where(k > 0, s1 / k, np.nan)
+        mu_n = np.where(k_not > 0, (u.sum() - s1) / k_not, np.nan)
+        var_f = np.maximum(s2 / k - mu_f**2, 0.0)
+        var_n = np.maximum(((u * u).sum() - s2) / k_not - mu_n**2, 0.0)
+        mean_f, mean_n = mu_f + c, mu_n + c
+        ratio = np.log2(mean_f / mean_n)
+    out = pd.DataFrame(
+        {
+            "n_firing": k.astype(np.int64),
+            "mean_firing": mean_f,
+            "std_firing": np.sqrt(var_f),
+            "mean_not": mean_n,
+            "std_not": np.sqrt(var_n),
+            "log2_ratio": ratio,
+        }
+    )
+    out.index.name = "feature_id"
+    return out

@@ -1,0 +1,231 @@
+"""Gene-level feature scores, each checked against a brute-force computation on small data."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import pearsonr
+
+from sae4scfm.errors import InputError
+from sae4scfm.gene_scoring import (
+    DEFAULT_FAMILIES,
+    TOKEN_GENE_COLUMNS,
+    cell_gene_correlation,
+    density_scores,
+    expression_where_firing,
+    family_membership,
+    gene_family_scores,
+    gene_score_matrix,
+    participation_ratio,
+    token_gene_scores,
+    top_genes,
+)
+
+
+def _sparse(rng, shape, density=0.3, signed=True):
+    X = sp.random(*shape, density=density, format="csr", random_state=rng)
+    if signed:
+        X.data -= 0.3  # some negative entries: they must not count as firing
+    return X
+
+
+def _token_adata(seed=0, n_tok=200, m=7, genes=("A", "B", "C", "D", "E")):
+    rng = np.random.default_rng(seed)
+    X = _sparse(rng, (n_tok, m), 0.35)
+    g = rng.choice(list(genes), size=n_tok).astype(object)
+    g[:3] = None  # tokens without a gene are ignored
+    obs = pd.DataFrame({"cell": rng.integers(0, 20, n_tok).astype(str), "gene": g},
+                       index=[f"t{i}" for i in range(n_tok)])
+    return ad.AnnData(X=X, obs=obs)
+
+
+def test_token_gene_scores_brute_force():
+    adata = _token_adata()
+    table = token_gene_scores(adata)
+    assert list(table.columns) == list(TOKEN_GENE_COLUMNS)
+    X = adata.X.toarray()
+    genes = adata.obs["gene"].to_numpy()
+    has = pd.notna(genes)
+    N = has.sum()
+    expected = {}
+    for f in range(X.shape[1]):
+        c_f = sum(1 for t in range(X.shape[0]) if has[t] and X[t, f] > 0)
+        for g in sorted(set(genes[has])):
+            toks = [t for t in range(X.shape[0]) if genes[t] == g]
+            fire = [X[t, f] for t in toks if X[t, f] > 0]
+            if fire:
+                expected[(f, g)] = (len(toks), len(fire), len(fire) / len(toks), np.mean(fire),
+                                    np.log2((len(fire) / c_f) / (len(toks) / N)))
+    assert len(table) == len(expected)
+    for row in table.itertuples(index=False):
+        n_tok, n_fire, freq, mean_act, enr = expected[(row.feature_id, row.gene)]
+        assert row.n_tokens == n_tok and row.n_fire == n_fire
+        assert row.freq == pytest.approx(freq)
+        assert row.mean_act == pytest.approx(mean_act)
+        assert row.log2_enrichment == pytest.approx(enr)
+    # sorted by feature then gene
+    assert (np.diff(table["feature_id"].to_numpy()) >= 0).all()
+
+
+def test_token_gene_scores_categorical_and_missing_column():
+    adata = _token_adata(seed=1)
+    plain = token_gene_scores(adata)
+    adata.obs["gene"] = adata.obs["gene"].astype("category")
+    cat = token_gene_scores(adata)
+    pd.testing.assert_frame_equal(plain.reset_index(drop=True), cat.reset_index(drop=True), check_dtype=False)
+    with pytest.raises(InputError, match="no column 'symbol'"):
+        token_gene_scores(adata, gene_key="symbol")
+
+
+def test_enrichment_hand_example():
+    # 4 tokens of gene A, 4 of gene B; feature 0 fires on 2 A-tokens only -> P(A|fire)=1, P(A)=0.5
+    X = sp.csr_matrix(np.array([[1, 0], [2, 1], [0, 1], [0, 1], [0, 1], [0, 0], [0, 0], [0, 0]], float))
+    obs = pd.DataFrame({"gene": list("AAAABBBB")}, index=[str(i) for i in range(8)])
+    t = token_gene_scores(ad.AnnData(X=X, obs=obs)).set_index(["feature_id", "gene"])
+    assert t.loc[(0, "A"), "log2_enrichment"] == pytest.approx(1.0)
+    assert t.loc[(0, "A"), "freq"] == pytest.approx(0.5)
+    assert t.loc[(0, "A"), "mean_act"] == pytest.approx(1.5)
+    assert (0, "B") not in t.index
+    # feature 1: 3 of its 4 firing tokens on A -> log2(0.75 / 0.5)
+    assert t.loc[(1, "A"), "log2_enrichment"] == pytest.approx(np.log2(1.5))
+    assert t.loc[(1, "B"), "log2_enrichment"] == pytest.approx(np.log2(0.5))
+    mat, genes = gene_score_matrix(t.reset_index(), "n_fire")
+    assert list(genes) == ["A", "B"] and mat.tolist() == [[2, 0], [3, 1]]
+
+
+def test_cell_gene_correlation_vs_pearsonr():
+    rng = np.random.default_rng(2)
+    X = _sparse(rng, (60, 6), 0.3)
+    E = _sparse(rng, (60, 5), 0.4, signed=False)
+    X = sp.lil_matrix(X)
+    X[:, 4] = 0.0  # constant feature (all zero)
+    X = sp.csr_matrix(X)
+    E = sp.lil_matrix(E)
+    E[:, 3] = 2.5  # constant gene (non-zero)
+    E = sp.csr_matrix(E)
+    r = cell_gene_correlation(X, E)
+    assert r.shape == (6, 5)
+    Xd, Ed = X.toarray(), E.toarray()
+    for f in range(6):
+        for g in range(5):
+            if f == 4 or g == 3:
+                assert np.isnan(r[f, g])
+            else:
+                assert r[f, g] == pytest.approx(pearsonr(Xd[:, f], Ed[:, g])[0], abs=1e-10)
+    with pytest.raises(InputError, match="cells"):
+        cell_gene_correlation(X, E[:10])
+
+
+def test_participation_ratio_hand_examples():
+    assert participation_ratio(np.array([[1, 1, 1, 1, 0]]))[0] == pytest.approx(4)
+    assert participation_ratio(np.array([[0.3] * 7]))[0] == pytest.approx(7)
+    assert participation_ratio(np.array([[5, 0, 0]]))[0] == pytest.approx(1)
+    assert participation_ratio(np.array([[2, 1, -3, np.nan]]))[0] == pytest.approx(9 / 5)
+    assert participation_ratio(np.array([[0, -1.0]]))[0] == 0
+
+
+def test_top_genes_fixed_and_adaptive():
+    genes = list("abcdef")
+    s = np.array([
+        [1, 1, 1, 0, 0, 0],          # uniform over 3 -> PR 3
+        [10, 0.1, 0.1, 0.1, 0, 0],   # one dominant -> PR ~1.06 -> 1
+        [0, -1, np.nan, 0, 0, 0],    # nothing positive
+        [1, 2, 3, 4, 5, 6],          # PR = 441/91 = 4.85 -> 5
+    ])
+    fixed = top_genes(s, genes, n=2, adaptive=False)
+    assert fixed == {0: ["a", "b"], 1: ["a", "b"], 2: [], 3: ["f", "e"]}
+    adapt = top_genes(s, genes, n=20)
+    assert adapt[0] == ["a", "b", "c"]
+    assert adapt[1] == ["a"]
+    assert adapt[2] == []
+    assert adapt[3] == ["f", "e", "d", "c", "b"]
+    assert top_genes(s, genes, n=4)[3] == ["f", "e", "d", "c"]  # capped by n
+    with pytest.raises(InputError):
+        top_genes(s, genes[:3])
+
+
+POSITIVE = {
+    "ribosomal": ["RPL13A", "RPS27A", "RPLP0", "RPS4X", "RPL10"],
+    "mitochondrial": ["MT-CO1", "MT-ND4", "MT-ATP6"],
+    "MHC": ["HLA-DRA", "HLA-A", "HLA-DQB1"],
+    "histone": ["HIST1H4C", "H2AFZ", "H3F3A", "H1-2", "H4C3", "H2BC12", "H1FX"],
+    "immunoglobulin": ["IGHM", "IGKC", "IGLC2", "IGHV3-23", "IGHG1", "IGHA1", "IGHD", "IGLV1-40", "IGKV4-1"],
+    "T-cell receptor": ["TRBC1", "TRAC", "TRAV1-2", "TRDC", "TRGV9", "TRBD1", "TRAJ33"],
+    "metallothionein": ["MT2A", "MT1X", "MT1G", "MT3"],
+}
+NEGATIVE = ["MTOR", "RPE65", "HLAB", "MRPL13", "MRPS12", "RPN1", "H19", "HHEX", "IGF1", "IGFBP7", "IGHMBP2",
+            "IGLON5", "TRADD", "TRAF1", "TRDN", "MTHFD2", "CD3E", "ACTB", "mt-Co1", "Rpl13a"]
+
+
+def test_family_regexes_on_real_symbols():
+    genes = [g for gs in POSITIVE.values() for g in gs] + NEGATIVE
+    fam = family_membership(genes)
+    assert list(fam.columns) == list(DEFAULT_FAMILIES)
+    for name, gs in POSITIVE.items():
+        for g in gs:
+            hits = fam.columns[fam.loc[g].to_numpy()].tolist()
+            assert hits == [name], (g, hits)
+    for g in NEGATIVE:
+        assert not fam.loc[g].any(), (g, fam.columns[fam.loc[g].to_numpy()].tolist())
+
+
+def test_gene_family_scores_array_and_table():
+    genes = ["RPL13A", "RPS3", "MT-CO1", "CD3E", "HLA-DRA"]
+    s = np.array([[3, 1, 0, 0, 0], [1, 0, 1, 2, 0], [0, 0, 0, 0, 0], [0, 0, 0, -4, 1]], float)
+    out = gene_family_scores(s, genes)
+    assert out.loc[0, "frac:ribosomal"] == pytest.approx(1.0) and out.loc[0, "best_family"] == "ribosomal"
+    assert out.loc[1, "frac:ribosomal"] == pytest.approx(0.25)
+    assert out.loc[1, "frac:mitochondrial"] == pytest.approx(0.25)
+    assert out.loc[1, "best_fraction"] == pytest.approx(0.25)
+    assert out.loc[2, "best_family"] is None and out.loc[2, "best_fraction"] == 0
+    assert out.loc[3, "best_family"] == "MHC" and out.loc[3, "frac:MHC"] == pytest.approx(1.0)  # negative ignored
+    custom = gene_family_scores(s, genes, {"T cell": r"^CD3[DEG]$"})
+    assert list(custom.columns) == ["frac:T cell", "best_family", "best_fraction"]
+    assert custom.loc[1, "frac:T cell"] == pytest.approx(0.5)
+    with pytest.raises(InputError, match="invalid regex"):
+        gene_family_scores(s, genes, {"bad": "("})
+    # from a token table: mass = firing token counts
+    X = sp.csr_matrix(np.array([[1.0], [1.0], [1.0], [0.0]]))
+    obs = pd.DataFrame({"gene": ["RPL13A", "RPL13A", "CD3E", "MT-CO1"]}, index=list("abcd"))
+    t = gene_family_scores(token_gene_scores(ad.AnnData(X=X, obs=obs)))
+    assert t.loc[0, "frac:ribosomal"] == pytest.approx(2 / 3) and t.loc[0, "best_family"] == "ribosomal"
+
+
+def test_density_scores_constructed():
+    cells = sp.csr_matrix(np.array([[1, 0, 0], [2, 0, -1], [0, 0, 3], [1, 0, 0]], float))
+    tokens = sp.csr_matrix(np.array([[1, 0, 0]] * 2 + [[0, 0, 1]] * 6 + [[0, 0, 0]] * 2, float))
+    d = density_scores(cells, tokens)
+    assert d["cell_fraction"].tolist() == [0.75, 0.0, 0.25]
+    assert d["token_fraction"].tolist() == [0.2, 0.0, 0.6]
+    assert d.loc[0, "log10_cell_density"] == pytest.approx(np.log10(0.75))
+    assert d.loc[1, "log10_token_density"] == -np.inf
+    assert list(density_scores(cells).columns) == ["cell_fraction", "log10_cell_density"]
+    with pytest.raises(InputError):
+        density_scores(cells, tokens[:, :2])
+
+
+def test_expression_where_firing_brute_force():
+    rng = np.random.default_rng(3)
+    X = _sparse(rng, (50, 5), 0.3)
+    X = sp.lil_matrix(X)
+    X[:, 2] = 1.0  # fires everywhere: "not" group empty
+    X = sp.csr_matrix(X)
+    E = sp.random(50, 30, density=0.2, format="csr", random_state=rng) * 100 + 0.0
+    out = expression_where_firing(X, E)
+    t = np.asarray(E.sum(axis=1)).ravel()
+    Xd = X.toarray()
+    for f in range(5):
+        fire = Xd[:, f] > 0
+        assert out.loc[f, "n_firing"] == fire.sum()
+        assert out.loc[f, "mean_firing"] == pytest.approx(t[fire].mean())
+        assert out.loc[f, "std_firing"] == pytest.approx(t[fire].std(), abs=1e-9)
+        if (~fire).any():
+            assert out.loc[f, "mean_not"] == pytest.approx(t[~fire].mean())
+            assert out.loc[f, "std_not"] == pytest.approx(t[~fire].std(), abs=1e-9)
+        else:
+            assert np.isnan(out.loc[f, "mean_not"]) and np.isnan(out.loc[f, "std_not"])
+    # a vector of library sizes gives the same table
+    pd.testing.assert_frame_equal(out, expression_where_firing(X, t))
