@@ -316,7 +316,8 @@ def train(cfg: DictConfig) -> Path | list[Path]:
     """Train the configured SAE (or every SAE of ``train.sweep`` on the same batches in one
     pass); returns the run dir (a list for a sweep). ``resume=true`` continues the run
     addressed by ``sae_checkpoint`` from its last checkpoint with its saved config."""
-    if cfg.resume:
+    resuming = bool(cfg.resume)
+    if resuming:
         from sae4scfm.runs import load_run_config
 
         run_dir = Path(cfg.runs_dir) / str(cfg.sae_checkpoint.experiment) / str(cfg.sae_checkpoint.timestamp)
@@ -329,7 +330,7 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         sweep = sweep_configs(cfg)
     device = pick_device(cfg.device)
     adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
-    if cfg.resume:
+    if resuming:
         plan = [(run_dir, cfg)]
     else:
         plan = [(new_run_dir(cfg.runs_dir, cfg.experiment, suffix), member) for suffix, member in sweep]

@@ -128,8 +128,8 @@ def selected_pre_acts(sae: SAE, x: torch.Tensor, rows: torch.Tensor, cols: torch
                       values: torch.Tensor) -> torch.Tensor:
     """``values`` [nnz] = pre_acts(x)[rows, cols] (computed without grad) made differentiable
     with respect to W_enc, b_enc and b_dec through the selected entries only."""
-    # float32 even under bf16 autocast: only the dense encoder GEMM runs in low precision
-    return _SelectedPreActs.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, values.float())
+    # parameter dtype even under bf16 autocast: only the dense encoder GEMM runs in low precision
+    return _SelectedPreActs.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, values.to(sae.W_enc.dtype))
 
 
 def auxk_loss(sae: SAE, x: torch.Tensor, e: torch.Tensor, dead: torch.Tensor | None, aux_k: int) -> torch.Tensor:
