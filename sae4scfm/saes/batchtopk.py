@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE, auxk_loss, selected_pre_acts
+from sae4scfm.saes.base import SAE
+from sae4scfm.saes.topk import sparse_code_loss
 
 
 class BatchTopKSAE(SAE):
@@ -74,20 +75,9 @@ class BatchTopKSAE(SAE):
             self.threshold.lerp_(low, 1 - self.threshold_momentum)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Sparse in k·B: the dense encoder GEMM runs without grad; gradients flow through the
-        kept entries and their decoder rows only."""
         with torch.no_grad():
             rows, cols, top = self.batch_topk_entries(F.relu(self.pre_acts(x)))
-            offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
-        values = F.relu(selected_pre_acts(self, x, rows, cols, top))
+        out, values = sparse_code_loss(self, x, rows, cols, top, dead)
         if self.training:
             self.update_threshold(values.detach())
-        x_hat = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=values, mode="sum") + self.b_dec
-        mse = (x - x_hat).pow(2).sum(-1).mean()
-        active = values > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
-        aux = auxk_loss(self, x, (x - x_hat).detach(), dead, self.aux_k) if self.auxk_alpha > 0 \
-            else torch.zeros((), device=x.device)
-        return {"loss": mse + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
-                "l0": active.sum().float() / len(x), "fired": fired}
+        return out

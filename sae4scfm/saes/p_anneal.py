@@ -34,8 +34,19 @@ def lp_penalty(acts: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     return torch.where(positive, acts.clamp(min=1e-12).pow(p), torch.zeros_like(acts)).sum(-1).mean()
 
 
+ANNEAL_DEFAULTS = dict(p_start=1.0, p_end=0.2, anneal_start_frac=0.1, anneal_frac=0.6, n_p_updates=10,
+                       resample_every=0)
+
+
 class PAnnealing:
-    """Mixin for an ``SAE`` whose ``loss`` adds ``self.sparsity(self.penalty_acts(x))``."""
+    """Mixin (listed before the SAE class) for an ``SAE`` whose ``loss`` adds
+    ``self.sparsity(self.penalty_acts(x))``; takes the schedule hyperparameters of
+    ``ANNEAL_DEFAULTS`` and ``l1_coeff`` (the initial λ) and passes the rest on."""
+
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 1.0, **hyperparams):
+        anneal = {k: hyperparams.pop(k, v) for k, v in ANNEAL_DEFAULTS.items()}
+        super().__init__(d_in, d_sae, l1_coeff=l1_coeff, **anneal, **hyperparams)
+        self.init_annealing(l1_coeff, **anneal)
 
     def init_annealing(self, l1_coeff: float, p_start: float, p_end: float, anneal_start_frac: float,
                        anneal_frac: float, n_p_updates: int, resample_every: int) -> None:
@@ -114,14 +125,6 @@ class PAnnealSAE(PAnnealing, StandardSAE):
     is the initial coefficient λ (the penalty is L1 while p = 1)."""
 
     architecture = "p_anneal"
-
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 1.0, decoder_norm_l1: bool = False,
-                 p_start: float = 1.0, p_end: float = 0.2, anneal_start_frac: float = 0.1,
-                 anneal_frac: float = 0.6, n_p_updates: int = 10, resample_every: int = 0, **hyperparams):
-        anneal = dict(p_start=p_start, p_end=p_end, anneal_start_frac=anneal_start_frac, anneal_frac=anneal_frac,
-                      n_p_updates=n_p_updates, resample_every=resample_every)
-        super().__init__(d_in, d_sae, l1_coeff=l1_coeff, decoder_norm_l1=decoder_norm_l1, **anneal, **hyperparams)
-        self.init_annealing(l1_coeff, **anneal)
 
     def penalty_acts(self, x: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         """f (· ‖W_dec,i‖ with ``decoder_norm_l1``)."""

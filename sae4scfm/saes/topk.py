@@ -37,18 +37,27 @@ class TopKSAE(SAE):
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Sparse in k: one dense encoder GEMM (no grad), then gradients through the k
-        selected pre-activations and the k decoder rows of each token only."""
         with torch.no_grad():
             top, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
         rows = torch.arange(len(x), device=x.device).repeat_interleave(self.k)
-        values = F.relu(selected_pre_acts(self, x, rows, indices.flatten(), top.flatten())).view_as(top)
-        x_hat = self.decode_sparse(values, indices)
-        mse = (x - x_hat).pow(2).sum(-1).mean()
-        active = values > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[active]] = True
-        aux = auxk_loss(self, x, (x - x_hat).detach(), dead, self.aux_k) if self.auxk_alpha > 0 \
-            else torch.zeros((), device=x.device)
-        return {"loss": mse + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
-                "l0": active.sum(-1).float().mean(), "fired": fired}
+        return sparse_code_loss(self, x, rows, indices.flatten(), top.flatten(), dead)[0]
+
+
+def sparse_code_loss(sae: SAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, top: torch.Tensor,
+                     dead: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The TopK-family loss of a code chosen without grad: entries (``rows`` [nnz] ascending,
+    ``cols`` [nnz]) with pre-activations ``top`` [nnz]. One dense encoder GEMM was spent on the
+    choice; gradients flow through the chosen pre-activations and their decoder rows only.
+    ``sae`` has ``aux_k`` and ``auxk_alpha``. Returns (loss dict, ReLU'd values [nnz])."""
+    values = F.relu(selected_pre_acts(sae, x, rows, cols, top))
+    offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
+    x_hat = F.embedding_bag(cols, sae.W_dec, offsets, per_sample_weights=values, mode="sum") + sae.b_dec
+    mse = (x - x_hat).pow(2).sum(-1).mean()
+    active = values > 0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    fired[cols[active]] = True
+    aux = auxk_loss(sae, x, (x - x_hat).detach(), dead, sae.aux_k) if sae.auxk_alpha > 0 \
+        else torch.zeros((), device=x.device)
+    out = {"loss": mse + sae.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
+           "l0": active.sum().float() / len(x), "fired": fired}
+    return out, values
