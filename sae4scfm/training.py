@@ -387,6 +387,8 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
     sae.fold_input_scale(m.scale)
     sae.eval()
     results = evaluate(sae, eval_store, adapter, eval_tokens, layer, int(cfg.seed), int(tc.eval_max_cells))
+    (m.run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    # cfg.json is written last: a run dir counts as finished only once it exists
     sae.save(m.run_dir, {
         "input_scaling": {"factor": m.scale, "folded": True},
         "model": OmegaConf.to_container(cfg.scfm, resolve=True), "model_family": adapter.family,
@@ -396,7 +398,6 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
         "training": {"lr": base_lr(hp, sae.d_sae), "batch_size": int(tc.batch_size), "n_epochs": int(tc.n_epochs),
                      "tokens_seen": total * int(tc.batch_size)},
     })
-    (m.run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     m.log.close(results)
     print(f"{m.run_dir.name} held-out: FVU {results['fvu']:.4f}  explained variance "
           f"{results['explained_variance']:.4f}  L0 {results['l0']:.2f}  dead fraction {results['dead_fraction']:.4f}  "
