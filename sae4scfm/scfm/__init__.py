@@ -1,27 +1,38 @@
-"""Model adapters: one module per family behind the contract in ``adapter.py``."""
+"""Model adapters: one subpackage per family behind the contract in ``adapter.py``."""
 
 from __future__ import annotations
+
+import importlib
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import ScFMAdapter
 
+# family -> "module:AdapterClass"; each class implements ``from_config(cfg, device)``
+FAMILIES = {
+    "scgpt": "sae4scfm.scfm.scgpt:ScGPTAdapter",
+    "geneformer": "sae4scfm.scfm.geneformer:GeneformerAdapter",
+    "scfoundation": "sae4scfm.scfm.scfoundation:ScFoundationAdapter",
+    "aido_cell": "sae4scfm.scfm.aido_cell:AIDOCellAdapter",
+}
+
+
+def adapter_class(family: str) -> type[ScFMAdapter]:
+    if family not in FAMILIES:
+        raise InputError(f"scfm.family={family!r} is unknown; available: demo, {', '.join(FAMILIES)}.")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
 
 def load_scfm(cfg, device: str = "cpu") -> ScFMAdapter:
-    """The adapter for an ``scfm`` config group (``family``, ``checkpoint_dir``, ``random_init``)."""
-    from sae4scfm.scfm.scgpt import ScGPTAdapter
-
-    family = cfg.family
-    if family == "demo":
+    """The adapter for an ``scfm`` config group (``family``, ``checkpoint_dir``, ``random_init``,
+    and the family's own keys, documented in ``config/scfm/<name>.yaml``)."""
+    if cfg.family == "demo":
         from sae4scfm.scfm.demo import demo_checkpoint
+        from sae4scfm.scfm.scgpt import ScGPTAdapter
 
         path = demo_checkpoint(dict(cfg.pretrain))
         return ScGPTAdapter.from_pretrained(path, device, random_init=bool(cfg.get("random_init", False)))
-    if family == "scgpt":
-        if not cfg.get("checkpoint_dir"):
-            raise InputError("scfm.checkpoint_dir is not set; point it at the downloaded scGPT folder "
-                             "(best_model.pt, args.json, vocab.json).")
-        return ScGPTAdapter.from_pretrained(cfg.checkpoint_dir, device, random_init=bool(cfg.get("random_init", False)))
-    raise InputError(f"scfm.family={family!r} is unknown; available: demo, scgpt.")
+    return adapter_class(cfg.family).from_config(cfg, device)
 
 
-__all__ = ["ScFMAdapter", "load_scfm"]
+__all__ = ["FAMILIES", "ScFMAdapter", "adapter_class", "load_scfm"]

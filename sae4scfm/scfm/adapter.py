@@ -46,6 +46,22 @@ class ScFMAdapter:
         return self.model.cfg.d_model
 
     # --- family-specific -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, device: str = "cpu", random_init: bool = False, **options) -> "ScFMAdapter":
+        """Load the official checkpoint folder; ``random_init`` keeps the architecture and
+        re-draws the weights (the untrained control). ``options``: the family's config keys."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu") -> "ScFMAdapter":
+        """From an ``scfm`` config group: ``checkpoint_dir``, ``random_init`` and the family's keys."""
+        options = {k: v for k, v in dict(cfg).items() if k not in ("family", "checkpoint_dir", "random_init")}
+        if not cfg.get("checkpoint_dir"):
+            raise InputError(f"scfm.checkpoint_dir is not set; point it at the downloaded {cls.family} "
+                             f"checkpoint folder (see config/scfm/{cfg.family}*.yaml for its layout).")
+        return cls.from_pretrained(cfg.checkpoint_dir, device, random_init=bool(cfg.get("random_init", False)),
+                                   **options)
+
     def tokenize(self, adata: ad.AnnData, **preprocess) -> TokenizedCells:
         raise NotImplementedError
 
