@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": ("sae4scfm.training", "train"),
     "generate_features": ("sae4scfm.features", "generate_features"),
-    "analyze_features": ("sae4scfm.analysis", "analyze_features"),
+    "analyze_features": ("sae4scfm.interpretation", "analyze_features"),
     "compose": ("sae4scfm.cli", "compose"),
 }
 

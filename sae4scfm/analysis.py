@@ -21,7 +21,6 @@ Results table: one per run, index ``feature_id`` (int), columns
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -571,59 +570,3 @@ def update_results(out_dir, analysis: str, table: pd.DataFrame) -> pd.DataFrame:
     _atomic_write(out_dir / RESULTS_PARQUET, lambda p: merged.to_parquet(p))
     _atomic_write(out_dir / RESULTS_CSV, lambda p: merged.to_csv(p))
     return merged
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def analyze_features(cfg) -> pd.DataFrame:
-    """Run the analyses switched on in ``cfg.analysis`` on a run's ``features/features.h5ad``;
-    results go to ``<run>/analysis/results.{csv,parquet}`` (one column group per analysis)."""
-    import anndata as ad
-
-    from sae4scfm.runs import load_run_config, resolve_run_dir
-
-    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
-    features_file = run_dir / "features" / "features.h5ad"
-    if not features_file.is_file():
-        raise InputError(f"{features_file} does not exist; run scripts/generate_features.py with the same "
-                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
-    features = ad.read_h5ad(features_file)
-    d_sae = json.loads((run_dir / "cfg.json").read_text())["d_sae"]
-    if features.n_vars != d_sae:
-        raise InputError(f"{features_file} has {features.n_vars} features but the run's SAE has {d_sae}; "
-                         "it belongs to another run: regenerate it with scripts/generate_features.py.")
-    out_dir = run_dir / "analysis"
-    out_dir.mkdir(exist_ok=True)
-    a = cfg.analysis
-    table = read_results(out_dir) if (out_dir / "results.parquet").is_file() else None
-    if a.run_label_scoring:
-        data_cfg = load_run_config(run_dir).data
-        keys = list(a.label_keys) if a.label_keys else [k for k in (data_cfg.cell_type_key, data_cfg.batch_key) if k]
-        if not keys:
-            raise InputError("analysis.label_keys is not set and the run's dataset names no cell_type_key; "
-                             "set analysis.label_keys=[<obs column>].")
-        X = features.X if a.pooling == "max" else features.layers[a.pooling]
-        batch_key = data_cfg.batch_key if a.batch_flag else None
-        scores = label_scoring(X, features.obs, keys, min_cells=int(a.min_cells), metrics=list(a.label_metrics),
-                               batch_key=batch_key, cell_type_key=data_cfg.cell_type_key,
-                               batch_auroc_threshold=float(a.batch_auroc_threshold))
-        table = update_results(out_dir, "label_scoring", scores)
-        print_top_features(scores, keys, int(a.top_n))
-        if "batch_associated" in scores:
-            print(f"batch-associated features ({batch_key}): {int(scores['batch_associated'].sum())} "
-                  f"of {len(scores)}")
-    if table is None:
-        raise InputError("no analysis selected; set e.g. analysis.run_label_scoring=true.")
-    print(f"results: {out_dir / 'results.csv'} and {out_dir / 'results.parquet'}")
-    return table
-
-
-def print_top_features(scores: pd.DataFrame, keys: list[str], top_n: int) -> None:
-    """Print the ``top_n`` features by AUROC for every label value."""
-    for key in keys:
-        print(f"top features by AUROC for {key}:")
-        for col in (c for c in scores.columns if c.startswith(f"auroc:{key}=")):
-            top = scores[col].nlargest(top_n)
-            listed = ", ".join(f"{i} ({v:.3f})" for i, v in top.items())
-            print(f"  {col.split('=', 1)[1]:<32s} {listed}")

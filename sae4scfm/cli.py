@@ -40,7 +40,7 @@ def features_main(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="analyze", version_base="1.3")
 def analyze_main(cfg: DictConfig) -> None:
-    from sae4scfm.analysis import analyze_features
+    from sae4scfm.interpretation import analyze_features
 
     _report_input_errors(analyze_features, cfg)
 

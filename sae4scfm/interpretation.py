@@ -1,0 +1,678 @@
+"""The ``analyze_features`` stage: what each SAE feature means biologically.
+
+Runs the analyses switched on in ``cfg.analysis`` (``config/analyze.yaml``) on a run's
+``features/features.h5ad`` (cells x features) and ``features/token_features.h5ad``
+(tokens x features), and writes into ``<run>/analysis/``:
+
+- ``results.{parquet,csv}``: one row per feature, columns ``(analysis, metric)``; a
+  re-run of one analysis replaces only its column group (``sae4scfm.analysis.update_results``);
+- long tables: ``gene_scores.parquet`` (feature x gene token scores), ``enrichment.csv``
+  (significant Fisher tests), ``gsea.csv``, ``pca_comparison.csv``, ``coactivation_pairs.csv``,
+  ``modules.csv``, ``cross_layer.csv``;
+- ``figures/*.png`` and ``summary.md``: the top features per cell type and per gene set.
+
+The gene universe of every gene-level statistic is the genes the model saw: the genes of the
+run's tokens (its vocabulary intersected with the dataset, after any HVG subset).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from omegaconf import DictConfig
+
+from sae4scfm.analysis import INDEX_NAME, label_auroc, label_scoring, read_results, update_results
+from sae4scfm.errors import InputError
+from sae4scfm.runs import load_run_config, resolve_run_dir
+
+ANALYSES = ("label_scoring", "gene_scoring", "enrichment", "gene_families", "density",
+            "pca_comparison", "coactivation", "cross_layer")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RunData:
+    """A run's features and the data they were computed on, loaded once for every analysis."""
+
+    run_dir: Path
+    out_dir: Path
+    run_cfg: DictConfig
+    sae_cfg: dict
+    features: ad.AnnData  # cells x features (X = max-pooled, layers["mean"])
+    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_id), if written
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return self.features.n_vars
+
+    @property
+    def cell_type_key(self) -> str | None:
+        return self.run_cfg.data.get("cell_type_key")
+
+    def dataset(self) -> ad.AnnData:
+        """The run's cells (same order as ``features``), as the loader gives them."""
+        if "adata" not in self.cache:
+            from sae4scfm.data import load_dataset
+
+            adata = load_dataset(self.run_cfg.data)
+            if not np.array_equal(adata.obs_names.to_numpy(), self.features.obs_names.to_numpy()):
+                raise InputError(f"{self.run_dir}/features/features.h5ad does not hold the cells of the run's "
+                                 "dataset (different cells or order); regenerate it with scripts/generate_features.py.")
+            self.cache["adata"] = adata
+        return self.cache["adata"]
+
+    def expression(self) -> tuple[sp.csr_matrix, list[str]]:
+        """log1p(CP10k) expression [cells, genes] of the universe genes found in the data, and those genes."""
+        if "expression" not in self.cache:
+            from sae4scfm.data import normalise_expression
+
+            adata = self.dataset()
+            key = self.run_cfg.data.get("gene_key")
+            names = (adata.var[key] if key else adata.var_names.to_series()).astype(str).to_numpy()
+            if self.tokens is not None:
+                seen = set(self.tokens.obs["gene"].astype(str).unique())
+                cols = np.flatnonzero([g in seen for g in names])
+            else:
+                cols = np.arange(len(names))
+            _, first = np.unique(names[cols], return_index=True)  # one column per gene
+            cols = cols[np.sort(first)]
+            pp = self.run_cfg.data.preprocess
+            X = sp.csr_matrix(adata.X[:, cols] if not adata.isbacked else adata[:, cols].X)
+            self.cache["expression"] = (normalise_expression(X, pp.input_kind, 1e4, True, str(self.run_dir)),
+                                        [str(g) for g in names[cols]])
+        return self.cache["expression"]
+
+    def universe(self) -> list[str]:
+        return self.expression()[1]
+
+    def library_size(self) -> np.ndarray:
+        adata = self.dataset()
+        return np.asarray(adata.X.sum(axis=1)).ravel()
+
+
+def load_run_data(cfg: DictConfig) -> RunData:
+    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
+    features_file = run_dir / "features" / "features.h5ad"
+    if not features_file.is_file():
+        raise InputError(f"{features_file} does not exist; run scripts/generate_features.py with the same "
+                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
+    sae_cfg = json.loads((run_dir / "cfg.json").read_text())
+    features = ad.read_h5ad(features_file)
+    if features.n_vars != sae_cfg["d_sae"]:
+        raise InputError(f"{features_file} has {features.n_vars} features but the run's SAE has {sae_cfg['d_sae']}; "
+                         "it belongs to another run: regenerate it with scripts/generate_features.py.")
+    token_file = run_dir / "features" / "token_features.h5ad"
+    tokens = ad.read_h5ad(token_file) if token_file.is_file() else None
+    if tokens is not None and tokens.n_vars != features.n_vars:
+        raise InputError(f"{token_file} has {tokens.n_vars} features but {features_file} has {features.n_vars}; "
+                         "regenerate both with scripts/generate_features.py.")
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(exist_ok=True)
+    return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens)
+
+
+def _need_tokens(run: RunData, what: str) -> ad.AnnData:
+    if run.tokens is None:
+        raise InputError(f"{what} needs {run.run_dir}/features/token_features.h5ad; rerun "
+                         "scripts/generate_features.py with features.token_features=true.")
+    return run.tokens
+
+
+def _frame(columns: dict, n: int) -> pd.DataFrame:
+    return pd.DataFrame(columns, index=pd.RangeIndex(n, name=INDEX_NAME))
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def run_label_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """AUROC / best-threshold F1 / AMI per feature x label; ``pooling`` max | mean (per cell) or token."""
+    data_cfg = run.run_cfg.data
+    keys = list(a.label_keys) if a.label_keys else [k for k in (data_cfg.cell_type_key, data_cfg.batch_key) if k]
+    if not keys:
+        raise InputError("analysis.label_keys is not set and the run's dataset names no cell_type_key; "
+                         "set analysis.label_keys=[<obs column>].")
+    if a.pooling == "token":
+        tokens = _need_tokens(run, "analysis.pooling=token")
+        X, obs = tokens.X, run.features.obs.iloc[tokens.obs["cell_index"].to_numpy()].reset_index(drop=True)
+    elif a.pooling in ("max", "mean"):
+        X, obs = (run.features.X if a.pooling == "max" else run.features.layers["mean"]), run.features.obs
+    else:
+        raise InputError(f"analysis.pooling={a.pooling!r}: use max, mean or token.")
+    batch_key = data_cfg.batch_key if a.batch_flag else None
+    scores = label_scoring(X, obs, keys, min_cells=int(a.min_cells), metrics=list(a.label_metrics),
+                           batch_key=batch_key, cell_type_key=data_cfg.cell_type_key,
+                           batch_auroc_threshold=float(a.batch_auroc_threshold))
+    for key in keys:
+        print(f"top features by AUROC for {key}:")
+        for col in (c for c in scores.columns if c.startswith(f"auroc:{key}=")):
+            top = scores[col].nlargest(int(a.top_n))
+            print(f"  {col.split('=', 1)[1]:<32s} " + ", ".join(f"{i} ({v:.3f})" for i, v in top.items()))
+    if "batch_associated" in scores:
+        print(f"batch-associated features ({batch_key}): {int(scores['batch_associated'].sum())} of {len(scores)}")
+    return scores
+
+
+def feature_gene_scores(run: RunData, a: DictConfig) -> tuple[np.ndarray, list[str]]:
+    """[features, genes] score that ranks each feature's genes (``analysis.gene_score``), and the genes.
+
+    correlation: Pearson r of the feature (max-pooled per cell) with each gene's log1p CP10k
+    expression over cells. token_specificity: log2 enrichment of the gene among the feature's
+    firing tokens (pairs with fewer than ``min_gene_tokens`` firing tokens score NaN).
+    """
+    from sae4scfm.gene_scoring import gene_score_matrix, token_gene_scores
+
+    if a.gene_score == "correlation":
+        return _correlation(run)
+    if a.gene_score == "token_specificity":
+        table = token_gene_scores(_need_tokens(run, "analysis.gene_score=token_specificity"))
+        table = table[table["n_fire"] >= int(a.min_gene_tokens)]
+        return gene_score_matrix(table, "log2_enrichment", n_features=run.n_features, genes=run.universe(),
+                                 fill=np.nan)
+    raise InputError(f"analysis.gene_score={a.gene_score!r}: use correlation or token_specificity.")
+
+
+def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
+    """Pearson r [features, genes] of max-pooled features with log1p CP10k expression over cells."""
+    from sae4scfm.gene_scoring import cell_gene_correlation
+
+    if "corr" not in run.cache:
+        expr, genes = run.expression()
+        run.cache["corr"] = (cell_gene_correlation(run.features.X, expr), genes)
+    return run.cache["corr"]
+
+
+def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
+    """Each feature's top genes (adaptive cut by participation ratio, at most ``top_genes``)."""
+    from sae4scfm.gene_scoring import top_genes
+
+    if "top" not in run.cache:
+        scores, genes = feature_gene_scores(run, a)
+        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True)
+    return run.cache["top"]
+
+
+def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Per-token (frequency, mean activation, specificity per gene) and per-cell (Pearson r) gene scores."""
+    from sae4scfm.gene_scoring import participation_ratio, token_gene_scores, top_genes
+
+    n = run.n_features
+    cols: dict[str, object] = {}
+    if run.tokens is not None:
+        table = token_gene_scores(run.tokens)
+        table.to_parquet(run.out_dir / "gene_scores.parquet")
+        freq = table[table["n_fire"] >= int(a.min_gene_tokens)].sort_values(["feature_id", "freq"],
+                                                                            ascending=[True, False])
+        best = freq.groupby("feature_id").head(int(a.top_genes)).groupby("feature_id")["gene"]
+        cols["top_token_genes"] = best.agg(lambda g: ";".join(map(str, g))).reindex(range(n)).fillna("").to_numpy()
+    corr = _correlation(run)[0]
+    scores, score_genes = feature_gene_scores(run, a)
+    adaptive = feature_top_genes(run, a)
+    fixed = top_genes(scores, score_genes, n=int(a.top_genes), adaptive=False)
+    cols["top_genes"] = [";".join(adaptive.get(i, [])) for i in range(n)]
+    cols["n_top_genes"] = [len(adaptive.get(i, [])) for i in range(n)]
+    cols["top_genes_fixed"] = [";".join(fixed.get(i, [])) for i in range(n)]
+    cols["participation_ratio"] = participation_ratio(scores)
+    with np.errstate(invalid="ignore"):
+        cols["max_gene_corr"] = np.where(np.isnan(corr).all(1), np.nan, np.nanmax(np.nan_to_num(corr, nan=-2), 1))
+    return _frame(cols, n)
+
+
+def _collection_name(name: str) -> str:
+    return Path(str(name)).stem if str(name).endswith(".gmt") else str(name)
+
+
+def enrichment_tables(run: RunData, a: DictConfig, top: dict[int, list[str]]) -> dict[str, pd.DataFrame]:
+    """Fisher enrichment of ``top`` genes against every collection of ``analysis.gene_sets``:
+    {collection: every tested pair with overlap >= 1}; BH FDR over all features x sets of a collection."""
+    from sae4scfm.enrichment import fisher_enrichment, load_gene_sets
+
+    out = {}
+    for name in a.gene_sets:
+        sets = load_gene_sets(name)
+        out[_collection_name(name)] = fisher_enrichment(top, sets, run.universe(), min_size=int(a.min_set_size))
+    return out
+
+
+def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Best gene set per feature and collection (Fisher FDR), plus prerank GSEA of selected features."""
+    n = run.n_features
+    tables = enrichment_tables(run, a, feature_top_genes(run, a))
+    cols, significant = {}, []
+    for coll, t in tables.items():
+        best = t.sort_values(["p_value", "overlap"], ascending=[True, False]).groupby("feature_id").head(1)
+        best = best.set_index("feature_id").reindex(range(n))
+        cols[f"best_set:{coll}"] = best["gene_set"].fillna("").to_numpy()
+        cols[f"fdr:{coll}"] = best["fdr"].fillna(1.0).to_numpy()
+        cols[f"overlap:{coll}"] = best["overlap"].fillna(0).astype(int).to_numpy()
+        cols[f"n_significant:{coll}"] = (t[t["fdr"] < float(a.max_fdr)].groupby("feature_id").size()
+                                         .reindex(range(n)).fillna(0).astype(int).to_numpy())
+        significant.append(t[t["fdr"] < float(a.max_fdr)].assign(collection=coll))
+    sig = pd.concat(significant, ignore_index=True) if significant else pd.DataFrame(columns=["collection"])
+    sig.to_csv(run.out_dir / "enrichment.csv", index=False)
+    if a.run_gsea:
+        run_prerank(run, a)
+    return _frame(cols, n)
+
+
+def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Prerank GSEA (blitzgsea) of the gene scores of the best feature per cell type (or the
+    ``gsea_features`` most active features when the run has no cell-type labels)."""
+    from sae4scfm.enrichment import load_gene_sets, prerank_gsea
+
+    scores, genes = feature_gene_scores(run, a)
+    if run.cell_type_key and run.cell_type_key in run.features.obs:
+        ranked = label_auroc(run.features.X, run.features.obs[run.cell_type_key], min_cells=int(a.min_cells))
+        chosen = sorted({int(ranked[c].idxmax()) for c in ranked.columns})
+    else:
+        density = np.asarray((run.features.X > 0).sum(0)).ravel()
+        chosen = np.argsort(-density)[: int(a.gsea_features)].tolist()
+    rows = []
+    for name in a.gsea_gene_sets:
+        sets = load_gene_sets(name)
+        for f in chosen:
+            s = pd.Series(scores[f], index=genes).dropna()
+            res = prerank_gsea(s, sets, min_size=int(a.min_set_size), permutations=int(a.gsea_permutations),
+                               seed=int(run.run_cfg.seed))
+            rows.append(res.assign(feature_id=f, collection=_collection_name(name)))
+    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    out.to_csv(run.out_dir / "gsea.csv", index=False)
+    print(f"prerank GSEA of {len(chosen)} features: {run.out_dir / 'gsea.csv'}")
+    return out
+
+
+def run_gene_families(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Fraction of each feature's firing tokens on each gene family (``analysis.gene_families``)."""
+    from sae4scfm.gene_scoring import gene_family_scores, token_gene_scores
+
+    table = token_gene_scores(_need_tokens(run, "analysis.run_gene_families"))
+    families = dict(a.gene_families) if a.gene_families else None
+    out = gene_family_scores(table, families=families).reindex(range(run.n_features))
+    out.index.name = INDEX_NAME
+    return out
+
+
+def run_density(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Activation density (fraction of cells and tokens) and library size where each feature fires."""
+    from sae4scfm.gene_scoring import density_scores, expression_where_firing
+
+    dens = density_scores(run.features.X, None if run.tokens is None else run.tokens.X)
+    expr = expression_where_firing(run.features.X, run.library_size())
+    out = pd.concat([dens.reset_index(drop=True), expr.add_prefix("library_size_").reset_index(drop=True)], axis=1)
+    out.index = pd.RangeIndex(run.n_features, name=INDEX_NAME)
+    return out
+
+
+def activation_pcs(run: RunData, a: DictConfig) -> dict:
+    """PCA of the run's token activations at its layer (train store sample, centred):
+    ``axes`` [n_axes, d] (top right singular vectors), ``cell_scores`` [cells, n_pcs] (mean over
+    each cell's gene tokens of the projection on the top ``n_pcs`` axes)."""
+    from sae4scfm.pipeline import activation_stores, load_model_and_data
+
+    layer = int(run.sae_cfg["layer"])
+    adapter, adata, tokens = load_model_and_data(run.run_cfg, "cpu")
+    stores = activation_stores(run.run_cfg, adapter, adata, tokens, [layer])
+    sample = stores["train"][layer].sample(int(a.pca_max_tokens), seed=int(run.run_cfg.seed)).double()
+    mean = sample.mean(0)
+    _, _, Vh = torch.linalg.svd(sample - mean, full_matrices=False)
+    n_pcs = min(int(a.n_pcs), Vh.shape[0])
+    sums = torch.zeros(adata.n_obs, n_pcs, dtype=torch.float64)
+    counts = torch.zeros(adata.n_obs, dtype=torch.float64)
+    for split in ("train", "eval"):
+        for shard in stores[split][layer].iter_shards():
+            proj = (shard["acts"].double() - mean) @ Vh[:n_pcs].T
+            sums.index_add_(0, shard["cell"], proj)
+            counts.index_add_(0, shard["cell"], torch.ones(len(proj), dtype=torch.float64))
+    return {"axes": Vh[: int(a.n_svd_axes)].float(), "cell_scores": (sums / counts.clamp(min=1)[:, None]).numpy()}
+
+
+def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Label AUROC and marker enrichment of PCA directions (PCk+ and PCk−) beside the SAE's, and
+    each decoder direction's best |cos| with the top SVD axes of the same activations."""
+    from sae4scfm.gene_scoring import cell_gene_correlation, top_genes
+    from sae4scfm.saes.base import load_sae
+
+    pcs = activation_pcs(run, a)
+    P = pcs["cell_scores"]
+    directions = np.concatenate([P, -P], axis=1)
+    names = [f"PC{i + 1}+" for i in range(P.shape[1])] + [f"PC{i + 1}-" for i in range(P.shape[1])]
+    rows = []
+    if run.cell_type_key:
+        labels = run.features.obs[run.cell_type_key]
+        sae_auc = label_auroc(run.features.X, labels, min_cells=int(a.min_cells))
+        pc_auc = label_auroc(directions, labels, min_cells=int(a.min_cells))
+        expr, genes = run.expression()
+        corr = cell_gene_correlation(sp.csr_matrix(P), expr)  # [n_pcs, genes]
+        pc_top = top_genes(np.concatenate([corr, -corr]), genes, n=int(a.top_genes), adaptive=True)
+        pc_top = {names[i]: g for i, g in pc_top.items()}
+        pc_enr = enrichment_tables(run, a, pc_top)
+        sae_enr = enrichment_tables(run, a, feature_top_genes(run, a))
+        marker_coll = _collection_name(a.marker_collection)
+        for value in sae_auc.columns:
+            marker_set = marker_set_for(run, value)
+            r = {"label": value, "sae_best_feature": int(sae_auc[value].idxmax()),
+                 "sae_best_auroc": float(sae_auc[value].max()),
+                 "pca_best_direction": names[int(pc_auc[value].to_numpy().argmax())],
+                 "pca_best_auroc": float(pc_auc[value].max()), "marker_set": marker_set}
+            if marker_set and marker_coll in pc_enr:
+                r["sae_marker_fdr"] = _pair_fdr(sae_enr.get(marker_coll), r["sae_best_feature"], marker_set)
+                r["pca_marker_fdr"] = _pair_fdr(pc_enr[marker_coll], r["pca_best_direction"], marker_set)
+            rows.append(r)
+        enriched = {coll: {"sae": int(t.loc[t["fdr"] < float(a.max_fdr), "feature_id"].nunique()),
+                           "pca": int(pc_enr[coll].loc[pc_enr[coll]["fdr"] < float(a.max_fdr), "feature_id"].nunique())}
+                    for coll, t in sae_enr.items()}
+    sae, _ = load_sae(run.run_dir)
+    W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
+    cos = (W @ pcs["axes"].T).abs().max(1).values.numpy()
+    aligned = float((cos > float(a.svd_cos_threshold)).mean())
+    (run.out_dir / "pca_comparison.json").write_text(json.dumps({
+        "n_features": run.n_features, "n_pca_directions": len(names), "n_svd_axes": int(pcs["axes"].shape[0]),
+        "svd_cos_threshold": float(a.svd_cos_threshold), "svd_aligned_fraction": aligned,
+        "n_enriched": enriched}, indent=1))
+    pd.DataFrame(rows).to_csv(run.out_dir / "pca_comparison.csv", index=False)
+    print(f"SAE decoder directions aligned with a top-{pcs['axes'].shape[0]} SVD axis "
+          f"(|cos| > {a.svd_cos_threshold}): {aligned:.1%}")
+    return _frame({"max_svd_cos": cos}, run.n_features)
+
+
+def _pair_fdr(table: pd.DataFrame | None, feature, gene_set: str) -> float:
+    if table is None:
+        return float("nan")
+    hit = table[(table["feature_id"] == feature) & (table["gene_set"] == gene_set)]
+    return float(hit["fdr"].iloc[0]) if len(hit) else 1.0
+
+
+def marker_set_for(run: RunData, label: str) -> str | None:
+    """The marker set of a cell-type label: ``data.marker_sets[label]``, else the set of the same name."""
+    from sae4scfm.enrichment import load_gene_sets
+
+    mapping = run.run_cfg.data.get("marker_sets") or {}
+    if label in mapping:
+        return mapping[label]
+    return label if label in load_gene_sets("markers") else None
+
+
+def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Significant co-firing pairs (hypergeometric, BH), PMI, and Leiden modules labelled by the
+    most common best gene set (and cell type) of their member features."""
+    from sae4scfm.coactivation import coactivation_modules, significant_pairs
+
+    X = _need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
+    pairs = significant_pairs(X, min_count=int(a.coactivation_min_count), max_fdr=float(a.max_fdr))
+    pairs.to_csv(run.out_dir / "coactivation_pairs.csv", index=False)
+    module = coactivation_modules(pairs, run.n_features, resolution=float(a.leiden_resolution),
+                                  seed=int(run.run_cfg.seed))
+    results = read_results(run.out_dir) if (run.out_dir / "results.parquet").is_file() else pd.DataFrame()
+    rows = []
+    for m in range(module.max() + 1):
+        members = np.flatnonzero(module == m)
+        row = {"module": m, "size": len(members), "features": ";".join(map(str, members))}
+        for (analysis, metric) in results.columns:
+            label_col = (analysis == "enrichment" and metric.startswith("best_set:")) or \
+                        (analysis == "label_scoring" and metric == f"best:{run.cell_type_key}")
+            if not label_col:
+                continue
+            vals = results.loc[members, (analysis, metric)]
+            if analysis == "enrichment":
+                fdr = results.loc[members, (analysis, metric.replace("best_set:", "fdr:"))]
+                vals = vals[fdr < float(a.max_fdr)]
+            else:
+                vals = vals[results.loc[members, (analysis, f"best_auroc:{run.cell_type_key}")] >= float(a.auroc_threshold)]
+            row[f"label:{metric.split(':', 1)[1]}"] = vals.mode().iloc[0] if len(vals) else ""
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(run.out_dir / "modules.csv", index=False)
+    degree = np.bincount(np.concatenate([pairs["i"], pairs["j"]]).astype(np.int64), minlength=run.n_features)
+    print(f"co-activation: {len(pairs)} significant pairs, {module.max() + 1} modules")
+    return _frame({"module": module, "n_partners": degree[: run.n_features]}, run.n_features)
+
+
+def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
+    """Match this run's features to those of other runs (other layers, same tokens) by decoder
+    cosine and by co-firing Jaccard; persistence = fraction of features matched."""
+    from sae4scfm.coactivation import match_by_cofiring, match_by_decoder, persistence
+    from sae4scfm.saes.base import load_sae
+
+    if not a.cross_layer_runs:
+        raise InputError("analysis.run_cross_layer=true needs analysis.cross_layer_runs=[<experiment>/<timestamp>, ...] "
+                         "(runs on other layers of the same model and data).")
+    tokens = _need_tokens(run, "analysis.run_cross_layer")
+    sae, _ = load_sae(run.run_dir)
+    cols, rows = {}, []
+    for address in a.cross_layer_runs:
+        experiment, _, stamp = str(address).partition("/")
+        other_dir = resolve_run_dir(runs_dir, experiment, stamp or "latest")
+        other_file = other_dir / "features" / "token_features.h5ad"
+        if not other_file.is_file():
+            raise InputError(f"{other_file} does not exist; run scripts/generate_features.py on {address} first.")
+        other = ad.read_h5ad(other_file)
+        same = other.n_obs == tokens.n_obs and all(
+            np.array_equal(other.obs[c].to_numpy(), tokens.obs[c].to_numpy()) for c in ("cell_index", "gene_id"))
+        if not same:
+            raise InputError(f"{other_file} is not on the same tokens as {run.run_dir} (different model, data or "
+                             "tokenization); cross-layer matching needs runs on the same model and dataset.")
+        other_sae, other_cfg = load_sae(other_dir)
+        if other_sae.d_in != sae.d_in:
+            raise InputError(f"{address}: its SAE has d_in={other_sae.d_in}, this run's {sae.d_in}; not the same model.")
+        layer = int(other_cfg["layer"])
+        dec = match_by_decoder(sae.W_dec.detach(), other_sae.W_dec.detach())
+        fire = match_by_cofiring(tokens.X, other.X).set_index("feature_a").reindex(range(run.n_features))
+        cols[f"decoder_match@{layer}"] = dec["best_b"].to_numpy()
+        cols[f"decoder_cos@{layer}"] = dec["cosine"].to_numpy()
+        cols[f"cofiring_match@{layer}"] = fire["best_b"].fillna(-1).astype(int).to_numpy()
+        cols[f"jaccard@{layer}"] = fire["jaccard"].to_numpy()
+        rows.append({"run": str(other_dir), "layer_a": int(run.sae_cfg["layer"]), "layer_b": layer,
+                     "decoder_persistence": persistence(dec, float(a.cross_layer_cosine)),
+                     "cofiring_persistence": persistence(fire.reset_index(), float(a.cross_layer_jaccard))})
+    table = pd.DataFrame(rows)
+    table.to_csv(run.out_dir / "cross_layer.csv", index=False)
+    print(table.to_string(index=False))
+    return _frame(cols, run.n_features)
+
+
+# --------------------------------------------------------------------------- figures and summary
+
+
+def _read(run: RunData, name: str) -> pd.DataFrame | None:
+    path = run.out_dir / name
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+
+
+def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
+    """PNG figures of what the results hold: label AUROC heatmap, density histogram, SAE vs PCA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = run.out_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    written = []
+    key = run.cell_type_key
+    groups = set(table.columns.get_level_values(0))
+    auroc_cols = [m for (an, m) in table.columns if an == "label_scoring" and m.startswith(f"auroc:{key}=")]
+    if auroc_cols:
+        auc = table["label_scoring"][auroc_cols].astype(float)
+        auc.columns = [c.split("=", 1)[1] for c in auroc_cols]
+        best = list(dict.fromkeys(int(auc[c].idxmax()) for c in auc.columns))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(best), 1.2 + 0.4 * len(auc.columns)))
+        im = ax.imshow(auc.loc[best].T.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(best)), [str(b) for b in best], rotation=90)
+        ax.set_yticks(range(len(auc.columns)), auc.columns)
+        ax.set_xlabel("feature (best per cell type)")
+        fig.colorbar(im, ax=ax, label="AUROC")
+        written.append(_save(fig, fig_dir / "label_auroc.png"))
+    if "density" in groups:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for col, label in (("log10_cell_density", "cells"), ("log10_token_density", "tokens")):
+            if col in table["density"]:
+                v = table["density"][col].to_numpy(dtype=float)
+                ax.hist(v[np.isfinite(v)], bins=40, alpha=0.6, label=label)
+        ax.set_xlabel("log10 activation density")
+        ax.set_ylabel("features")
+        ax.legend()
+        written.append(_save(fig, fig_dir / "density.png"))
+    pca = _read(run, "pca_comparison.csv") if "pca_comparison" in groups else None
+    if pca is not None and len(pca):
+        fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(pca), 3.5))
+        x = np.arange(len(pca))
+        ax.bar(x - 0.2, pca["sae_best_auroc"], 0.4, label="SAE feature")
+        ax.bar(x + 0.2, pca["pca_best_auroc"], 0.4, label="PCA direction")
+        ax.set_xticks(x, pca["label"], rotation=60, ha="right")
+        ax.set_ylim(0.5, 1)
+        ax.set_ylabel("best AUROC")
+        ax.legend()
+        written.append(_save(fig, fig_dir / "sae_vs_pca.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
+    """Per cell type: among features with AUROC >= ``auroc_threshold``, the one whose top genes
+    are most enriched for the cell type's marker set (else the best-AUROC feature); its AUROC,
+    F1, top genes, marker-set FDR (NaN = not significant) and best enriched set per collection."""
+    key = run.cell_type_key
+    groups = set(table.columns.get_level_values(0))
+    if not key or "label_scoring" not in groups or f"best:{key}" not in table["label_scoring"]:
+        return pd.DataFrame()
+    ls = table["label_scoring"]
+    enr = table["enrichment"] if "enrichment" in groups else None
+    genes = table["gene_scoring"]["top_genes"] if "gene_scoring" in groups else None
+    sig = _read(run, "enrichment.csv") if enr is not None else None
+    markers = sig[sig["collection"] == _collection_name(a.marker_collection)] if sig is not None else None
+    counts = run.features.obs[key].value_counts()
+    rows = []
+    for col in (c for c in ls.columns if c.startswith(f"auroc:{key}=")):
+        label = col.split("=", 1)[1]
+        auc = ls[col].astype(float)
+        marker_set = marker_set_for(run, label)
+        fdr = pd.Series(np.nan, index=auc.index)
+        if markers is not None and marker_set:
+            hits = markers[markers["gene_set"] == marker_set].set_index("feature_id")["fdr"]
+            fdr.loc[hits.index.astype(int)] = hits.to_numpy()
+        candidates = auc.index[auc >= float(a.auroc_threshold)]
+        best = (min(candidates, key=lambda f: (np.nan_to_num(fdr[f], nan=1.0), -auc[f])) if len(candidates)
+                else int(auc.idxmax()))
+        row = {"cell_type": label, "n_cells": int(counts.get(label, 0)), "feature": int(best),
+               "auroc": float(auc[best])}
+        if f"f1:{key}={label}" in ls:
+            row["f1"] = float(ls[f"f1:{key}={label}"][best])
+        row.update(marker_set=marker_set or "", marker_fdr=float(fdr[best]))
+        row["top_genes"] = ";".join(str(genes[best]).split(";")[:8]) if genes is not None else ""
+        if enr is not None:
+            for m in (m for m in enr.columns if m.startswith("best_set:")):
+                coll = m.split(":", 1)[1]
+                if coll != _collection_name(a.marker_collection) and enr.loc[best, f"fdr:{coll}"] < float(a.max_fdr):
+                    row[f"top_set:{coll}"] = enr.loc[best, m]
+        row["interpreted"] = bool(row["auroc"] >= float(a.auroc_threshold) and row["marker_fdr"] < float(a.max_fdr))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: list[Path]) -> Path:
+    """``summary.md``: top features per cell type and per gene set, SAE vs PCA, density, modules."""
+    groups = set(table.columns.get_level_values(0))
+    lines = [f"# Feature summary: {run.run_dir.parent.name}/{run.run_dir.name}", "",
+             f"Model {run.run_cfg.scfm.family}, layer {run.sae_cfg['layer']}, {run.sae_cfg['architecture']} SAE "
+             f"with {run.n_features} features, {run.features.n_obs} cells.", ""]
+    cells = cell_type_summary(run, table, a)
+    if len(cells):
+        n_ok, n_marker = int(cells["interpreted"].sum()), int((cells["marker_set"] != "").sum())
+        lines += ["## Cell types", "",
+                  f"{n_ok} of {n_marker} cell types with a marker set have a feature with AUROC >= "
+                  f"{a.auroc_threshold} whose top genes are enriched (FDR < {a.max_fdr}) for that marker set "
+                  "(marker_fdr empty = not enriched).", "", _markdown(cells), ""]
+    sig = _read(run, "enrichment.csv") if "enrichment" in groups else None
+    for coll, t in (sig.groupby("collection") if sig is not None and len(sig) else []):
+        best = t.sort_values("p_value").groupby("gene_set").agg(
+            n_features=("feature_id", "nunique"), best_feature=("feature_id", "first"), fdr=("fdr", "first"),
+            overlap_genes=("overlap_genes", "first")).sort_values("fdr").head(int(a.summary_top_sets))
+        lines += [f"## Gene sets: {coll}", "", f"Top {len(best)} of {t['gene_set'].nunique()} sets enriched "
+                  f"(FDR < {a.max_fdr}) in some feature's top genes.", "", _markdown(best.reset_index()), ""]
+    info = run.out_dir / "pca_comparison.json"
+    if "pca_comparison" in groups and info.is_file():
+        pca = json.loads(info.read_text())
+        lines += ["## SAE vs PCA", "", f"SAE decoder directions aligned with a top-{pca['n_svd_axes']} SVD axis "
+                  f"(|cos| > {pca['svd_cos_threshold']}): {pca['svd_aligned_fraction']:.1%}.", ""]
+        lines += [f"- {coll}: {n['sae']} of {pca['n_features']} SAE features vs {n['pca']} of "
+                  f"{pca['n_pca_directions']} PCA directions have an enriched set (FDR < {a.max_fdr})."
+                  for coll, n in pca["n_enriched"].items()]
+        table_pca = _read(run, "pca_comparison.csv")
+        lines += ["", _markdown(table_pca) if table_pca is not None and len(table_pca) else "", ""]
+    if "density" in groups:
+        d = table["density"]
+        lines += ["## Density", "", f"Median fraction of cells a feature fires in: "
+                  f"{d['cell_fraction'].astype(float).median():.3f}; features that never fire: "
+                  f"{int((d['cell_fraction'].astype(float) == 0).sum())}.", ""]
+    if "gene_families" in groups:
+        fam = table["gene_families"]
+        dominated = fam[fam["best_fraction"].astype(float) >= 0.5]["best_family"].value_counts()
+        lines += ["## Gene families", "", "Features with at least half their firing tokens on one family: " +
+                  (", ".join(f"{k} {v}" for k, v in dominated.items()) or "none") + ".", ""]
+    mods = _read(run, "modules.csv") if "coactivation" in groups else None
+    if mods is not None:
+        lines += ["## Co-activation modules", "", f"{len(mods)} Leiden modules of significantly co-firing features.",
+                  "", _markdown(mods.drop(columns="features").head(int(a.summary_top_sets)).fillna("")), ""]
+    cross = _read(run, "cross_layer.csv") if "cross_layer" in groups else None
+    if cross is not None:
+        lines += ["## Cross-layer persistence", "", _markdown(cross), ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
+    path = run.out_dir / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.3g}"
+        return str(v).replace("|", "/")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def analyze_features(cfg: DictConfig) -> pd.DataFrame:
+    """Run the analyses switched on in ``cfg.analysis`` (``run_<analysis>=true``) on a run's features;
+    returns the updated results table (also written with figures and ``summary.md``)."""
+    a = cfg.analysis
+    selected = [name for name in ANALYSES if a.get(f"run_{name}")]
+    if not selected:
+        raise InputError("no analysis selected; set e.g. analysis.run_label_scoring=true "
+                         f"(available: {', '.join('run_' + n for n in ANALYSES)}).")
+    run = load_run_data(cfg)
+    steps = {"label_scoring": run_label_scoring, "gene_scoring": run_gene_scoring, "enrichment": run_enrichment,
+             "gene_families": run_gene_families, "density": run_density, "pca_comparison": run_pca_comparison,
+             "coactivation": run_coactivation,
+             "cross_layer": lambda r, c: run_cross_layer(r, c, cfg.runs_dir)}
+    table = None
+    for name in selected:
+        print(f"analysis: {name}")
+        table = update_results(run.out_dir, name, steps[name](run, a))
+    figures = write_figures(run, table)
+    summary = write_summary(run, table, a, figures)
+    print(f"results: {run.out_dir / 'results.csv'} and {run.out_dir / 'results.parquet'}; summary: {summary}")
+    return table

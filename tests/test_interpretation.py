@@ -1,0 +1,177 @@
+"""The analyze_features stage end to end on the demo model: every analysis, figures, summary, errors.
+
+Statistics themselves are checked against sklearn/scipy/statsmodels in test_analysis.py,
+test_enrichment.py, test_gene_scoring.py and test_coactivation.py; here the stage's wiring is
+checked against independent recomputations from the run's files.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import fisher_exact
+from statsmodels.stats.multitest import multipletests
+
+import sae4scfm
+from sae4scfm.analysis import read_results
+from sae4scfm.enrichment import load_gene_sets
+from sae4scfm.errors import InputError
+from sae4scfm.interpretation import ANALYSES, cell_type_summary, load_run_data
+
+ALL_BUT_CROSS = [f"analysis.run_{name}=true" for name in ANALYSES if name != "cross_layer"]
+
+
+def _address(runs_dir, run_dir):
+    return [f"runs_dir={runs_dir}", f"sae_checkpoint.experiment={run_dir.parent.name}",
+            f"sae_checkpoint.timestamp={run_dir.name}"]
+
+
+@pytest.fixture(scope="module")
+def analysed(small_run, runs_dir):
+    """The small run with every analysis but cross-layer done (GO/KEGG included)."""
+    _, run_dir = small_run
+    cfg = sae4scfm.compose("analyze", [*_address(runs_dir, run_dir), *ALL_BUT_CROSS, "analysis.run_gsea=true",
+                                       "analysis.gsea_permutations=200"])
+    table = sae4scfm.analyze_features(cfg)
+    return cfg, run_dir, table
+
+
+def test_every_analysis_writes_its_columns_files_and_figures(analysed):
+    cfg, run_dir, table = analysed
+    out = run_dir / "analysis"
+    assert set(ANALYSES) - {"cross_layer"} <= set(table.columns.get_level_values(0))
+    assert table.index.name == "feature_id" and len(table) == 512
+    for name in ("enrichment.csv", "gsea.csv", "pca_comparison.csv", "coactivation_pairs.csv", "modules.csv",
+                 "gene_scores.parquet", "summary.md"):
+        assert (out / name).is_file(), name
+    for png in ("label_auroc.png", "density.png", "sae_vs_pca.png"):
+        assert (out / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gs = table["gene_scoring"]
+    n_top = gs["n_top_genes"].astype(int)
+    assert ((n_top >= 0) & (n_top <= 20)).all() and (n_top > 0).mean() > 0.9
+    fixed = gs["top_genes_fixed"].fillna("").str.split(";")
+    adaptive = gs["top_genes"].fillna("").str.split(";")
+    # the adaptive list is a prefix of the fixed top-20
+    assert all(f[: len(a)] == a for a, f in zip(adaptive, fixed) if a != [""])
+    dens = table["density"]
+    X = load_run_data(cfg).features.X
+    np.testing.assert_allclose(dens["cell_fraction"].astype(float), np.asarray((X > 0).mean(0)).ravel())
+    assert (table["pca_comparison"]["max_svd_cos"].astype(float).between(0, 1 + 1e-6)).all()
+    summary = (out / "summary.md").read_text()
+    for section in ("## Cell types", "## Gene sets: markers", "## SAE vs PCA", "## Density", "## Co-activation modules"):
+        assert section in summary
+
+
+def test_marker_enrichment_matches_scipy_and_statsmodels(analysed):
+    """Recompute the markers Fisher tests of the stage from its own top genes and universe."""
+    cfg, run_dir, table = analysed
+    run = load_run_data(cfg)
+    universe = set(run.universe())
+    sets = {name: [g for g in genes if g in universe] for name, genes in load_gene_sets("markers").items()}
+    sets = {k: v for k, v in sets.items() if len(v) >= cfg.analysis.min_set_size}
+    top = table["gene_scoring"]["top_genes"].fillna("")
+    N = len(universe)
+    p = {}
+    for f, genes in top.items():
+        genes = [g for g in genes.split(";") if g]
+        for name, members in sets.items():
+            k = len(set(genes) & set(members))
+            p[(f, name)] = fisher_exact([[k, len(genes) - k], [len(members) - k, N - len(genes) - len(members) + k]],
+                                        alternative="greater")[1]
+    keys = list(p)
+    fdr = dict(zip(keys, multipletests([p[k] for k in keys], method="fdr_bh")[1]))
+    sig = pd.read_csv(run_dir / "analysis" / "enrichment.csv")
+    sig = sig[sig["collection"] == "markers"]
+    expected = {k for k, v in fdr.items() if v < 0.05}
+    assert {(int(f), s) for f, s in zip(sig["feature_id"], sig["gene_set"])} == expected
+    for row in sig.head(50).itertuples():
+        assert row.p_value == pytest.approx(p[(row.feature_id, row.gene_set)], rel=1e-6)
+        assert row.fdr == pytest.approx(fdr[(row.feature_id, row.gene_set)], rel=1e-6)
+
+
+def test_summary_names_marker_enriched_cell_type_features(analysed):
+    """Most PBMC cell types with a marker set have a feature with AUROC >= 0.9 whose top genes are
+    enriched (FDR < 0.05) for that cell type's marker set, and the summary says so."""
+    cfg, run_dir, table = analysed
+    cells = cell_type_summary(load_run_data(cfg), read_results(run_dir / "analysis"), cfg.analysis)
+    with_markers = cells[cells["marker_set"] != ""]
+    assert len(with_markers) >= 6
+    ok = with_markers[with_markers["interpreted"]]
+    assert len(ok) > len(with_markers) / 2, with_markers[["cell_type", "feature", "auroc", "marker_set", "marker_fdr"]]
+    assert (ok["auroc"] >= 0.9).all() and (ok["marker_fdr"] < 0.05).all()
+    summary = (run_dir / "analysis" / "summary.md").read_text()
+    assert f"{len(ok)} of {len(with_markers)} cell types with a marker set" in summary
+
+
+def test_rerun_of_one_analysis_keeps_the_others(analysed, runs_dir):
+    cfg, run_dir, table = analysed
+    before = read_results(run_dir / "analysis")
+    again = sae4scfm.analyze_features(sae4scfm.compose("analyze", [
+        *_address(runs_dir, run_dir), "analysis.run_label_scoring=false", "analysis.run_density=true"]))
+    pd.testing.assert_frame_equal(again.drop(columns="density", level=0), before.drop(columns="density", level=0))
+
+
+def test_cross_layer_self_match_persists_fully(analysed, runs_dir, tmp_path):
+    """A run matched against itself: every feature's best decoder match is itself (cos 1) and its
+    best co-firing match fires on the same tokens (Jaccard 1)."""
+    cfg, run_dir, _ = analysed
+    address = f"{run_dir.parent.name}/{run_dir.name}"
+    table = sae4scfm.analyze_features(sae4scfm.compose("analyze", [
+        *_address(runs_dir, run_dir), "analysis.run_label_scoring=false", "analysis.run_cross_layer=true",
+        f"analysis.cross_layer_runs=[{address}]"]))
+    layer = load_run_data(cfg).sae_cfg["layer"]
+    cl = table["cross_layer"]
+    assert (cl[f"decoder_cos@{layer}"].astype(float) > 1 - 1e-5).all()
+    assert (cl[f"decoder_match@{layer}"].astype(int) == np.arange(len(cl))).all()
+    fired = cl[f"jaccard@{layer}"].notna()
+    assert (cl.loc[fired, f"jaccard@{layer}"].astype(float) == 1.0).all()
+    row = pd.read_csv(run_dir / "analysis" / "cross_layer.csv").iloc[0]
+    assert row["decoder_persistence"] == 1.0 and row["cofiring_persistence"] == pytest.approx(fired.mean())
+
+
+def _copy_run(run_dir, tmp_path):
+    dst = tmp_path / "runs" / "copy" / run_dir.name
+    shutil.copytree(run_dir, dst)
+    return tmp_path / "runs", dst
+
+
+def test_bad_label_columns(analysed, tmp_path):
+    _, run_dir, _ = analysed
+    runs, dst = _copy_run(run_dir, tmp_path)
+    with pytest.raises(InputError, match="'donor' not found in obs"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), "analysis.label_keys=[donor]"]))
+    import anndata as ad
+
+    f = ad.read_h5ad(dst / "features" / "features.h5ad")
+    f.obs["empty"] = np.nan
+    f.write_h5ad(dst / "features" / "features.h5ad")
+    with pytest.raises(InputError, match="'empty' in obs is entirely missing"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), "analysis.label_keys=[empty]"]))
+
+
+def test_gmt_without_model_genes(analysed, tmp_path):
+    _, run_dir, _ = analysed
+    runs, dst = _copy_run(run_dir, tmp_path)
+    gmt = tmp_path / "mouse.gmt"
+    gmt.write_text("Mouse_B\tdesc\tCd79a\tMs4a1\tCd19\nMouse_T\tdesc\tCd3e\tCd4\tCd8a\n")
+    with pytest.raises(InputError, match="mouse.gmt"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", [
+            *_address(runs, dst), "analysis.run_label_scoring=false", "analysis.run_gene_scoring=true",
+            "analysis.run_enrichment=true", f"analysis.gene_sets=[{gmt}]"]))
+
+
+def test_features_file_of_another_run(analysed, tmp_path):
+    _, run_dir, _ = analysed
+    runs, dst = _copy_run(run_dir, tmp_path)
+    import anndata as ad
+
+    f = ad.read_h5ad(dst / "features" / "features.h5ad")
+    f[:, :100].copy().write_h5ad(dst / "features" / "features.h5ad")
+    with pytest.raises(InputError, match="has 100 features but the run's SAE has 512"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", _address(runs, dst)))
+    f[::-1].copy().write_h5ad(dst / "features" / "features.h5ad")
+    with pytest.raises(InputError, match="does not hold the cells of the run's dataset"):
+        sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), "analysis.run_density=true"]))
