@@ -155,7 +155,7 @@ def extract_activations(adapter: ScFMAdapter, tokens: TokenizedCells, layers: li
             shutil.rmtree(partial, ignore_errors=True)
             writers[layer] = _ShardWriter(partial, layer, adapter.d_model, dtype, shard_tokens, include_special)
         with tqdm(total=len(tokens), desc=desc, unit="cell") as bar:
-            for batch in tokens.batches(batch_size):
+            for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
                 hidden = adapter.capture(batch, todo)
                 keep = (batch.gene_mask | (~batch.padding_mask if include_special else batch.gene_mask)).to(adapter.device)
                 cell = batch.cell_index[:, None].expand_as(batch.gene_ids).to(adapter.device)[keep]

@@ -57,7 +57,8 @@ def generate_features(cfg: DictConfig) -> Path:
     tok = ([], [], [])
     tok_cell, tok_gene = [], []
     n_tok = 0
-    for batch in tqdm(tokens.batches(int(cfg.features.batch_size)), total=-(-len(tokens) // int(cfg.features.batch_size)),
+    batch_size = adapter.cells_per_batch(int(cfg.features.batch_size))
+    for batch in tqdm(tokens.batches(batch_size), total=-(-len(tokens) // batch_size),
                       desc="encoding cells", unit="batch"):
         h = adapter.capture(batch, [layer])[layer]
         mask = batch.gene_mask.to(device)

@@ -74,6 +74,10 @@ class ScFMAdapter:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------
+    def cells_per_batch(self, batch_size: int) -> int:
+        """Cells per forward for a requested ``batch_size`` (families with long sequences cap it)."""
+        return batch_size
+
     def check_layer(self, layer: int, field: str = "sae.target_layer") -> int:
         if not 0 <= int(layer) <= self.n_layers:
             raise InputError(
