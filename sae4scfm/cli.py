@@ -1,4 +1,5 @@
-"""Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``).
+"""Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``,
+``sae4scfm-benchmark-integration``).
 
 Bad input (``InputError``) is reported as one line on stderr with exit status 2.
 """
@@ -43,6 +44,13 @@ def analyze_main(cfg: DictConfig) -> None:
     from sae4scfm.interpretation import analyze_features
 
     _report_input_errors(analyze_features, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")
+def benchmark_integration_main(cfg: DictConfig) -> None:
+    from sae4scfm.integration import benchmark_integration
+
+    _report_input_errors(benchmark_integration, cfg)
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:

@@ -7,6 +7,7 @@ with every original obs column plus ``obs["split"]`` in {"train", "eval"} (by ce
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +44,80 @@ def load_pbmc() -> ad.AnnData:
     return ad.AnnData(X=counts, obs=bundled.obs.copy(), var=var)
 
 
+PBMC_BATCHES = ("pbmc68k_reduced", "pbmc3k")  # obs["batch"] values of data=pbmc_batches, in order
+
+
+@functools.lru_cache(maxsize=1)
+def _pbmc_batches() -> ad.AnnData:
+    from sae4scfm.data.markers import annotate_by_markers, load_marker_sets
+    from sae4scfm.data.pbmc3k import load_pbmc3k
+
+    parts = {PBMC_BATCHES[0]: load_pbmc(), PBMC_BATCHES[1]: load_pbmc3k()}
+    genes = parts[PBMC_BATCHES[0]].var_names.intersection(parts[PBMC_BATCHES[1]].var_names, sort=False)
+    ensembl = parts[PBMC_BATCHES[1]].var.loc[genes, "ensembl_id"].to_numpy()
+    adata = ad.concat([ad.AnnData(X=part[:, genes].X, obs=pd.DataFrame(index=part.obs_names.copy()))
+                       for part in parts.values()],
+                      label="batch", keys=list(parts), index_unique="-")
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.obs["batch"] = pd.Categorical(adata.obs["batch"], categories=list(parts))
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1), dtype=np.float32).ravel()
+    adata.var_names = genes
+    adata.var["gene_symbol"] = genes.to_numpy()
+    adata.var["ensembl_id"] = ensembl
+    annotate_by_markers(adata, load_marker_sets(), key_added="cell_type")
+    adata.uns["cell_type"]["note"] += ("; one annotation of both batches together (same genes, "
+                                       "normalisation, control genes and threshold)")
+    adata.uns["batch"] = {
+        PBMC_BATCHES[0]: "scanpy pbmc68k_reduced: 700 cells of 10x PBMC 68k (Zheng et al. 2017), "
+                         "counts recovered from .raw",
+        PBMC_BATCHES[1]: "10x PBMC 3k (2,700 cells, another donor and run) from the desc 2.1.1 wheel",
+    }
+    return adata
+
+
+def load_pbmc_batches() -> ad.AnnData:
+    """Two real PBMC experiments as two batches: pbmc68k_reduced (700 cells) + pbmc3k (2,700 cells).
+
+    Different 10x experiments (donors, runs, depth), so a real batch effect. Returns
+    an AnnData [3400 cells, 765 genes] with:
+
+    - ``X``: integer UMI counts (CSR float32) over the genes both share (all 765 genes of
+      pbmc68k_reduced, in its order; symbols as ``var_names``, ``var["ensembl_id"]`` from pbmc3k);
+    - ``obs["batch"]``: source dataset (categorical, ``PBMC_BATCHES``); ``obs["n_counts"]``:
+      UMIs per cell over these genes; obs_names ``<barcode>-<batch>``;
+    - ``obs["cell_type"]``: labels from :func:`~sae4scfm.data.markers.annotate_by_markers`
+      with the built-in marker sets, run once on all cells of both batches, so both batches
+      are labelled by the same rule. DERIVED from marker genes, never ground truth:
+      ``uns["cell_type"]`` records ``"derived": True``, the method and the markers present
+      (no platelet marker is among the shared genes, so that set is skipped);
+      ``obsm["cell_type_scores"]`` holds the per-set scores.
+
+    Needs ``desc`` installed (see :func:`sae4scfm.data.pbmc3k.pbmc3k_path`). Built once per
+    process; each call returns a fresh copy.
+    """
+    return _pbmc_batches().copy()
+
+
+def sample_balanced(groups: np.ndarray, n_cells: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of ``n_cells`` cells, as even a share of each group as their sizes allow.
+
+    Groups are filled smallest first: a group smaller than an even share of what is left is
+    taken whole, the rest is split evenly over the larger ones (the largest takes the
+    remainder of the division). All cells if None.
+    """
+    if n_cells is None or n_cells >= len(groups):
+        return np.arange(len(groups))
+    rng = np.random.default_rng(seed)
+    names, sizes = np.unique(groups, return_counts=True)
+    quota = np.zeros(len(names), dtype=np.int64)
+    left = int(n_cells)
+    for rank, g in enumerate(np.argsort(sizes, kind="stable")):
+        quota[g] = min(sizes[g], left // (len(names) - rank))
+        left -= quota[g]
+    picked = [rng.choice(np.flatnonzero(groups == name), q, replace=False) for name, q in zip(names, quota)]
+    return np.sort(np.concatenate(picked))
+
+
 def load_h5ad(path: str | Path, n_cells: int | None, seed: int) -> ad.AnnData:
     """Any .h5ad file; opened backed (lazily) above 1 GiB so only the sampled cells are read."""
     path = Path(path).expanduser()
@@ -75,13 +150,16 @@ def load_dataset(cfg) -> ad.AnnData:
         from sae4scfm.data.pbmc3k import load_pbmc3k
 
         adata = load_pbmc3k()
+    elif name == "pbmc_batches":
+        adata = load_pbmc_batches()
+        adata = adata[sample_balanced(adata.obs["batch"].to_numpy(), cfg.get("n_cells"), seed)].copy()
     elif name == "h5ad":
         if not cfg.get("path"):
             raise InputError("data.path is not set; run with data=h5ad data.path=/path/to/cells.h5ad.")
         adata = load_h5ad(cfg.path, cfg.get("n_cells"), seed)
     else:
-        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k or h5ad.")
-    if name != "h5ad":
+        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches or h5ad.")
+    if name in ("pbmc", "pbmc3k"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
     for field in ("cell_type_key", "batch_key"):
         key = cfg.get(field)

@@ -1,0 +1,294 @@
+"""Integration benchmark of a run's cells: batch correction and bio conservation (scib-metrics).
+
+For a run whose dataset names a ``batch_key`` (e.g. ``data=pbmc_batches``), every cell of
+the run's dataset is embedded in up to four spaces (``integration.embeddings``):
+
+- ``model_cell_emb``: the model's own cell embedding, ``adapter.run(batch)["cell_emb"]`` [cells, d_emb];
+- ``expression_pca``: PCA of the log-normalised expression (the run's ``data.preprocess``:
+  normalize_total, log1p, HVG subset), the unintegrated baseline; it is also the
+  pre-integration embedding of scib's PCR comparison, so its own PCR comparison is 0;
+- ``sae_features``: ``features/features.h5ad`` (cells x SAE features, max- or mean-pooled
+  over the cell's gene tokens), all features;
+- ``sae_features_batch_removed``: the same without the batch-associated features, i.e. those
+  whose max one-vs-rest AUROC over the batch values is > ``batch_auroc_threshold`` and > their
+  max AUROC over the cell types (``sae4scfm.analysis.label_scoring`` with ``batch_key``).
+
+SAE feature matrices are reduced to ``sae_n_comps`` dims by TruncatedSVD (no centring, so the
+sparse matrix is never densified; random_state 0) before the metrics, like the PCA baseline,
+so that the kNN metrics compare spaces of similar dimension; ``sae_n_comps: null`` keeps the
+raw activations. Each embedding is then scored by ``scib_metrics.benchmark.Benchmarker``
+(scIB's bio-conservation and batch-correction metrics; its 15/50/90-NN graphs by exact
+Euclidean search instead of pynndescent; kBET's own diffusion-map kNN stays pynndescent,
+seeded) into one table, written to ``<run>/analysis/integration.csv``: index ``embedding``,
+two-level columns ``(metric type, metric)`` with types ``Bio conservation``,
+``Batch correction``, ``Aggregate score`` (per-type means and ``Total`` = 0.4 batch + 0.6 bio,
+scIB's weighting; unscaled) and ``Embedding`` (``dims`` benchmarked, ``features`` = SAE
+features used). Metrics lie in [0, 1] (KMeans ARI can dip below 0), higher is better.
+
+Needs the optional ``scib-metrics`` package (and with it jax): ``pip install "sae4scfm[integration]"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sae4scfm.analysis import label_scoring
+from sae4scfm.data import describe, highly_variable, normalise_expression
+from sae4scfm.errors import InputError
+from sae4scfm.runs import load_run_config, resolve_run_dir
+from sae4scfm.scfm import ScFMAdapter
+from sae4scfm.scfm.tokens import TokenizedCells
+
+EMBEDDINGS = ("model_cell_emb", "expression_pca", "sae_features", "sae_features_batch_removed")
+PIP_FIX = 'pip install "sae4scfm[integration]" (or: pip install "scib-metrics>=0.5.10,<0.6")'
+N_NEIGHBORS = 90  # the largest kNN graph scib's metrics use (LISI); the 15- and 50-NN graphs are its prefixes
+RESULT_FILE = "integration.csv"
+
+
+def require_scib_metrics() -> None:
+    """``InputError`` naming the pip command when scib-metrics is not installed."""
+    try:
+        missing = importlib.util.find_spec("scib_metrics") is None
+    except ValueError:  # a module object without a spec (e.g. set to None in sys.modules)
+        missing = True
+    if missing:
+        raise InputError(f"the integration benchmark needs the optional package scib-metrics (with jax); "
+                         f"install it with: {PIP_FIX}")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@torch.no_grad()
+def model_cell_embeddings(adapter: ScFMAdapter, tokens: TokenizedCells, n_cells: int,
+                          batch_size: int) -> np.ndarray:
+    """The model's ``cell_emb`` of every tokenized cell: float32 [n_cells, d_emb], row = AnnData row."""
+    emb = None
+    filled = np.zeros(n_cells, dtype=bool)
+    for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
+        out = adapter.run(batch)["cell_emb"].float().cpu().numpy()
+        if emb is None:
+            emb = np.zeros((n_cells, out.shape[1]), dtype=np.float32)
+        rows = batch.cell_index.numpy()
+        emb[rows] = out
+        filled[rows] = True
+    if emb is None or not filled.all():
+        raise InputError(f"{n_cells - int(filled.sum())} of the run's {n_cells} cells have no tokens, so no "
+                         "model cell embedding; filter out cells without expressed vocabulary genes.")
+    return emb
+
+
+def expression_pca(adata: ad.AnnData, data_cfg: DictConfig, n_comps: int) -> np.ndarray:
+    """PCA [cells, <= n_comps] (scanpy, arpack, random_state 0) of the log-normalised expression
+    with the run's ``data.preprocess`` settings (HVG subset included)."""
+    import scanpy as sc
+
+    pp = data_cfg.preprocess
+    X = normalise_expression(sp.csr_matrix(adata.X), pp.input_kind, pp.normalize_total, pp.log1p,
+                             describe(data_cfg))
+    if pp.subset_hvg:
+        X = X[:, highly_variable(X, int(pp.n_hvg))]
+    n_comps = max(1, min(int(n_comps), X.shape[0] - 1, X.shape[1] - 1))
+    return np.asarray(sc.pp.pca(X, n_comps=n_comps, random_state=0, svd_solver="arpack"), dtype=np.float32)
+
+
+def sae_embedding(features_X, n_comps: int | None) -> np.ndarray:
+    """SAE activations [cells, features] as a dense float32 embedding [cells, n_comps]: TruncatedSVD
+    (random_state 0); the raw activations when ``n_comps`` is None or not below min(cells, features) - 1."""
+    from sklearn.decomposition import TruncatedSVD
+
+    X = sp.csr_matrix(features_X, dtype=np.float32)
+    if n_comps is None or n_comps >= min(X.shape) - 1:
+        return X.toarray()
+    return TruncatedSVD(n_components=int(n_comps), random_state=0).fit_transform(X).astype(np.float32)
+
+
+def batch_associated_features(features_X, obs: pd.DataFrame, batch_key: str, cell_type_key: str, *,
+                              min_cells: int, batch_auroc_threshold: float) -> np.ndarray:
+    """Bool [n_features]: the ``batch_associated`` flag of ``label_scoring``."""
+    scores = label_scoring(features_X, obs, [], min_cells=min_cells, batch_key=batch_key,
+                           cell_type_key=cell_type_key, batch_auroc_threshold=batch_auroc_threshold)
+    return scores["batch_associated"].to_numpy(dtype=bool)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def knn_exact(X: np.ndarray, k: int):
+    """scib's NeighborsResults of an exact Euclidean kNN search (each cell is its own first neighbour)."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, indices = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(X).kneighbors(X)
+    return NeighborsResults(indices=indices, distances=distances)
+
+
+def scib_table(obs: pd.DataFrame, embeddings: dict[str, np.ndarray], batch_key: str, label_key: str, *,
+               pre_integrated: np.ndarray, bio_conservation: dict, batch_correction: dict) -> pd.DataFrame:
+    """scib-metrics of each embedding: DataFrame [embeddings, (metric type, metric)], unscaled.
+
+    obs: [cells, ...] with ``batch_key`` and ``label_key``; embeddings: name -> [cells, dims];
+    pre_integrated: [cells, dims] unintegrated embedding (PCA of the expression), the reference
+    of the PCR comparison.
+    bio_conservation / batch_correction: metric name -> bool (or keyword args), as
+    ``scib_metrics.benchmark.BioConservation`` / ``BatchCorrection`` take them.
+    """
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    try:
+        bio, batch = BioConservation(**bio_conservation), BatchCorrection(**batch_correction)
+    except TypeError as e:
+        raise InputError(f"integration.bio_conservation / integration.batch_correction: {e}; the metric names "
+                         "are the fields of scib_metrics.benchmark.BioConservation / BatchCorrection.") from e
+    holder = ad.AnnData(obs=obs[[batch_key, label_key]].copy())
+    holder.obsm["_pre"] = pre_integrated
+    rows = []
+    for i, (name, emb) in enumerate(embeddings.items(), 1):
+        print(f"[{i}/{len(embeddings)}] scib-metrics of {name} ({emb.shape[1]} dims) ...", flush=True)
+        start = time.perf_counter()
+        holder.obsm[name] = emb
+        bench = Benchmarker(holder, batch_key, label_key, [name], bio_conservation_metrics=bio,
+                            batch_correction_metrics=batch, pre_integrated_embedding_obsm_key="_pre",
+                            progress_bar=False)
+        bench.prepare(neighbor_computer=knn_exact)
+        bench.benchmark()
+        res = bench.get_results(min_max_scale=False)
+        types = res.loc["Metric Type"]
+        res = res.drop(index="Metric Type").astype(np.float64)
+        res.columns = pd.MultiIndex.from_arrays([types.to_numpy(), res.columns])
+        rows.append(res)
+        print(f"      done in {time.perf_counter() - start:.1f} s", flush=True)
+    table = pd.concat(rows)
+    table.index.name = "embedding"
+    table.columns.names = ["metric type", "metric"]
+    return table
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class RunFeatures:
+    """``features/features.h5ad`` of a run, checked against the run."""
+
+    X: sp.csr_matrix  # [cells, d_sae] pooled activations
+    obs: pd.DataFrame  # [cells, ...]
+    path: Path
+
+
+def read_run_features(run_dir: Path, pooling: str) -> RunFeatures:
+    path = run_dir / "features" / "features.h5ad"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
+                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
+    features = ad.read_h5ad(path)
+    d_sae = json.loads((run_dir / "cfg.json").read_text())["d_sae"]
+    if features.n_vars != d_sae:
+        raise InputError(f"{path} has {features.n_vars} features but the run's SAE has d_sae={d_sae} "
+                         f"({run_dir / 'cfg.json'}); it belongs to another run: regenerate it with "
+                         "scripts/generate_features.py.")
+    if pooling == "max":
+        X = features.X
+    elif pooling in features.layers:
+        X = features.layers[pooling]
+    else:
+        raise InputError(f"integration.pooling={pooling!r}: {path} has X (max) and layers "
+                         f"{list(features.layers)}; use max or one of those.")
+    return RunFeatures(sp.csr_matrix(X, dtype=np.float32), features.obs, path)
+
+
+def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
+    """Score a run's cells in the spaces of ``cfg.integration.embeddings`` with scib-metrics;
+    prints the table and writes it to ``<run>/analysis/integration.csv``."""
+    from sae4scfm.pipeline import load_model_and_data, pick_device
+
+    icfg = cfg.integration
+    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
+    run_cfg = load_run_config(run_dir)
+    data_cfg = run_cfg.data
+    batch_key, label_key = data_cfg.get("batch_key"), data_cfg.get("cell_type_key")
+    if not batch_key:
+        raise InputError(f"{run_dir}: the run's dataset ({describe(data_cfg)}) has no data.batch_key, so there is "
+                         "no batch effect to benchmark; train on data with batches (e.g. data=pbmc_batches, or "
+                         "data=h5ad data.batch_key=<obs column>).")
+    if not label_key:
+        raise InputError(f"{run_dir}: the run's dataset ({describe(data_cfg)}) has no data.cell_type_key; bio "
+                         "conservation needs cell-type labels: train with data.cell_type_key=<obs column>.")
+    names = list(icfg.embeddings)
+    unknown = [n for n in names if n not in EMBEDDINGS]
+    if unknown or not names:
+        raise InputError(f"integration.embeddings={names}: choose one or more of {list(EMBEDDINGS)}.")
+    wants_sae = any(n.startswith("sae_") for n in names)
+    features = read_run_features(run_dir, str(icfg.pooling)) if wants_sae else None
+    require_scib_metrics()
+
+    adapter, adata, tokens = load_model_and_data(run_cfg, pick_device(cfg.device))
+    if features is not None and not features.obs.index.equals(adata.obs_names):
+        raise InputError(f"{features.path} holds other cells than the run's dataset ({describe(data_cfg)}, "
+                         f"{adata.n_obs} cells); regenerate it with scripts/generate_features.py.")
+    usable = adata.obs[[batch_key, label_key]].notna().all(axis=1).to_numpy()
+    if not usable.all():
+        print(f"{int((~usable).sum())} cells without {batch_key!r} or {label_key!r} are left out")
+    if usable.sum() <= N_NEIGHBORS:
+        raise InputError(f"{describe(data_cfg)}: {int(usable.sum())} labelled cells; scib's kNN metrics need "
+                         f"more than {N_NEIGHBORS}: train on more cells (data.n_cells).")
+    if adata.obs.loc[usable, batch_key].nunique() < 2:
+        raise InputError(f"data.batch_key={batch_key!r}: the run's cells come from a single batch; "
+                         "batch-correction metrics need at least two.")
+    obs = adata.obs.loc[usable]
+
+    embeddings: dict[str, np.ndarray] = {}
+    n_features: dict[str, int] = {}  # SAE features behind each SAE embedding
+    for name in names:
+        print(f"embedding: {name}", flush=True)
+        if name == "model_cell_emb":
+            emb = model_cell_embeddings(adapter, tokens, adata.n_obs, int(icfg.batch_size))[usable]
+        elif name == "expression_pca":
+            emb = expression_pca(adata[usable], data_cfg, int(icfg.pca_n_comps))
+        else:
+            X = features.X[usable]
+            if name == "sae_features_batch_removed":
+                flag = batch_associated_features(X, obs, batch_key, label_key, min_cells=int(icfg.min_cells),
+                                                 batch_auroc_threshold=float(icfg.batch_auroc_threshold))
+                print(f"  removing {int(flag.sum())} batch-associated features of {X.shape[1]} "
+                      f"(max AUROC over {batch_key} > {float(icfg.batch_auroc_threshold)} and > over {label_key})")
+                X = X[:, ~flag]
+            emb = sae_embedding(X, icfg.sae_n_comps)
+            n_features[name] = X.shape[1]
+        embeddings[name] = emb
+    reference = embeddings.get("expression_pca")  # PCR comparison's unintegrated reference
+    if reference is None:
+        reference = expression_pca(adata[usable], data_cfg, int(icfg.pca_n_comps))
+    table = scib_table(obs, embeddings, batch_key, label_key, pre_integrated=reference,
+                       bio_conservation=OmegaConf.to_container(icfg.bio_conservation),
+                       batch_correction=OmegaConf.to_container(icfg.batch_correction))
+    table[("Embedding", "dims")] = [embeddings[n].shape[1] for n in table.index]
+    table[("Embedding", "features")] = [n_features.get(n, np.nan) for n in table.index]
+
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / RESULT_FILE
+    tmp = out.with_name(f".{out.name}.tmp")
+    table.to_csv(tmp)
+    os.replace(tmp, out)  # never a half-written table under the final name
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
+        print(table)
+    print(f"integration benchmark ({batch_key} x {label_key}, {len(obs)} cells): {out}")
+    return table
+
+
+def read_integration_table(path: str | Path) -> pd.DataFrame:
+    """``integration.csv`` as written by ``benchmark_integration`` (two header rows)."""
+    return pd.read_csv(path, header=[0, 1], index_col=0)
