@@ -31,7 +31,7 @@ from sae4scfm.scfm.tokens import TokenizedCells
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
-PRETRAIN_VERSION = 1  # bump when the pretraining recipe changes, so caches are rebuilt
+PRETRAIN_VERSION = 2  # bump when the pretraining recipe changes, so caches are rebuilt
 
 
 def cache_root() -> Path:
