@@ -1,0 +1,63 @@
+"""Feature edits: the two intervention modes do what their formulas say, on gene tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae4scfm.errors import InputError
+from sae4scfm.saes import build_sae
+from sae4scfm.steering import feature_edit
+
+
+@pytest.fixture()
+def sae_and_inputs():
+    torch.manual_seed(0)
+    sae = build_sae("topk", 16, 64, {"k": 4})
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    h = torch.randn(3, 5, 16)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 0] = False  # a special token
+    mask[2, 3:] = False  # padding
+    return sae, h, mask
+
+
+def test_error_preserving_adds_the_decoder_row_delta(sae_and_inputs):
+    sae, h, mask = sae_and_inputs
+    f = sae.encode(h[mask])
+    j = int(f.sum(0).argmax())  # a feature that fires
+    out = feature_edit(sae, {j: 7.0})(h, mask)
+    expected = h[mask] + (7.0 - f[:, j])[:, None] * sae.W_dec[j]
+    torch.testing.assert_close(out[mask], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[~mask], h[~mask])
+
+
+def test_empty_edit_is_identity_only_when_error_preserving(sae_and_inputs):
+    sae, h, mask = sae_and_inputs
+    torch.testing.assert_close(feature_edit(sae, {})(h, mask), h)
+    recon = feature_edit(sae, {}, mode="reconstruction")(h, mask)
+    torch.testing.assert_close(recon[mask], sae(h[mask]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(recon[mask], h[mask], atol=1e-3)
+
+
+def test_add_and_scale_ops(sae_and_inputs):
+    sae, h, mask = sae_and_inputs
+    f = sae.encode(h[mask])
+    j = int(f.sum(0).argmax())
+    added = feature_edit(sae, {j: 2.0}, op="add", mode="reconstruction")(h, mask)
+    f_new = f.clone()
+    f_new[:, j] += 2.0
+    torch.testing.assert_close(added[mask], sae.decode(f_new), atol=1e-5, rtol=1e-5)
+    doubled = feature_edit(sae, {j: 2.0}, op="scale")(h, mask)
+    torch.testing.assert_close(doubled[mask], h[mask] + f[:, j, None] * sae.W_dec[j], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_edits_are_input_errors(sae_and_inputs):
+    sae, _, _ = sae_and_inputs
+    with pytest.raises(InputError, match="out of range"):
+        feature_edit(sae, {64: 1.0})
+    with pytest.raises(InputError, match="mode='splice'"):
+        feature_edit(sae, {1: 1.0}, mode="splice")
+    with pytest.raises(InputError, match="op='mul'"):
+        feature_edit(sae, {1: 1.0}, op="mul")
