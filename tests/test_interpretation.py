@@ -175,3 +175,20 @@ def test_features_file_of_another_run(analysed, tmp_path):
     f[::-1].copy().write_h5ad(dst / "features" / "features.h5ad")
     with pytest.raises(InputError, match="does not hold the cells of the run's dataset"):
         sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), "analysis.run_density=true"]))
+
+
+def test_token_pooling_scores_tokens_labelled_by_their_cell(analysed, tmp_path):
+    """analysis.pooling=token: AUROC over tokens, each labelled with its cell's label (sklearn)."""
+    from sklearn.metrics import roc_auc_score
+
+    cfg, run_dir, _ = analysed
+    runs, dst = _copy_run(run_dir, tmp_path)
+    table = sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), "analysis.pooling=token",
+                                                                   "analysis.label_metrics=[auroc]"]))
+    run = load_run_data(cfg)
+    labels = run.features.obs["bulk_labels"].to_numpy()[run.tokens.obs["cell_index"].to_numpy()]
+    X = run.tokens.X.tocsc()
+    for value in ("CD56+ NK", "CD19+ B"):
+        col = table["label_scoring"][f"auroc:bulk_labels={value}"].astype(float)
+        for f in (0, int(col.idxmax())):
+            assert col[f] == pytest.approx(roc_auc_score(labels == value, X[:, f].toarray().ravel()), abs=1e-12)

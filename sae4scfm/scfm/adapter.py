@@ -8,6 +8,7 @@ work the same way for every family.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -17,6 +18,33 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
+
+
+log = logging.getLogger(__name__)
+
+
+def load_official_state(model: nn.Module, state: dict[str, torch.Tensor], source, hint: str,
+                        may_be_missing: tuple[str, ...] = ()) -> None:
+    """Load an official state dict into ``model`` (same key names) without ever dropping a key silently.
+
+    A tensor whose shape differs from the model's, or a missing key (except ``may_be_missing``), is
+    an InputError naming ``source`` and ending with ``hint`` (what the file should match); keys the
+    model does not use are listed in a log warning.
+    """
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise InputError(f"{source}: tensor shapes do not match: {'; '.join(wrong[:4])}"
+                         f"{' …' if len(wrong) > 4 else ''}; {hint}.")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in may_be_missing]
+    if missing:
+        raise InputError(f"{source}: missing state-dict keys {missing[:8]}{' …' if len(missing) > 8 else ''}; "
+                         f"{hint}.")
+    if result.unexpected_keys:
+        log.warning("%s: ignoring %d checkpoint keys this adapter does not use: %s",
+                    source, len(result.unexpected_keys), result.unexpected_keys[:8])
 
 
 class _StopForward(Exception):

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sae4scfm.errors import InputError
+from sae4scfm.scfm.adapter import load_official_state
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +286,8 @@ def load_aido_cell_checkpoint(checkpoint_dir: str | Path) -> tuple[AIDOCellModel
     else:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     model = AIDOCellModel(cfg)
-    try:
-        result = model.load_state_dict(official_keys(state), strict=False)
-    except RuntimeError as e:
-        raise InputError(f"{weights}: tensor shapes do not match {root / CONFIG_FILE} "
-                         f"(hidden_size={cfg.d_model}, intermediate_size={cfg.d_mlp}): {e}") from e
-    if result.missing_keys:
-        raise InputError(f"{weights}: missing state-dict keys {result.missing_keys[:8]}"
-                         f"{' …' if len(result.missing_keys) > 8 else ''}; the file does not match {CONFIG_FILE} "
-                         f"(num_hidden_layers={cfg.n_layers}) or lacks the expression head (cls.predictions).")
-    if result.unexpected_keys:
-        log.warning("%s: ignoring %d checkpoint keys this adapter does not use: %s",
-                    weights, len(result.unexpected_keys), result.unexpected_keys[:8])
+    load_official_state(model, official_keys(state), weights,
+                        f"the file does not match {CONFIG_FILE} (num_hidden_layers={cfg.n_layers}, "
+                        f"hidden_size={cfg.d_model}, intermediate_size={cfg.d_mlp}) or lacks the expression "
+                        "head (cls.predictions)")
     return model.eval(), cfg

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae4scfm.errors import InputError
+from sae4scfm.scfm.adapter import load_official_state
 
 log = logging.getLogger(__name__)
 
@@ -298,16 +299,7 @@ def load_geneformer(checkpoint_dir: str | Path) -> GeneformerModel:
         if copy in state:
             state.setdefault(source, state[copy])
             del state[copy]
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise InputError(f"{path}: tensor shapes do not match config.json ({e}).") from e
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing:
-        raise InputError(f"{path}: missing state-dict keys {missing[:8]}{' …' if len(missing) > 8 else ''}; "
-                         f"the file does not match config.json (hidden_size={cfg.hidden_size}, "
-                         f"num_hidden_layers={cfg.num_hidden_layers}) or is not a BertForMaskedLM.")
-    if result.unexpected_keys:
-        log.warning("%s: ignoring %d checkpoint keys this model does not use: %s", path,
-                    len(result.unexpected_keys), result.unexpected_keys[:8])
+    load_official_state(model, state, path, f"the file does not match config.json (hidden_size={cfg.hidden_size}, "
+                        f"num_hidden_layers={cfg.num_hidden_layers}) or is not a BertForMaskedLM",
+                        may_be_missing=tuple(tied))
     return model.eval()

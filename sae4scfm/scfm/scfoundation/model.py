@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae4scfm.errors import InputError
+from sae4scfm.scfm.adapter import load_official_state
 
 log = logging.getLogger(__name__)
 
@@ -419,12 +420,6 @@ def load_scfoundation_checkpoint(path: str | Path, key: str = "cell") -> tuple[S
     config, state = official_entry(ckpt[key], source)
     cfg = ScFoundationConfig.from_official(config, source)
     model = ScFoundationModel(cfg)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise InputError(f"{source}: missing state-dict keys {result.missing_keys[:8]}"
-                         f"{' …' if len(result.missing_keys) > 8 else ''}; the weights do not match the "
-                         f"entry's config (encoder {cfg.encoder}, decoder {cfg.decoder}).")
-    if result.unexpected_keys:
-        log.warning("%s: ignoring %d checkpoint keys this adapter does not use: %s",
-                    source, len(result.unexpected_keys), result.unexpected_keys[:8])
+    load_official_state(model, state, source, f"the weights do not match the entry's config "
+                                              f"(encoder {cfg.encoder}, decoder {cfg.decoder})")
     return model.eval(), cfg

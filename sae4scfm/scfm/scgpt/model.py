@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae4scfm.errors import InputError
+from sae4scfm.scfm.adapter import load_official_state
 from sae4scfm.scfm.tokens import Batch
 
 log = logging.getLogger(__name__)
@@ -399,19 +400,7 @@ def load_scgpt_checkpoint(checkpoint_dir: str | Path) -> tuple[ScGPTModel, dict[
     if cfg.pad_token not in vocab:
         raise InputError(f"{root / 'args.json'}: pad_token {cfg.pad_token!r} is not in vocab.json.")
     model = ScGPTModel(cfg, pad_id=vocab[cfg.pad_token])
-    expected = model.state_dict()
-    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if wrong_shape:
-        raise InputError(f"{root / 'best_model.pt'}: weights do not match args.json / vocab.json "
-                         f"(embsize={cfg.d_model}, d_hid={cfg.d_hid}, {len(vocab)} tokens): "
-                         f"{'; '.join(wrong_shape[:4])}{' …' if len(wrong_shape) > 4 else ''}.")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise InputError(f"{root / 'best_model.pt'}: missing state-dict keys {result.missing_keys[:8]}"
-                         f"{' …' if len(result.missing_keys) > 8 else ''}; the file does not match "
-                         f"args.json (embsize={cfg.d_model}, nlayers={cfg.n_layers}).")
-    if result.unexpected_keys:
-        log.warning("%s: ignoring %d checkpoint keys this adapter does not use: %s",
-                    root / "best_model.pt", len(result.unexpected_keys), result.unexpected_keys)
+    load_official_state(model, state, root / "best_model.pt",
+                        f"the file does not match args.json / vocab.json (embsize={cfg.d_model}, "
+                        f"d_hid={cfg.d_hid}, nlayers={cfg.n_layers}, {len(vocab)} tokens)")
     return model.eval(), vocab, cfg
