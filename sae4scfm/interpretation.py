@@ -545,24 +545,33 @@ def _save(fig, path: Path) -> Path:
 
 
 def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
-    """Per cell type: among features with AUROC >= ``auroc_threshold``, the one whose top genes
-    are most enriched for the cell type's marker set (else the best-AUROC feature); its AUROC,
-    F1, top genes, marker-set FDR (NaN = not significant) and best enriched set per collection."""
+    """Per cell type at the resolution of the marker sets (labels mapped to the same marker set by
+    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay):
+    among features whose AUROC (max-pooled per cell, one group vs the rest) is >= ``auroc_threshold``,
+    the one whose top genes are most enriched for the group's marker set, else the best-AUROC
+    feature; its AUROC, F1, top genes, marker-set FDR (NaN = not significant) and best enriched
+    set of the other collections."""
+    from sae4scfm.analysis import label_f1
+
     key = run.cell_type_key
     groups = set(table.columns.get_level_values(0))
-    if not key or "label_scoring" not in groups or f"best:{key}" not in table["label_scoring"]:
+    if not key or key not in run.features.obs or "gene_scoring" not in groups:
         return pd.DataFrame()
-    ls = table["label_scoring"]
+    labels = run.features.obs[key].astype("string")
+    group_of = {v: marker_set_for(run, v) or v for v in labels.dropna().unique()}
+    grouped = labels.map(group_of)
+    auc_all = label_auroc(run.features.X, grouped, min_cells=int(a.min_cells))
+    f1_all = label_f1(run.features.X, grouped, min_cells=int(a.min_cells))
     enr = table["enrichment"] if "enrichment" in groups else None
-    genes = table["gene_scoring"]["top_genes"] if "gene_scoring" in groups else None
+    genes = table["gene_scoring"]["top_genes"]
     sig = _read(run, "enrichment.csv") if enr is not None else None
     markers = sig[sig["collection"] == _collection_name(a.marker_collection)] if sig is not None else None
-    counts = run.features.obs[key].value_counts()
+    counts = grouped.value_counts()
     rows = []
-    for col in (c for c in ls.columns if c.startswith(f"auroc:{key}=")):
-        label = col.split("=", 1)[1]
-        auc = ls[col].astype(float)
-        marker_set = marker_set_for(run, label)
+    for group in auc_all.columns:
+        auc = auc_all[group].astype(float)
+        members = sorted(v for v, g in group_of.items() if g == group)
+        marker_set = group if any(marker_set_for(run, v) == group for v in members) else None
         fdr = pd.Series(np.nan, index=auc.index)
         if markers is not None and marker_set:
             hits = markers[markers["gene_set"] == marker_set].set_index("feature_id")["fdr"]
@@ -570,12 +579,10 @@ def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.Da
         candidates = auc.index[auc >= float(a.auroc_threshold)]
         best = (min(candidates, key=lambda f: (np.nan_to_num(fdr[f], nan=1.0), -auc[f])) if len(candidates)
                 else int(auc.idxmax()))
-        row = {"cell_type": label, "n_cells": int(counts.get(label, 0)), "feature": int(best),
-               "auroc": float(auc[best])}
-        if f"f1:{key}={label}" in ls:
-            row["f1"] = float(ls[f"f1:{key}={label}"][best])
-        row.update(marker_set=marker_set or "", marker_fdr=float(fdr[best]))
-        row["top_genes"] = ";".join(str(genes[best]).split(";")[:8]) if genes is not None else ""
+        row = {"cell_type": group, "labels": "; ".join(members), "n_cells": int(counts.get(group, 0)),
+               "feature": int(best), "auroc": float(auc[best]), "f1": float(f1_all[group][best]),
+               "marker_set": marker_set or "", "marker_fdr": float(fdr[best]),
+               "top_genes": ";".join(str(genes[best]).split(";")[:8])}
         if enr is not None:
             for m in (m for m in enr.columns if m.startswith("best_set:")):
                 coll = m.split(":", 1)[1]
@@ -598,7 +605,8 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
         lines += ["## Cell types", "",
                   f"{n_ok} of {n_marker} cell types with a marker set have a feature with AUROC >= "
                   f"{a.auroc_threshold} whose top genes are enriched (FDR < {a.max_fdr}) for that marker set "
-                  "(marker_fdr empty = not enriched).", "", _markdown(cells), ""]
+                  f"(labels of {run.cell_type_key} mapped to one marker set by data.marker_sets are one cell "
+                  "type here; marker_fdr empty = not enriched).", "", _markdown(cells), ""]
     sig = _read(run, "enrichment.csv") if "enrichment" in groups else None
     for coll, t in (sig.groupby("collection") if sig is not None and len(sig) else []):
         best = t.sort_values("p_value").groupby("gene_set").agg(
