@@ -427,6 +427,18 @@ def test_configs_name_the_adapter_options():
         scfm = sae4scfm.compose("train", [f"scfm={name}"]).scfm
         assert scfm.family == "geneformer" and scfm.version == version and scfm.model_input_size == size
         assert set(scfm) - {"family"} == options
+    sizes = {(c.n_layers, c.d_model) for c in (sae4scfm.compose("train", [f"scfm={n}"]).scfm
+                                                for n in ("geneformer_v1", "geneformer_v2_104m", "geneformer_v2_316m"))}
+    assert sizes == {(6, 256), (12, 768), (18, 1152)}
+
+
+def test_published_size_is_checked(tmp_path, pbmc_genes):
+    """A 2-layer folder loaded under the 12-layer V2 config is an error naming the field and the file."""
+    dicts = write_dictionaries(tmp_path / "dicts", "V2", pbmc_genes)
+    ckpt = write_checkpoint(hf_bert("V2", 4 + len(pbmc_genes[0]), layers=2, d=32, heads=4), tmp_path / "ckpt",
+                            "safetensors")
+    with pytest.raises(InputError, match="scfm.n_layers=12 but .*config.json has 2"):
+        GeneformerAdapter.from_pretrained(ckpt, n_layers=12, d_model=768, **dicts)
 
 
 # ----------------------------------------------------------------- end to end
@@ -445,6 +457,7 @@ def test_pipeline_and_steering(tmp_path, pbmc_genes):
     runs, stores = tmp_path / "runs", tmp_path / "stores"
     cfg = sae4scfm.compose("train", [
         "scfm=geneformer_v2_104m", f"scfm.checkpoint_dir={ckpt}", *[f"scfm.{k}={v}" for k, v in dicts.items()],
+        "scfm.n_layers=null", "scfm.d_model=null",
         "data=pbmc", "data.n_cells=60", "sae=topk", "sae.target_layer=1", "sae.dictionary_multiplier=2",
         "sae.hyperparams.k=8", "train.n_epochs=1", "train.batch_size=256", "wandb.mode=disabled", "device=cpu",
         f"runs_dir={runs}", f"buffer.store_dir={stores}", "experiment=gf",

@@ -55,13 +55,15 @@ class GeneformerAdapter(ScFMAdapter):
                         gene_median_dictionary: str | None = None, gene_name_dictionary: str | None = None,
                         gene_mapping_dictionary: str | None = None, model_input_size: int | None = None,
                         n_counts_key: str | None = None, emb_mode: str | None = None, emb_layer: int = -1,
-                        mask_probability: float = 0.15, **unknown) -> "GeneformerAdapter":
+                        mask_probability: float = 0.15, n_layers: int | None = None, d_model: int | None = None,
+                        **unknown) -> "GeneformerAdapter":
         """Load a Hugging Face ``BertForMaskedLM`` folder and the Geneformer dictionaries.
 
         The options are the keys of ``config/scfm/geneformer_*.yaml`` (documented there);
         ``model_input_size`` and ``emb_mode`` default to the version's official values.
         ``random_init`` builds the architecture of ``config.json`` with freshly drawn
-        weights (Hugging Face's BERT initialisation) and reads no weights file.
+        weights (Hugging Face's BERT initialisation) and reads no weights file. ``n_layers`` and
+        ``d_model``, when set (the published sizes in the yamls), must match ``config.json``.
         """
         if unknown:
             raise InputError(f"scfm: unknown Geneformer option(s) {', '.join(sorted(unknown))}; see "
@@ -85,6 +87,11 @@ class GeneformerAdapter(ScFMAdapter):
                 raise InputError(f"scfm.{field} is not set; point it at the Geneformer {field} file "
                                  f"(e.g. {field}_gc104M.pkl for V2, {field}_gc30M.pkl for V1).")
         cfg = read_config(checkpoint_dir)
+        for field, expected, found in (("n_layers", n_layers, cfg.n_layers), ("d_model", d_model, cfg.hidden_size)):
+            if expected is not None and int(expected) != found:
+                raise InputError(f"scfm.{field}={expected} but {Path(checkpoint_dir) / 'config.json'} has {found}: "
+                                 "this folder is another Geneformer size; pick its scfm config (geneformer_v1, "
+                                 f"geneformer_v2_104m, geneformer_v2_316m) or set scfm.{field}=null.")
         model_input_size = int(model_input_size or defaults["model_input_size"])
         if model_input_size > cfg.max_position_embeddings:
             raise InputError(f"scfm.model_input_size={model_input_size} exceeds the model's "
