@@ -435,3 +435,16 @@ def test_pipeline_and_steering(ckpt, pbmc, tmp_path):
     _, steered = steer(adapter, sae, 1, batch, {0: 5.0, 1: 5.0})
     assert not torch.allclose(clean["pred"], steered["pred"]) and not torch.allclose(clean["cell_emb"],
                                                                                       steered["cell_emb"])
+
+
+def test_log_normalised_as_counts_and_foreign_gene_ids_are_errors(ckpt, pbmc):
+    """Log-normalised values passed as counts, and Ensembl IDs where the 19,264 symbols are needed."""
+    adapter = ScFoundationAdapter.from_pretrained(ckpt[0])
+    logged = pbmc.copy()
+    logged.X = logged.X.copy()
+    logged.X.data = np.log1p(logged.X.data)
+    with pytest.raises(InputError, match="non-integer"):
+        adapter.tokenize(logged, input_kind="counts")
+    ensembl = ad.AnnData(pbmc.X.copy(), var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(pbmc.n_vars)]))
+    with pytest.raises(InputError, match="none of"):
+        adapter.tokenize(ensembl)
