@@ -38,3 +38,21 @@ def small_run(runs_dir, store_dir):
     sae4scfm.generate_features(sae4scfm.compose("features", address))
     sae4scfm.analyze_features(sae4scfm.compose("analyze", [*address, "analysis.run_label_scoring=true"]))
     return cfg, run_dir
+
+
+def assert_rejects_log_values_and_foreign_ids(adapter, adata) -> None:
+    """A symbol-based adapter rejects log-normalised values passed as counts and Ensembl IDs."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from sae4scfm.errors import InputError
+
+    logged = adata.copy()
+    logged.X = logged.X.copy()
+    logged.X.data = np.log1p(logged.X.data)
+    with pytest.raises(InputError, match="non-integer"):
+        adapter.tokenize(logged, input_kind="counts")
+    ensembl = ad.AnnData(adata.X.copy(), var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(adata.n_vars)]))
+    with pytest.raises(InputError, match="none of"):
+        adapter.tokenize(ensembl)

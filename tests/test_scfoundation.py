@@ -439,12 +439,6 @@ def test_pipeline_and_steering(ckpt, pbmc, tmp_path):
 
 def test_log_normalised_as_counts_and_foreign_gene_ids_are_errors(ckpt, pbmc):
     """Log-normalised values passed as counts, and Ensembl IDs where the 19,264 symbols are needed."""
-    adapter = ScFoundationAdapter.from_pretrained(ckpt[0])
-    logged = pbmc.copy()
-    logged.X = logged.X.copy()
-    logged.X.data = np.log1p(logged.X.data)
-    with pytest.raises(InputError, match="non-integer"):
-        adapter.tokenize(logged, input_kind="counts")
-    ensembl = ad.AnnData(pbmc.X.copy(), var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(pbmc.n_vars)]))
-    with pytest.raises(InputError, match="none of"):
-        adapter.tokenize(ensembl)
+    from tests.conftest import assert_rejects_log_values_and_foreign_ids
+
+    assert_rejects_log_values_and_foreign_ids(ScFoundationAdapter.from_pretrained(ckpt[0]), pbmc)
