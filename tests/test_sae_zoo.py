@@ -162,6 +162,22 @@ def test_batchtopk_threshold_converges():
     assert 0.8 * 5 < l0 < 1.25 * 5  # per-sample inference matches the training sparsity
 
 
+def test_batchtopk_calibrate_is_the_mean_batch_cutoff():
+    sae = make("batchtopk")
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(64, D_IN, generator=gen) * 2 for _ in range(6)]
+    cutoffs = []  # the (k·B)-th largest ReLU pre-activation of each batch, by sorting
+    for x in batches:
+        ranked = sae.pre_acts(x).detach().clamp(min=0).flatten().sort(descending=True).values
+        assert ranked[5 * 64 - 1] > 0
+        cutoffs.append(float(ranked[5 * 64 - 1]))
+    sae.calibrate(iter(batches))
+    assert math.isclose(float(sae.threshold), sum(cutoffs) / 6, rel_tol=1e-6)
+    # from one batch: per-sample inference on it keeps BatchTopK's k·B entries but the cut-off one (strict >)
+    sae.calibrate([batches[0]])
+    assert int((sae.eval().encode(batches[0]) > 0).sum()) == 5 * 64 - 1
+
+
 # --- jumprelu -----------------------------------------------------------------------------
 
 def test_jumprelu_output_zero_below_threshold():
@@ -296,7 +312,7 @@ def test_end_to_end(arch, tmp_path, zoo_store_dir):
             assert torch.equal(again.encode(x[:64]), f[:64])
     assert math.isclose(sse / (sx2 - float(sx.pow(2).sum()) / n), results["fvu"], rel_tol=1e-3)
     assert math.isclose(l0 / n, results["l0"], rel_tol=1e-6)
-    if arch == "batchtopk":
-        assert float(sae.threshold) > 0
+    if arch == "batchtopk":  # the threshold calibrated at the end of training: held-out L0 near k
+        assert float(sae.threshold) > 0 and abs(results["l0"] / meta["hyperparams"]["k"] - 1) < 0.15
     if arch == "standard":
         assert isinstance(sae, StandardSAE)

@@ -24,8 +24,8 @@ D_IN, D_SAE = 16, 64
 NEW = ("matryoshka", "gated", "p_anneal", "gated_anneal")
 HP = {"matryoshka": {"k": 5, "group_weights": [0.4, 0.3, 0.2, 0.1]},
       "gated": {"l1_coeff": 0.5, "unit_norm_decoder": False},
-      "p_anneal": {"l1_coeff": 0.5, "p_end": 0.2, "n_p_updates": 4, "resample_every": 5},
-      "gated_anneal": {"l1_coeff": 0.5, "p_end": 0.3, "n_p_updates": 4, "resample_every": 5}}
+      "p_anneal": {"l1_coeff": 0.5, "p_end": 0.2, "anneal_frac": 0.6, "n_p_updates": 4, "resample_every": 5},
+      "gated_anneal": {"l1_coeff": 0.5, "p_end": 0.3, "anneal_frac": 0.6, "n_p_updates": 4, "resample_every": 5}}
 CONFIG = Path(__file__).resolve().parents[1] / "sae4scfm" / "config" / "sae"
 
 
@@ -183,15 +183,23 @@ def test_gated_encode_and_loss_by_hand():
 
 
 @pytest.mark.parametrize("arch", ["gated", "gated_anneal"])
-def test_gated_aux_term_does_not_train_the_decoder(arch):
-    sae = make(arch)
+@pytest.mark.parametrize("unit_norm", [True, False])
+def test_gated_aux_term_trains_the_decoder_only_with_learned_norms(arch, unit_norm):
+    sae = make(arch, unit_norm_decoder=unit_norm)
     x = batch(64)
     params = dict(sae.named_parameters())
     grads = dict(zip(params, torch.autograd.grad(sae.aux_loss(x), list(params.values()), allow_unused=True)))
-    for name in ("W_dec", "b_dec", "r_mag", "b_mag"):  # exactly zero: no path at all
+    for name in ("W_dec", "b_dec", "r_mag", "b_mag") if unit_norm else ("r_mag", "b_mag"):  # no path at all
         assert grads[name] is None or (grads[name] == 0).all(), name
     assert grads["W_enc"].abs().sum() > 0 and grads["b_enc"].abs().sum() > 0
-    # inside the full loss too: its decoder gradient is that of reconstruction + sparsity alone
+    if not unit_norm:  # the gate's own reconstruction through the live decoder, by hand
+        W, b = sae.W_dec.detach().clone().requires_grad_(True), sae.b_dec.detach().clone().requires_grad_(True)
+        pi_gate = (x - b) @ sae.W_enc.detach() + sae.b_enc.detach()
+        by_hand = (x - torch.relu(pi_gate) @ W - b).pow(2).sum(-1).mean()
+        for got, want in zip((grads["W_dec"], grads["b_dec"]), torch.autograd.grad(by_hand, (W, b))):
+            torch.testing.assert_close(got, want)
+        return
+    # inside the full loss too: the decoder's gradient is that of reconstruction + sparsity alone
     out = sae.loss(x)
     pi_gate, _ = sae.gate_and_magnitude(x)
     rest = out["mse"] + sae.sparsity(sae.penalty_acts(x, pi_gate))[0]
@@ -202,6 +210,24 @@ def test_gated_aux_term_does_not_train_the_decoder(arch):
     # the Heaviside gate passes nothing from the reconstruction to the gate bias; the magnitude path learns
     (g_gate, g_rmag) = torch.autograd.grad(out["mse"], [sae.b_enc, sae.r_mag], allow_unused=True)
     assert (g_gate is None or (g_gate == 0).all()) and g_rmag.abs().sum() > 0
+
+
+def test_gated_free_norms_degenerate_direction_is_anchored_by_the_aux_term():
+    """With learned decoder norms, W_dec,i -> a·W_dec,i and r_mag,i -> r_mag,i - log a keep x̂ and the
+    gates and scale the penalty by a: the penalty alone would shrink the decoder toward 0. The
+    auxiliary reconstruction through the (attached) decoder changes along it, which anchors it."""
+    sae = make("gated", unit_norm_decoder=False)
+    x = batch(64)
+    out = sae.loss(x)
+    a = 0.5
+    with torch.no_grad():
+        sae.W_dec.mul_(a)
+        sae.r_mag.sub_(math.log(a))
+        sae.b_mag.div_(a)  # π_mag = exp(r_mag) z + b_mag scales by 1/a as a whole
+    moved = sae.loss(x)
+    torch.testing.assert_close(moved["mse"], out["mse"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moved["l1"], a * out["l1"], rtol=1e-5, atol=1e-6)
+    assert abs(float(moved["aux"]) / float(out["aux"]) - 1) > 0.05
 
 
 def test_gated_decoder_norm_policy():
@@ -388,3 +414,16 @@ def test_end_to_end(arch, tmp_path, zoo_store_dir):
         assert int(sae.steps_done) == meta["steps"] and int(sae.p_stage) == sae.n_p_updates
         assert math.isclose(float(sae.p), sae.p_end, rel_tol=1e-6)
         assert float(sae.sparsity_coeff) != meta["hyperparams"]["l1_coeff"]
+
+
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu", "p_anneal", "gated_anneal"])
+def test_sparsity_scale_multiplies_the_penalty_alone(arch):
+    torch.manual_seed(0)
+    sae = build_sae(arch, D_IN, D_SAE, {"l0_coeff": 0.3} if arch == "jumprelu" else {"l1_coeff": 0.5})
+    x = batch(32)
+    full = sae.loss(x)["loss"]
+    sae.sparsity_scale = 0.0
+    without = sae.loss(x)["loss"]
+    sae.sparsity_scale = 0.25
+    torch.testing.assert_close(sae.loss(x)["loss"], without + 0.25 * (full - without))
+    assert full - without > 0.01 * full

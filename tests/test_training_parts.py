@@ -8,7 +8,7 @@ import torch
 
 from sae4scfm.activations import ActivationStore, _ShardWriter
 from sae4scfm.saes import TopKSAE
-from sae4scfm.training import geometric_median, lr_factor
+from sae4scfm.training import geometric_median, input_scale, lr_factor
 
 
 def make_store(tmp_path, n=1000, d=8, shard_tokens=128):
@@ -107,3 +107,46 @@ def test_lr_schedule_warmup_and_decay():
     lrs = [lr_factor(s, total, warmup, 0.2) for s in range(total)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0
     assert lrs[80] == 1.0 and lrs[99] == 0.05 and all(np.diff(lrs[80:]) < 0)
+
+
+def test_lr_constant_after_warmup_by_default():
+    from omegaconf import OmegaConf
+
+    decay = float(OmegaConf.load("sae4scfm/config/train.yaml").train.lr_decay_frac)
+    lrs = [lr_factor(s, 100, 10, decay) for s in range(100)]
+    assert decay == 0.0 and lrs[:10] == [(s + 1) / 10 for s in range(10)] and set(lrs[10:]) == {1.0}
+
+
+def test_input_scale_is_centred_and_offset_free():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 6)) * np.array([1.0, 2.0, 0.5, 3.0, 1.0, 0.1])
+    expected = np.sqrt(6 / ((x - x.mean(0)) ** 2).sum(1).mean())
+    got = input_scale(torch.tensor(x, dtype=torch.float32))
+    assert np.isclose(got, expected, rtol=1e-5)
+    assert np.isclose(input_scale(torch.tensor(x + 50.0, dtype=torch.float32)), expected, rtol=1e-4)  # offset-free
+    scaled = torch.tensor(x) * got
+    assert np.isclose(float((scaled - scaled.mean(0)).pow(2).sum(1).mean()), 6, rtol=1e-5)  # unit variance per dim
+
+
+def test_sparsity_coefficient_warms_up_linearly(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sae4scfm.saes import StandardSAE
+    from sae4scfm.training import Member, _step
+
+    torch.manual_seed(0)
+    sae = StandardSAE(8, 32, l1_coeff=0.5)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    cfg = OmegaConf.create({"train": {"lr_decay_frac": 0.0, "sparsity_warmup_frac": 0.1, "grad_clip": 1.0,
+                                      "autocast": "none", "dead_after_tokens": 10**6, "log_every": 10**9,
+                                      "checkpoint_every": 10**9}, "sae": {"hyperparams": {"lr": 1e-3}}})
+    m = Member(cfg, tmp_path, sae, opt, torch.zeros(32, dtype=torch.long), 0, 1.0, None)
+    x = torch.randn(16, 8)
+    seen = []
+    for step in range(1, 21):  # 50 steps in all: the coefficient reaches its value at step 5
+        _step(m, x, step, 50, 1, 0)
+        seen.append(sae.sparsity_scale)
+        if step == 3:  # the loss of that step used the scaled coefficient
+            out = sae.loss(x)
+            torch.testing.assert_close(out["loss"], out["mse"] + 0.6 * 0.5 * out["l1"])
+    assert seen[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and set(seen[5:]) == {1.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ class SAE(nn.Module):
     # False: decoder rows keep their learned norms (e.g. the ‖W_dec,i‖-weighted L1 SAE);
     # ``normalize_decoder`` and ``remove_parallel_decoder_grad`` are then no-ops.
     unit_norm_decoder = True
+    # Factor in [0, 1] on the sparsity coefficient of penalised architectures, set by the trainer
+    # before each step (linear warm-up from 0 over ``train.sparsity_warmup_frac``); 1 outside training.
+    sparsity_scale = 1.0
 
     def __init__(self, d_in: int, d_sae: int, **hyperparams):
         super().__init__()
@@ -62,6 +66,10 @@ class SAE(nn.Module):
         Schedules (annealing) and dead-latent resampling live here. Returns the indices of
         latents whose weights were re-initialised, so the trainer resets their Adam state."""
         return None
+
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Called once after the last step with scaled training batches (each [B, d_in]) to set
+        inference statistics at the final weights (BatchTopK's threshold); a no-op by default."""
 
     # --- decoder-norm policy --------------------------------------------------
     @torch.no_grad()

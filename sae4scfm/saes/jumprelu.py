@@ -2,8 +2,9 @@
 with JumpReLU Sparse Autoencoders").
 
 z = W_encᵀ(x − b_dec) + b_enc; f = z · H(z − θ), θ = exp(log_threshold) > 0 per latent.
-Loss = ‖x − x̂‖² + λ · Σᵢ H(zᵢ − θᵢ). H has no useful gradient, so θ is trained with the
-paper's straight-through pseudo-derivatives, rectangle kernel K(u) = 1[|u| < ½], bandwidth ε:
+Loss = ‖x − x̂‖² + λ · Σᵢ H(zᵢ − θᵢ) (λ warmed up by the trainer's ``sparsity_scale``). H has no
+useful gradient, so θ is trained with the paper's straight-through pseudo-derivatives, rectangle
+kernel K(u) = 1[|u| < ½], bandwidth ε:
   JumpReLU: ∂f/∂z = H(z − θ),  ∂f/∂θ = −(θ/ε) K((z − θ)/ε)
   step:     ∂H/∂z = 0,         ∂H/∂θ = −(1/ε) K((z − θ)/ε)
 Both kernels act on the raw pre-activations z, not on ReLU(z) (cf. dictionary_learning issue 55:
@@ -86,4 +87,5 @@ class JumpReLUSAE(SAE):
         mse = (x - self.decode(f)).pow(2).sum(-1).mean()
         l0 = step(z, theta, self.bandwidth).sum(-1).mean()
         active = f.detach() != 0
-        return {"loss": mse + self.l0_coeff * l0, "mse": mse, "l0": l0.detach(), "fired": active.any(0)}
+        return {"loss": mse + self.sparsity_scale * self.l0_coeff * l0, "mse": mse, "l0": l0.detach(),
+                "fired": active.any(0)}

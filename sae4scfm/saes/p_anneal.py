@@ -6,7 +6,10 @@ f = ReLU(W_encᵀ(x − b_dec) + b_enc); Loss = ‖x − x̂‖² + λ_t · Σ�
 with ``decoder_norm_l1``).
 - p schedule: p = ``p_start`` for the first ``anneal_start_frac`` of the steps (warm phase), then
   it moves linearly to ``p_end`` over the next ``anneal_frac`` of the steps in ``n_p_updates``
-  equal stages, and stays there.
+  equal stages, and stays there. The default anneals until the end of training, as
+  dictionary_learning's trainers do: holding p at 0.2 for the last 30% of the steps (the earlier
+  default, anneal_frac 0.6) cost 75% in FVU at L0 16 on the demo model (0.34 against 0.196;
+  plain L1: 0.197), and 68% for the gated variant.
 - At each change p_old -> p_new the coefficient is rescaled so the penalty is continuous on the
   current batch: λ_new = λ_old · Lp_old / Lp_new, Lp = mean over tokens of Σᵢ aᵢ^p.
 - Every ``resample_every`` steps (0: never; not when fewer than ``resample_every`` steps remain)
@@ -34,7 +37,7 @@ def lp_penalty(acts: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     return torch.where(positive, acts.clamp(min=1e-12).pow(p), torch.zeros_like(acts)).sum(-1).mean()
 
 
-ANNEAL_DEFAULTS = dict(p_start=1.0, p_end=0.2, anneal_start_frac=0.1, anneal_frac=0.6, n_p_updates=10,
+ANNEAL_DEFAULTS = dict(p_start=1.0, p_end=0.2, anneal_start_frac=0.1, anneal_frac=0.9, n_p_updates=10,
                        resample_every=0)
 
 
@@ -70,9 +73,9 @@ class PAnnealing:
         return self.p_start + (self.p_end - self.p_start) * stage / self.n_p_updates
 
     def sparsity(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(λ · Lp, Lp) of the non-negative ``acts``."""
+        """(λ · Lp, Lp) of the non-negative ``acts`` (λ times the trainer's warm-up factor)."""
         lp = lp_penalty(acts, self.p)
-        return self.sparsity_coeff * lp, lp
+        return self.sparsity_scale * self.sparsity_coeff * lp, lp
 
     @torch.no_grad()
     def set_p(self, p_new: float, x: torch.Tensor) -> None:

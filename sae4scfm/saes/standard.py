@@ -1,7 +1,8 @@
 """Standard ReLU SAE with an L1 sparsity penalty (Bricken et al. 2023).
 
 f = ReLU(W_encᵀ(x − b_dec) + b_enc); x̂ = W_dec f + b_dec.
-Loss = ‖x − x̂‖² + λ · Σᵢ fᵢ, with unit-norm decoder rows (the shared loop renormalises them).
+Loss = ‖x − x̂‖² + λ · Σᵢ fᵢ (λ warmed up by the trainer's ``sparsity_scale``), with unit-norm
+decoder rows (the shared loop renormalises them).
 With ``decoder_norm_l1`` (Anthropic's April 2024 update) the penalty is λ · Σᵢ fᵢ ‖W_dec,i‖ and
 the decoder rows keep their learned norms (``unit_norm_decoder = False``).
 """
@@ -42,5 +43,5 @@ class StandardSAE(SAE):
         mse = (x - self.decode(f)).pow(2).sum(-1).mean()
         l1 = self.l1_penalty(f)
         active = f > 0
-        return {"loss": mse + self.l1_coeff * l1, "mse": mse, "l1": l1.detach(),
+        return {"loss": mse + self.sparsity_scale * self.l1_coeff * l1, "mse": mse, "l1": l1.detach(),
                 "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
