@@ -36,6 +36,7 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from memory import peak_rss_bytes, reset_peak_rss
 
 
 def synthetic_activations(n_cells, n_features, density, n_values, tied, seed=0):
@@ -67,27 +68,6 @@ def synthetic_activations(n_cells, n_features, density, n_values, tied, seed=0):
 
 def nbytes(X):
     return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0: VmHWM); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def main(argv=None):

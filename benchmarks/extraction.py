@@ -67,11 +67,12 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from memory import peak_rss_bytes, reset_peak_rss
 
 FAMILIES = ("scgpt", "geneformer", "scfoundation", "aido_cell")
 DEFAULT_BATCH = 32  # config/buffer/default.yaml extract_batch_size
@@ -208,26 +209,6 @@ def _malloc_trim() -> None:
         pass
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ----------------------------------------------------------------- one measurement (fresh process)
 
 
@@ -253,13 +234,13 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
     with tempfile.TemporaryDirectory(prefix="sae4scfm-bench-store-") as out:
         gc.collect()
         _malloc_trim()
-        exact = _reset_peak_rss()
-        rss0 = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        exact = reset_peak_rss()
+        rss0 = peak_rss_bytes() // 1024  # right after the reset VmHWM == VmRSS
         start = time.perf_counter()
         stores = extract_activations(adapter, tokens, layers, out, batch_size=batch_size,
                                      desc=f"{family} batch_size={batch_size}")
         elapsed = time.perf_counter() - start
-        peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak_rss_bytes() // 1024
         stored = stores[layers[0]].n_tokens
     return {"cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
             "exact_peak": exact, "tokens_per_cell": float(np.mean(tokens.lengths)),
