@@ -85,7 +85,7 @@ def main(argv=None):
 
     from sklearn.metrics import roc_auc_score
 
-    from sae4scfm.analysis import label_auroc, label_scoring
+    from sae4scfm.analysis.labels import label_auroc, label_scoring
 
     t0 = time.perf_counter()
     X, labels = synthetic_activations(args.cells, args.features, args.density, args.values, args.tied, args.seed)

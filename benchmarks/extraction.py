@@ -29,7 +29,7 @@ preprocessing of each family). AIDO.Cell reads every one of its 19,266 positions
 data, so per cell and head it scores 19,266^2 query-key pairs where the others score ~250^2 here; it
 times ``--aido-cells`` cells (default 4) so that the run stays within minutes (printed below the table).
 
-What is timed: ``sae4scfm.activations.extract_activations`` of layers ``--layers`` (default the middle
+What is timed: ``sae4scfm.store.extract_activations`` of layers ``--layers`` (default the middle
 and the last block, 2 and 4) into a temporary store, float32 shards, once with ``batch_size`` 32 (the
 default ``buffer.extract_batch_size``; cells sorted by length, padded per batch; AIDO.Cell's adapter
 option ``max_tokens_per_batch`` is left unset so a batch is one forward) and once with ``batch_size`` 1,
@@ -220,10 +220,10 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
 
     if threads:
         torch.set_num_threads(threads)
-    from sae4scfm.activations import extract_activations
     from sae4scfm.data import load_pbmc
     from sae4scfm.scfm import adapter_class
     from sae4scfm.scfm.tokens import Batch
+    from sae4scfm.store.extract import extract_activations
 
     adapter = adapter_class(family).from_pretrained(checkpoint, "cpu", **options)
     adata = load_pbmc()[np.asarray(cells)].copy()

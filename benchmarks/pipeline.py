@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 import sae4scfm
-from sae4scfm.pipeline import load_model_and_data
 from sae4scfm.saes import TopKSAE
+from sae4scfm.scfm.loading import load_model_and_data
 
 
 def cells_per_second(adapter, tokens, batch_size: int, n_cells: int) -> float:

@@ -72,7 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sae_training import _dictionary_learning_trainers, synthetic_activations  # noqa: E402
 
 from sae4scfm.saes import build_sae  # noqa: E402
-from sae4scfm.training import Member, _step, base_lr, geometric_median, input_scale  # noqa: E402
+from sae4scfm.training.schedules import base_lr, geometric_median, input_scale
+from sae4scfm.training.trainer import Member, _step
 
 CONFIG = Path(__file__).resolve().parents[1] / "sae4scfm" / "config"
 TRAIN = OmegaConf.load(CONFIG / "train.yaml").train
@@ -198,7 +199,7 @@ def train_ours(arch: str, data: Data, d_sae: int, coeff: float | None, budget: B
     out = {}
     if arch in THRESHOLDED:
         ema = float(sae.threshold)
-        sae.calibrate(x * scale for x in data.batches[:CALIBRATION_BATCHES])  # as sae4scfm.training._finish
+        sae.calibrate(x * scale for x in data.batches[:CALIBRATION_BATCHES])  # as sae4scfm.training.trainer._finish
     sae.fold_input_scale(scale)
     sae.eval()
     out["θ calibrated" if arch in THRESHOLDED else ""] = Trained(sae.encode, sae.decode, lambda: sae.W_dec)
@@ -274,8 +275,10 @@ def train_saelens(arch: str, data: Data, d_sae: int, coeff: float | None, budget
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
-                                                         MatryoshkaBatchTopKTrainingSAEConfig)
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -451,7 +454,8 @@ def synthetic(args) -> Data:
 
 def demo(args) -> Data:
     import sae4scfm
-    from sae4scfm.pipeline import activation_stores, load_model_and_data
+    from sae4scfm.scfm.loading import load_model_and_data
+    from sae4scfm.store.extract import activation_stores
 
     cfg = sae4scfm.compose("train", ["wandb.mode=disabled", "device=cpu"])
     adapter, adata, tokens = load_model_and_data(cfg, "cpu")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sae4scfm.saes import BatchTopKSAE, TopKSAE
-from sae4scfm.training import geometric_median
+from sae4scfm.training.schedules import geometric_median
 
 
 def synthetic_activations(n: int, d_in: int, n_true: int, k_true: int, seed: int) -> torch.Tensor:

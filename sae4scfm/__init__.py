@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": ("sae4scfm.training", "train"),
     "generate_features": ("sae4scfm.features", "generate_features"),
-    "analyze_features": ("sae4scfm.interpretation", "analyze_features"),
-    "benchmark_integration": ("sae4scfm.integration", "benchmark_integration"),
+    "analyze_features": ("sae4scfm.analysis.analyze", "analyze_features"),
+    "benchmark_integration": ("sae4scfm.analysis.integration", "benchmark_integration"),
     "compose": ("sae4scfm.cli", "compose"),
 }
 

@@ -27,28 +27,28 @@ def _report_input_errors(fn, cfg: DictConfig):
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def train_main(cfg: DictConfig) -> None:
-    from sae4scfm.training import train
+    from sae4scfm.training.trainer import train
 
     _report_input_errors(train, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="features", version_base="1.3")
 def features_main(cfg: DictConfig) -> None:
-    from sae4scfm.features import generate_features
+    from sae4scfm.features.generate import generate_features
 
     _report_input_errors(generate_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="analyze", version_base="1.3")
 def analyze_main(cfg: DictConfig) -> None:
-    from sae4scfm.interpretation import analyze_features
+    from sae4scfm.analysis.analyze import analyze_features
 
     _report_input_errors(analyze_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")
 def benchmark_integration_main(cfg: DictConfig) -> None:
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     _report_input_errors(benchmark_integration, cfg)
 

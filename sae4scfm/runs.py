@@ -7,7 +7,6 @@ for resume) and, after the later stages, ``features/`` and ``analysis/``.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -55,13 +54,6 @@ def resolve_run_dir(runs_dir: str | Path, experiment: str | None, timestamp: str
         raise InputError(f"sae_checkpoint.timestamp={timestamp!r}: no finished run {path}; runs of "
                          f"{experiment!r}: {', '.join(p.name for p in runs) or 'none'} (or use latest).")
     return path
-
-
-def make_shareable(path: Path) -> None:
-    """Give a file written through a private temp file (mode 0600) the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def load_run_config(run_dir: Path) -> DictConfig:

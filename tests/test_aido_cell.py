@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import anndata as ad
+import celltypist  # noqa: E402  test-only, installed with --no-deps (.ci/run)
+import modelgenerator  # noqa: E402
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,8 +34,6 @@ from sae4scfm.scfm.aido_cell import AIDOCellAdapter
 from sae4scfm.scfm.aido_cell.model import AIDOCellConfig, AIDOCellModel, SelfAttention
 from sae4scfm.scfm.aido_cell.preprocess import model_genes
 
-import celltypist  # noqa: E402  test-only, installed with --no-deps (.ci/run)
-import modelgenerator  # noqa: E402
 MG = Path(modelgenerator.__file__).parent
 GENE_TSV = MG / "cell" / "gene_lists" / "OS_scRNA_gene_index.19264.tsv"
 CELLTYPIST_SAMPLE = Path(celltypist.__file__).parent / "data" / "samples" / "sample_cell_by_gene.csv"
@@ -182,7 +182,7 @@ def test_adapters_import_no_official_package():
     official = {"modelgenerator", "transformers", "lightning", "scgpt", "local_attention", "datasets", "celltypist",
                 "torchtext", "flash_attn"}
     code = ("import sys, sae4scfm.scfm.aido_cell, sae4scfm.scfm.geneformer, sae4scfm.scfm.scfoundation, "
-            "sae4scfm.scfm.scgpt, sae4scfm.steering, sae4scfm.activations, sae4scfm.interpretation; "
+            "sae4scfm.scfm.scgpt, sae4scfm.causal, sae4scfm.store, sae4scfm.analysis.analyze; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {official!r}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -305,7 +305,7 @@ def test_tokens_equal_official_preprocessing(dataset):
 def test_expressed_gene_subsetting(tiny, tmp_path):
     """store_genes=expressed: gene_mask and the activation store hold exactly the expressed genes
     (non-zero counts); all: every one of the 19,264 genes."""
-    from sae4scfm.activations import extract_activations
+    from sae4scfm.store.extract import extract_activations
 
     path, _ = tiny
     pbmc = load_pbmc()[:5]
@@ -382,8 +382,8 @@ def test_checkpoint_variants_and_errors(tiny, tmp_path):
 
 def test_pipeline_and_steering(tmp_path):
     """train -> features -> label scoring on PBMC cells with a tiny AIDO.Cell, then steering."""
+    from sae4scfm.causal.steering import feature_edit, steer
     from sae4scfm.saes.base import load_sae
-    from sae4scfm.steering import feature_edit, steer
 
     sizes = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16)
     ckpt = write_checkpoint(tmp_path / "ckpt", official_model(seed=2, **sizes))

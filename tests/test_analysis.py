@@ -7,13 +7,8 @@ import scipy.sparse as sp
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from sae4scfm.analysis import (
-    auroc_sparse,
-    label_auroc,
-    label_scoring,
-    read_results,
-    update_results,
-)
+from sae4scfm.analysis.labels import auroc_sparse, label_auroc, label_scoring
+from sae4scfm.analysis.results import read_results, update_results
 from sae4scfm.errors import InputError
 
 
@@ -238,8 +233,8 @@ def test_update_results_rejects_bad_tables(tmp_path):
 
 from sklearn.metrics import adjusted_mutual_info_score, f1_score  # noqa: E402
 
-import sae4scfm.analysis as analysis_mod  # noqa: E402
-from sae4scfm.analysis import label_ami, label_f1  # noqa: E402
+import sae4scfm.analysis.labels as analysis_mod  # noqa: E402
+from sae4scfm.analysis.labels import label_ami, label_f1
 
 
 def _brute_best_f1(y, x):

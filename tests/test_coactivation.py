@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import fisher_exact
 
-from sae4scfm.coactivation import (
+from sae4scfm.analysis.coactivation import (
     coactivation_modules,
     cofiring_pmi,
     match_by_cofiring,

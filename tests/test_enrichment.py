@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import fisher_exact, hypergeom
 from statsmodels.stats.multitest import multipletests
 
-from sae4scfm.enrichment import (
+from sae4scfm.analysis.enrichment import (
     FISHER_COLUMNS,
     GeneSets,
     bh_fdr,

@@ -9,8 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import pearsonr
 
-from sae4scfm.errors import InputError
-from sae4scfm.gene_scoring import (
+from sae4scfm.analysis.gene_scoring import (
     DEFAULT_FAMILIES,
     TOKEN_GENE_COLUMNS,
     cell_gene_correlation,
@@ -23,6 +22,7 @@ from sae4scfm.gene_scoring import (
     token_gene_scores,
     top_genes,
 )
+from sae4scfm.errors import InputError
 
 
 def _sparse(rng, shape, density=0.3, signed=True):

@@ -447,9 +447,9 @@ def test_published_size_is_checked(tmp_path, pbmc_genes):
 def test_pipeline_and_steering(tmp_path, pbmc_genes):
     """Tiny V2 checkpoint -> activations -> TopK SAE -> features -> label scoring -> steering."""
     import sae4scfm
+    from sae4scfm.causal.steering import steer
     from sae4scfm.saes.base import load_sae
     from sae4scfm.scfm import load_scfm
-    from sae4scfm.steering import steer
 
     dicts = write_dictionaries(tmp_path / "dicts", "V2", pbmc_genes)
     ckpt = write_checkpoint(hf_bert("V2", 4 + len(pbmc_genes[0]), layers=2, d=32, heads=4), tmp_path / "ckpt",

@@ -20,7 +20,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.metrics import silhouette_score
 
 import sae4scfm
-from sae4scfm.analysis import label_scoring
+from sae4scfm.analysis.labels import label_scoring
 from sae4scfm.data import PBMC_BATCHES, load_dataset, load_pbmc, load_pbmc_batches, sample_balanced
 from sae4scfm.data.markers import UNASSIGNED, load_marker_sets
 from sae4scfm.errors import InputError
@@ -148,7 +148,7 @@ def bench_cfg(runs_dir, experiment, stamp, *overrides):
 
 @pytest.fixture(scope="module")
 def table(tiny_run):
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     runs_dir, run_dir = tiny_run
     return benchmark_integration(bench_cfg(runs_dir, "tiny", run_dir.name))
@@ -156,7 +156,7 @@ def table(tiny_run):
 
 @needs_scib
 def test_table_shape_and_ranges(tiny_run, table):
-    from sae4scfm.integration import EMBEDDINGS, read_integration_table
+    from sae4scfm.analysis.integration import EMBEDDINGS, read_integration_table
 
     _, run_dir = tiny_run
     assert list(table.index) == list(EMBEDDINGS)
@@ -229,7 +229,7 @@ def _copy_run(tiny_run, experiment: str, *, features: bool = True) -> tuple[Path
 
 
 def test_no_batch_key(tiny_run):
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     runs_dir, dst = _copy_run(tiny_run, "nobatch", features=False)
     cfg = OmegaConf.load(dst / "config.yaml")
@@ -245,7 +245,7 @@ def test_no_batch_key(tiny_run):
 
 
 def test_features_missing_or_from_another_run(tiny_run):
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     runs_dir, dst = _copy_run(tiny_run, "nofeatures", features=False)
     with pytest.raises(InputError, match=r"features.h5ad does not exist.*generate_features"):
@@ -259,7 +259,7 @@ def test_features_missing_or_from_another_run(tiny_run):
 
 
 def test_features_of_other_cells(tiny_run):
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     runs_dir, dst = _copy_run(tiny_run, "othercells")
     path = dst / "features" / "features.h5ad"
@@ -269,7 +269,7 @@ def test_features_of_other_cells(tiny_run):
 
 
 def test_bad_settings_and_missing_scib(tiny_run, monkeypatch):
-    from sae4scfm.integration import benchmark_integration
+    from sae4scfm.analysis.integration import benchmark_integration
 
     runs_dir, run_dir = tiny_run
     with pytest.raises(InputError, match=r"integration.embeddings=\['umap'\]: choose one or more of"):

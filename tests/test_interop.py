@@ -24,19 +24,18 @@ import sys
 import types
 
 import pytest
+import sae_lens  # noqa: E402  (test dependency)
 import torch
 import torch.nn.functional as F
+from sae_lens import saes as lens_saes  # noqa: E402
 
 import sae4scfm
-from sae4scfm.activations import ActivationStore
 from sae4scfm.errors import InputError
 from sae4scfm.saes import ARCHITECTURES, StandardSAE, build_sae, load_sae
 from sae4scfm.saes.interop import export_saelens, import_dictionary_learning, import_saelens
 from sae4scfm.saes.jumprelu import jumprelu, step
+from sae4scfm.store.shards import ActivationStore
 from tests.conftest import SMALL_RUN
-
-import sae_lens  # noqa: E402  (test dependency)
-from sae_lens import saes as lens_saes  # noqa: E402
 
 D_IN, D_SAE = 16, 64
 HP = {"standard": {"l1_coeff": 0.5}, "standard_dnl1": {"l1_coeff": 0.5, "decoder_norm_l1": True},

@@ -16,10 +16,11 @@ from scipy.stats import fisher_exact
 from statsmodels.stats.multitest import multipletests
 
 import sae4scfm
-from sae4scfm.analysis import read_results
-from sae4scfm.enrichment import load_gene_sets
+from sae4scfm.analysis.analyze import ANALYSES, load_run_data
+from sae4scfm.analysis.enrichment import load_gene_sets
+from sae4scfm.analysis.report import cell_type_summary
+from sae4scfm.analysis.results import read_results
 from sae4scfm.errors import InputError
-from sae4scfm.interpretation import ANALYSES, cell_type_summary, load_run_data
 
 ALL_BUT_CROSS = [f"analysis.run_{name}=true" for name in ANALYSES if name != "cross_layer"]
 

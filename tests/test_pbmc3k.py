@@ -163,8 +163,8 @@ def test_pbmc3k_preset_feeds_the_demo_model():
     """data=pbmc3k goes through the same loader, split and tokenizer as the default."""
     import sae4scfm
     from sae4scfm.data import load_dataset
-    from sae4scfm.pipeline import tokenize_dataset
     from sae4scfm.scfm import load_scfm
+    from sae4scfm.scfm.loading import tokenize_dataset
 
     cfg = sae4scfm.compose("train", ["data=pbmc3k", "data.n_cells=300"])
     adata = load_dataset(cfg.data)

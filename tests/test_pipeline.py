@@ -11,10 +11,10 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from sae4scfm.activations import ActivationStore
-from sae4scfm.analysis import read_results
+from sae4scfm.analysis.results import read_results
 from sae4scfm.data import load_pbmc
 from sae4scfm.saes import load_sae
+from sae4scfm.store.shards import ActivationStore
 
 
 def test_run_dir_contract(small_run):

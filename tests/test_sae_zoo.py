@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sae4scfm
-from sae4scfm.activations import ActivationStore
 from sae4scfm.saes import ARCHITECTURES, BatchTopKSAE, JumpReLUSAE, StandardSAE, build_sae, load_sae
+from sae4scfm.store.shards import ActivationStore
 
 D_IN, D_SAE = 16, 64
 ZOO = {"standard": {"l1_coeff": 0.5}, "standard_dnl1": {"l1_coeff": 0.5, "decoder_norm_l1": True},

@@ -401,8 +401,8 @@ def test_tokenize_rejects_what_scfoundation_cannot_read(ckpt, pbmc):
 
 def test_pipeline_and_steering(ckpt, pbmc, tmp_path):
     """train -> features -> label scoring -> steer, on a tiny random-weight scFoundation."""
+    from sae4scfm.causal.steering import steer
     from sae4scfm.saes import load_sae
-    from sae4scfm.steering import steer
 
     runs, stores = tmp_path / "runs", tmp_path / "stores"
     cfg = sae4scfm.compose("train", [

@@ -200,7 +200,7 @@ def test_padding_never_reaches_real_tokens(tmp_path, pbmc):
 
 def test_extract_several_layers_in_one_pass(tmp_path, pbmc):
     """One pass writes a store per layer; stored rows are exactly the gene tokens' hidden states."""
-    from sae4scfm.activations import extract_activations
+    from sae4scfm.store.extract import extract_activations
 
     cells = pbmc[:20]
     adapter = ScGPTAdapter.from_pretrained(tiny_checkpoint(tmp_path, list(cells.var_names)))
@@ -256,8 +256,8 @@ def test_options_are_checked(tmp_path, pbmc):
 
 def test_pipeline_and_steering_on_an_official_folder(tmp_path, pbmc):
     """scfm=scgpt on an official-layout folder: train an SAE, write features, score labels, steer."""
+    from sae4scfm.causal.steering import steer
     from sae4scfm.saes.base import load_sae
-    from sae4scfm.steering import steer
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt", list(pbmc.var_names), max_seq_len=128)
     runs, stores = tmp_path / "runs", tmp_path / "stores"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae4scfm.causal.steering import feature_edit
 from sae4scfm.errors import InputError
 from sae4scfm.saes import build_sae
-from sae4scfm.steering import feature_edit
 
 
 @pytest.fixture()

@@ -6,9 +6,9 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from sae4scfm.activations import ActivationStore, _ShardWriter
 from sae4scfm.saes import TopKSAE
-from sae4scfm.training import geometric_median, input_scale, lr_factor
+from sae4scfm.store.shards import ActivationStore, _ShardWriter
+from sae4scfm.training.schedules import geometric_median, input_scale, lr_factor
 
 
 def make_store(tmp_path, n=1000, d=8, shard_tokens=128):
@@ -132,7 +132,7 @@ def test_sparsity_coefficient_warms_up_linearly(tmp_path):
     from omegaconf import OmegaConf
 
     from sae4scfm.saes import StandardSAE
-    from sae4scfm.training import Member, _step
+    from sae4scfm.training.trainer import Member, _step
 
     torch.manual_seed(0)
     sae = StandardSAE(8, 32, l1_coeff=0.5)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sae4scfm.runs import make_shareable
+from sae4scfm.atomic import make_shareable
 
 
 class SAE(nn.Module):

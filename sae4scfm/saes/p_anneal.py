@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from sae4scfm.saes.standard import StandardSAE
 
+
 def lp_penalty(acts: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     """Per-token Σᵢ aᵢ^p of non-negative ``acts`` [N, d_sae], batch mean. Zeros contribute 0 and no
     gradient (aᵖ has an infinite slope at 0 for p < 1)."""

@@ -19,7 +19,6 @@ from torch import nn
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
 
-
 log = logging.getLogger(__name__)
 
 

@@ -24,8 +24,7 @@ from platformdirs import user_cache_dir
 from tqdm.auto import tqdm
 
 from sae4scfm.data import load_pbmc, split_cells
-from sae4scfm.scfm.scgpt import (ScGPTAdapter, ScGPTConfig, ScGPTModel, masked_value_loss,
-                                 random_value_mask)
+from sae4scfm.scfm.scgpt import ScGPTAdapter, ScGPTConfig, ScGPTModel, masked_value_loss, random_value_mask
 from sae4scfm.scfm.tokens import TokenizedCells
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,13 @@ official behaviour it follows are in ``docs/scgpt_official_notes.md``."""
 from __future__ import annotations
 
 from sae4scfm.scfm.scgpt.adapter import ScGPTAdapter, check_architecture
-from sae4scfm.scfm.scgpt.model import (ScGPTConfig, ScGPTModel, load_scgpt_checkpoint, masked_value_loss,
-                                       rename_official_keys)
+from sae4scfm.scfm.scgpt.model import (
+                                       ScGPTConfig,
+                                       ScGPTModel,
+                                       load_scgpt_checkpoint,
+                                       masked_value_loss,
+                                       rename_official_keys,
+)
 from sae4scfm.scfm.scgpt.tokenizer import bin_values, random_value_mask, tokenize_binned, tokenize_cells
 
 __all__ = [

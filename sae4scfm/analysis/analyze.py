@@ -18,8 +18,6 @@ run's tokens (its vocabulary intersected with the dataset, after any HVG subset)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -28,104 +26,18 @@ import scipy.sparse as sp
 import torch
 from omegaconf import DictConfig
 
-from sae4scfm.analysis import INDEX_NAME, label_auroc, label_scoring, read_results, update_results
+from sae4scfm.analysis.labels import INDEX_NAME, label_auroc, label_scoring
+from sae4scfm.analysis.report import write_figures, write_summary
+from sae4scfm.analysis.results import read_results, update_results
+from sae4scfm.analysis.run_data import RunData, collection_name, load_run_data, marker_set_for, need_tokens
 from sae4scfm.errors import InputError
-from sae4scfm.runs import load_run_config, resolve_run_dir
+from sae4scfm.runs import resolve_run_dir
 
 ANALYSES = ("label_scoring", "gene_scoring", "enrichment", "gene_families", "density",
             "pca_comparison", "coactivation", "cross_layer")
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class RunData:
-    """A run's features and the data they were computed on, loaded once for every analysis."""
-
-    run_dir: Path
-    out_dir: Path
-    run_cfg: DictConfig
-    sae_cfg: dict
-    features: ad.AnnData  # cells x features (X = max-pooled, layers["mean"])
-    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_id), if written
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def n_features(self) -> int:
-        return self.features.n_vars
-
-    @property
-    def cell_type_key(self) -> str | None:
-        return self.run_cfg.data.get("cell_type_key")
-
-    def dataset(self) -> ad.AnnData:
-        """The run's cells (same order as ``features``), as the loader gives them."""
-        if "adata" not in self.cache:
-            from sae4scfm.data import load_dataset
-
-            adata = load_dataset(self.run_cfg.data)
-            if not np.array_equal(adata.obs_names.to_numpy(), self.features.obs_names.to_numpy()):
-                raise InputError(f"{self.run_dir}/features/features.h5ad does not hold the cells of the run's "
-                                 "dataset (different cells or order); regenerate it with scripts/generate_features.py.")
-            self.cache["adata"] = adata
-        return self.cache["adata"]
-
-    def expression(self) -> tuple[sp.csr_matrix, list[str]]:
-        """log1p(CP10k) expression [cells, genes] of the universe genes found in the data, and those genes."""
-        if "expression" not in self.cache:
-            from sae4scfm.data import normalise_expression
-
-            adata = self.dataset()
-            key = self.run_cfg.data.get("gene_key")
-            names = (adata.var[key] if key else adata.var_names.to_series()).astype(str).to_numpy()
-            if self.tokens is not None:
-                seen = set(self.tokens.obs["gene"].astype(str).unique())
-                cols = np.flatnonzero([g in seen for g in names])
-            else:
-                cols = np.arange(len(names))
-            _, first = np.unique(names[cols], return_index=True)  # one column per gene
-            cols = cols[np.sort(first)]
-            pp = self.run_cfg.data.preprocess
-            X = sp.csr_matrix(adata.X[:, cols] if not adata.isbacked else adata[:, cols].X)
-            self.cache["expression"] = (normalise_expression(X, pp.input_kind, 1e4, True, str(self.run_dir)),
-                                        [str(g) for g in names[cols]])
-        return self.cache["expression"]
-
-    def universe(self) -> list[str]:
-        return self.expression()[1]
-
-    def library_size(self) -> np.ndarray:
-        adata = self.dataset()
-        return np.asarray(adata.X.sum(axis=1)).ravel()
-
-
-def load_run_data(cfg: DictConfig) -> RunData:
-    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
-    features_file = run_dir / "features" / "features.h5ad"
-    if not features_file.is_file():
-        raise InputError(f"{features_file} does not exist; run scripts/generate_features.py with the same "
-                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
-    sae_cfg = json.loads((run_dir / "cfg.json").read_text())
-    features = ad.read_h5ad(features_file)
-    if features.n_vars != sae_cfg["d_sae"]:
-        raise InputError(f"{features_file} has {features.n_vars} features but the run's SAE has {sae_cfg['d_sae']}; "
-                         "it belongs to another run: regenerate it with scripts/generate_features.py.")
-    token_file = run_dir / "features" / "token_features.h5ad"
-    tokens = ad.read_h5ad(token_file) if token_file.is_file() else None
-    if tokens is not None and tokens.n_vars != features.n_vars:
-        raise InputError(f"{token_file} has {tokens.n_vars} features but {features_file} has {features.n_vars}; "
-                         "regenerate both with scripts/generate_features.py.")
-    out_dir = run_dir / "analysis"
-    out_dir.mkdir(exist_ok=True)
-    return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens)
-
-
-def _need_tokens(run: RunData, what: str) -> ad.AnnData:
-    if run.tokens is None:
-        raise InputError(f"{what} needs {run.run_dir}/features/token_features.h5ad; rerun "
-                         "scripts/generate_features.py with features.token_features=true.")
-    return run.tokens
 
 
 def _frame(columns: dict, n: int) -> pd.DataFrame:
@@ -143,7 +55,7 @@ def run_label_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
         raise InputError("analysis.label_keys is not set and the run's dataset names no cell_type_key; "
                          "set analysis.label_keys=[<obs column>].")
     if a.pooling == "token":
-        tokens = _need_tokens(run, "analysis.pooling=token")
+        tokens = need_tokens(run, "analysis.pooling=token")
         X, obs = tokens.X, run.features.obs.iloc[tokens.obs["cell_index"].to_numpy()].reset_index(drop=True)
     elif a.pooling in ("max", "mean"):
         X, obs = (run.features.X if a.pooling == "max" else run.features.layers["mean"]), run.features.obs
@@ -170,12 +82,12 @@ def feature_gene_scores(run: RunData, a: DictConfig) -> tuple[np.ndarray, list[s
     expression over cells. token_specificity: log2 enrichment of the gene among the feature's
     firing tokens (pairs with fewer than ``min_gene_tokens`` firing tokens score NaN).
     """
-    from sae4scfm.gene_scoring import gene_score_matrix, token_gene_scores
+    from sae4scfm.analysis.gene_scoring import gene_score_matrix, token_gene_scores
 
     if a.gene_score == "correlation":
         return _correlation(run)
     if a.gene_score == "token_specificity":
-        table = token_gene_scores(_need_tokens(run, "analysis.gene_score=token_specificity"))
+        table = token_gene_scores(need_tokens(run, "analysis.gene_score=token_specificity"))
         table = table[table["n_fire"] >= int(a.min_gene_tokens)]
         return gene_score_matrix(table, "log2_enrichment", n_features=run.n_features, genes=run.universe(),
                                  fill=np.nan)
@@ -184,7 +96,7 @@ def feature_gene_scores(run: RunData, a: DictConfig) -> tuple[np.ndarray, list[s
 
 def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
     """Pearson r [features, genes] of max-pooled features with log1p CP10k expression over cells."""
-    from sae4scfm.gene_scoring import cell_gene_correlation
+    from sae4scfm.analysis.gene_scoring import cell_gene_correlation
 
     if "corr" not in run.cache:
         expr, genes = run.expression()
@@ -194,7 +106,7 @@ def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
 
 def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
     """Each feature's top genes (adaptive cut by participation ratio, at most ``top_genes``)."""
-    from sae4scfm.gene_scoring import top_genes
+    from sae4scfm.analysis.gene_scoring import top_genes
 
     if "top" not in run.cache:
         scores, genes = feature_gene_scores(run, a)
@@ -204,7 +116,7 @@ def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
 
 def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Per-token (frequency, mean activation, specificity per gene) and per-cell (Pearson r) gene scores."""
-    from sae4scfm.gene_scoring import participation_ratio, token_gene_scores, top_genes
+    from sae4scfm.analysis.gene_scoring import participation_ratio, token_gene_scores, top_genes
 
     n = run.n_features
     cols: dict[str, object] = {}
@@ -228,19 +140,15 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     return _frame(cols, n)
 
 
-def _collection_name(name: str) -> str:
-    return Path(str(name)).stem if str(name).endswith(".gmt") else str(name)
-
-
 def enrichment_tables(run: RunData, a: DictConfig, top: dict[int, list[str]]) -> dict[str, pd.DataFrame]:
     """Fisher enrichment of ``top`` genes against every collection of ``analysis.gene_sets``:
     {collection: every tested pair with overlap >= 1}; BH FDR over all features x sets of a collection."""
-    from sae4scfm.enrichment import fisher_enrichment, load_gene_sets
+    from sae4scfm.analysis.enrichment import fisher_enrichment, load_gene_sets
 
     out = {}
     for name in a.gene_sets:
         sets = load_gene_sets(name)
-        out[_collection_name(name)] = fisher_enrichment(top, sets, run.universe(), min_size=int(a.min_set_size))
+        out[collection_name(name)] = fisher_enrichment(top, sets, run.universe(), min_size=int(a.min_set_size))
     return out
 
 
@@ -268,7 +176,7 @@ def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
 def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Prerank GSEA (blitzgsea) of the gene scores of the best feature per cell type (or the
     ``gsea_features`` most active features when the run has no cell-type labels)."""
-    from sae4scfm.enrichment import load_gene_sets, prerank_gsea
+    from sae4scfm.analysis.enrichment import load_gene_sets, prerank_gsea
 
     scores, genes = feature_gene_scores(run, a)
     if run.cell_type_key and run.cell_type_key in run.features.obs:
@@ -284,7 +192,7 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
             s = pd.Series(scores[f], index=genes).dropna()
             res = prerank_gsea(s, sets, min_size=int(a.min_set_size), permutations=int(a.gsea_permutations),
                                seed=int(run.run_cfg.seed))
-            rows.append(res.assign(feature_id=f, collection=_collection_name(name)))
+            rows.append(res.assign(feature_id=f, collection=collection_name(name)))
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     out.to_csv(run.out_dir / "gsea.csv", index=False)
     print(f"prerank GSEA of {len(chosen)} features: {run.out_dir / 'gsea.csv'}")
@@ -293,9 +201,9 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
 
 def run_gene_families(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Fraction of each feature's firing tokens on each gene family (``analysis.gene_families``)."""
-    from sae4scfm.gene_scoring import gene_family_scores, token_gene_scores
+    from sae4scfm.analysis.gene_scoring import gene_family_scores, token_gene_scores
 
-    table = token_gene_scores(_need_tokens(run, "analysis.run_gene_families"))
+    table = token_gene_scores(need_tokens(run, "analysis.run_gene_families"))
     families = dict(a.gene_families) if a.gene_families else None
     out = gene_family_scores(table, families=families).reindex(range(run.n_features))
     out.index.name = INDEX_NAME
@@ -304,7 +212,7 @@ def run_gene_families(run: RunData, a: DictConfig) -> pd.DataFrame:
 
 def run_density(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Activation density (fraction of cells and tokens) and library size where each feature fires."""
-    from sae4scfm.gene_scoring import density_scores, expression_where_firing
+    from sae4scfm.analysis.gene_scoring import density_scores, expression_where_firing
 
     dens = density_scores(run.features.X, None if run.tokens is None else run.tokens.X)
     expr = expression_where_firing(run.features.X, run.library_size())
@@ -317,7 +225,8 @@ def activation_pcs(run: RunData, a: DictConfig) -> dict:
     """PCA of the run's token activations at its layer (train store sample, centred):
     ``axes`` [n_axes, d] (top right singular vectors), ``cell_scores`` [cells, n_pcs] (mean over
     each cell's gene tokens of the projection on the top ``n_pcs`` axes)."""
-    from sae4scfm.pipeline import activation_stores, load_model_and_data
+    from sae4scfm.scfm.loading import load_model_and_data
+    from sae4scfm.store.extract import activation_stores
 
     layer = int(run.sae_cfg["layer"])
     adapter, adata, tokens = load_model_and_data(run.run_cfg, "cpu")
@@ -339,7 +248,7 @@ def activation_pcs(run: RunData, a: DictConfig) -> dict:
 def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Label AUROC and marker enrichment of PCA directions (PCk+ and PCk−) beside the SAE's, and
     each decoder direction's best |cos| with the top SVD axes of the same activations."""
-    from sae4scfm.gene_scoring import cell_gene_correlation, top_genes
+    from sae4scfm.analysis.gene_scoring import cell_gene_correlation, top_genes
     from sae4scfm.saes.base import load_sae
 
     pcs = activation_pcs(run, a)
@@ -357,7 +266,7 @@ def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
         pc_top = {names[i]: g for i, g in pc_top.items()}
         pc_enr = enrichment_tables(run, a, pc_top)
         sae_enr = enrichment_tables(run, a, feature_top_genes(run, a))
-        marker_coll = _collection_name(a.marker_collection)
+        marker_coll = collection_name(a.marker_collection)
         for value in sae_auc.columns:
             marker_set = marker_set_for(run, value)
             r = {"label": value, "sae_best_feature": int(sae_auc[value].idxmax()),
@@ -392,22 +301,12 @@ def _pair_fdr(table: pd.DataFrame | None, feature, gene_set: str) -> float:
     return float(hit["fdr"].iloc[0]) if len(hit) else 1.0
 
 
-def marker_set_for(run: RunData, label: str) -> str | None:
-    """The marker set of a cell-type label: ``data.marker_sets[label]``, else the set of the same name."""
-    from sae4scfm.enrichment import load_gene_sets
-
-    mapping = run.run_cfg.data.get("marker_sets") or {}
-    if label in mapping:
-        return mapping[label]
-    return label if label in load_gene_sets("markers") else None
-
-
 def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Significant co-firing pairs (hypergeometric, BH), PMI, and Leiden modules labelled by the
     most common best gene set (and cell type) of their member features."""
-    from sae4scfm.coactivation import coactivation_modules, significant_pairs
+    from sae4scfm.analysis.coactivation import coactivation_modules, significant_pairs
 
-    X = _need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
+    X = need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
     pairs = significant_pairs(X, min_count=int(a.coactivation_min_count), max_fdr=float(a.max_fdr))
     pairs.to_csv(run.out_dir / "coactivation_pairs.csv", index=False)
     module = coactivation_modules(pairs, run.n_features, resolution=float(a.leiden_resolution),
@@ -439,13 +338,13 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
 def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
     """Match this run's features to those of other runs (other layers, same tokens) by decoder
     cosine and by co-firing Jaccard; persistence = fraction of features matched."""
-    from sae4scfm.coactivation import match_by_cofiring, match_by_decoder, persistence
+    from sae4scfm.analysis.coactivation import match_by_cofiring, match_by_decoder, persistence
     from sae4scfm.saes.base import load_sae
 
     if not a.cross_layer_runs:
         raise InputError("analysis.run_cross_layer=true needs analysis.cross_layer_runs=[<experiment>/<timestamp>, ...] "
                          "(runs on other layers of the same model and data).")
-    tokens = _need_tokens(run, "analysis.run_cross_layer")
+    tokens = need_tokens(run, "analysis.run_cross_layer")
     sae, _ = load_sae(run.run_dir)
     cols, rows = {}, []
     for address in a.cross_layer_runs:
@@ -480,184 +379,6 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- figures and summary
-
-
-def _read(run: RunData, name: str) -> pd.DataFrame | None:
-    path = run.out_dir / name
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
-
-
-def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
-    """PNG figures of what the results hold: label AUROC heatmap, density histogram, SAE vs PCA."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_dir = run.out_dir / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    written = []
-    key = run.cell_type_key
-    groups = set(table.columns.get_level_values(0))
-    auroc_cols = [m for (an, m) in table.columns if an == "label_scoring" and m.startswith(f"auroc:{key}=")]
-    if auroc_cols:
-        auc = table["label_scoring"][auroc_cols].astype(float)
-        auc.columns = [c.split("=", 1)[1] for c in auroc_cols]
-        best = list(dict.fromkeys(int(auc[c].idxmax()) for c in auc.columns))
-        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(best), 1.2 + 0.4 * len(auc.columns)))
-        im = ax.imshow(auc.loc[best].T.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(best)), [str(b) for b in best], rotation=90)
-        ax.set_yticks(range(len(auc.columns)), auc.columns)
-        ax.set_xlabel("feature (best per cell type)")
-        fig.colorbar(im, ax=ax, label="AUROC")
-        written.append(_save(fig, fig_dir / "label_auroc.png"))
-    if "density" in groups:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for col, label in (("log10_cell_density", "cells"), ("log10_token_density", "tokens")):
-            if col in table["density"]:
-                v = table["density"][col].to_numpy(dtype=float)
-                ax.hist(v[np.isfinite(v)], bins=40, alpha=0.6, label=label)
-        ax.set_xlabel("log10 activation density")
-        ax.set_ylabel("features")
-        ax.legend()
-        written.append(_save(fig, fig_dir / "density.png"))
-    pca = _read(run, "pca_comparison.csv") if "pca_comparison" in groups else None
-    if pca is not None and len(pca):
-        fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(pca), 3.5))
-        x = np.arange(len(pca))
-        ax.bar(x - 0.2, pca["sae_best_auroc"], 0.4, label="SAE feature")
-        ax.bar(x + 0.2, pca["pca_best_auroc"], 0.4, label="PCA direction")
-        ax.set_xticks(x, pca["label"], rotation=60, ha="right")
-        ax.set_ylim(0.5, 1)
-        ax.set_ylabel("best AUROC")
-        ax.legend()
-        written.append(_save(fig, fig_dir / "sae_vs_pca.png"))
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
-    """Per cell type at the resolution of the marker sets (labels mapped to the same marker set by
-    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay):
-    among features whose AUROC (max-pooled per cell, one group vs the rest) is >= ``auroc_threshold``,
-    the one whose top genes are most enriched for the group's marker set, else the best-AUROC
-    feature; its AUROC, F1, top genes, marker-set FDR (NaN = not significant) and best enriched
-    set of the other collections."""
-    from sae4scfm.analysis import label_f1
-
-    key = run.cell_type_key
-    groups = set(table.columns.get_level_values(0))
-    if not key or key not in run.features.obs or "gene_scoring" not in groups:
-        return pd.DataFrame()
-    labels = run.features.obs[key].astype("string")
-    group_of = {v: marker_set_for(run, v) or v for v in labels.dropna().unique()}
-    grouped = labels.map(group_of)
-    auc_all = label_auroc(run.features.X, grouped, min_cells=int(a.min_cells))
-    f1_all = label_f1(run.features.X, grouped, min_cells=int(a.min_cells))
-    enr = table["enrichment"] if "enrichment" in groups else None
-    genes = table["gene_scoring"]["top_genes"]
-    sig = _read(run, "enrichment.csv") if enr is not None else None
-    markers = sig[sig["collection"] == _collection_name(a.marker_collection)] if sig is not None else None
-    counts = grouped.value_counts()
-    rows = []
-    for group in auc_all.columns:
-        auc = auc_all[group].astype(float)
-        members = sorted(v for v, g in group_of.items() if g == group)
-        marker_set = group if any(marker_set_for(run, v) == group for v in members) else None
-        fdr = pd.Series(np.nan, index=auc.index)
-        if markers is not None and marker_set:
-            hits = markers[markers["gene_set"] == marker_set].set_index("feature_id")["fdr"]
-            fdr.loc[hits.index.astype(int)] = hits.to_numpy()
-        candidates = auc.index[auc >= float(a.auroc_threshold)]
-        best = (min(candidates, key=lambda f: (np.nan_to_num(fdr[f], nan=1.0), -auc[f])) if len(candidates)
-                else int(auc.idxmax()))
-        row = {"cell_type": group, "labels": "; ".join(members), "n_cells": int(counts.get(group, 0)),
-               "feature": int(best), "auroc": float(auc[best]), "f1": float(f1_all[group][best]),
-               "marker_set": marker_set or "", "marker_fdr": float(fdr[best]),
-               "top_genes": ";".join(str(genes[best]).split(";")[:8])}
-        if enr is not None:
-            for m in (m for m in enr.columns if m.startswith("best_set:")):
-                coll = m.split(":", 1)[1]
-                if coll != _collection_name(a.marker_collection) and enr.loc[best, f"fdr:{coll}"] < float(a.max_fdr):
-                    row[f"top_set:{coll}"] = enr.loc[best, m]
-        row["interpreted"] = bool(row["auroc"] >= float(a.auroc_threshold) and row["marker_fdr"] < float(a.max_fdr))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: list[Path]) -> Path:
-    """``summary.md``: top features per cell type and per gene set, SAE vs PCA, density, modules."""
-    groups = set(table.columns.get_level_values(0))
-    lines = [f"# Feature summary: {run.run_dir.parent.name}/{run.run_dir.name}", "",
-             f"Model {run.run_cfg.scfm.family}, layer {run.sae_cfg['layer']}, {run.sae_cfg['architecture']} SAE "
-             f"with {run.n_features} features, {run.features.n_obs} cells.", ""]
-    cells = cell_type_summary(run, table, a)
-    if len(cells):
-        n_ok, n_marker = int(cells["interpreted"].sum()), int((cells["marker_set"] != "").sum())
-        lines += ["## Cell types", "",
-                  f"{n_ok} of {n_marker} cell types with a marker set have a feature with AUROC >= "
-                  f"{a.auroc_threshold} whose top genes are enriched (FDR < {a.max_fdr}) for that marker set "
-                  f"(labels of {run.cell_type_key} mapped to one marker set by data.marker_sets are one cell "
-                  "type here; marker_fdr empty = not enriched).", "", _markdown(cells), ""]
-    sig = _read(run, "enrichment.csv") if "enrichment" in groups else None
-    for coll, t in (sig.groupby("collection") if sig is not None and len(sig) else []):
-        best = t.sort_values("p_value").groupby("gene_set").agg(
-            n_features=("feature_id", "nunique"), best_feature=("feature_id", "first"), fdr=("fdr", "first"),
-            overlap_genes=("overlap_genes", "first")).sort_values("fdr").head(int(a.summary_top_sets))
-        lines += [f"## Gene sets: {coll}", "", f"Top {len(best)} of {t['gene_set'].nunique()} sets enriched "
-                  f"(FDR < {a.max_fdr}) in some feature's top genes.", "", _markdown(best.reset_index()), ""]
-    info = run.out_dir / "pca_comparison.json"
-    if "pca_comparison" in groups and info.is_file():
-        pca = json.loads(info.read_text())
-        lines += ["## SAE vs PCA", "", f"SAE decoder directions aligned with a top-{pca['n_svd_axes']} SVD axis "
-                  f"(|cos| > {pca['svd_cos_threshold']}): {pca['svd_aligned_fraction']:.1%}.", ""]
-        lines += [f"- {coll}: {n['sae']} of {pca['n_features']} SAE features vs {n['pca']} of "
-                  f"{pca['n_pca_directions']} PCA directions have an enriched set (FDR < {a.max_fdr})."
-                  for coll, n in pca["n_enriched"].items()]
-        table_pca = _read(run, "pca_comparison.csv")
-        lines += ["", _markdown(table_pca) if table_pca is not None and len(table_pca) else "", ""]
-    if "density" in groups:
-        d = table["density"]
-        lines += ["## Density", "", f"Median fraction of cells a feature fires in: "
-                  f"{d['cell_fraction'].astype(float).median():.3f}; features that never fire: "
-                  f"{int((d['cell_fraction'].astype(float) == 0).sum())}.", ""]
-    if "gene_families" in groups:
-        fam = table["gene_families"]
-        dominated = fam[fam["best_fraction"].astype(float) >= 0.5]["best_family"].value_counts()
-        lines += ["## Gene families", "", "Features with at least half their firing tokens on one family: " +
-                  (", ".join(f"{k} {v}" for k, v in dominated.items()) or "none") + ".", ""]
-    mods = _read(run, "modules.csv") if "coactivation" in groups else None
-    if mods is not None:
-        lines += ["## Co-activation modules", "", f"{len(mods)} Leiden modules of significantly co-firing features.",
-                  "", _markdown(mods.drop(columns="features").head(int(a.summary_top_sets)).fillna("")), ""]
-    cross = _read(run, "cross_layer.csv") if "cross_layer" in groups else None
-    if cross is not None:
-        lines += ["## Cross-layer persistence", "", _markdown(cross), ""]
-    if figures:
-        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
-    path = run.out_dir / "summary.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    def fmt(v) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "" if np.isnan(v) else f"{v:.3g}"
-        return str(v).replace("|", "/")
-
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
 
 
 # --------------------------------------------------------------------------- entry point

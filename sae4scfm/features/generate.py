@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from sae4scfm.errors import InputError
-from sae4scfm.pipeline import load_model_and_data, pick_device
 from sae4scfm.runs import load_run_config, resolve_run_dir
 from sae4scfm.saes import load_sae
+from sae4scfm.scfm.loading import load_model_and_data, pick_device
 
 
 def _csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray], shape: tuple[int, int]) -> sp.csr_matrix:

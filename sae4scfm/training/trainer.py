@@ -19,68 +19,28 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sae4scfm import __version__
-from sae4scfm.activations import ActivationStore
 from sae4scfm.errors import InputError
-from sae4scfm.pipeline import activation_stores, load_model_and_data, pick_device, split_tokens
-from sae4scfm.runs import make_shareable, new_run_dir
+from sae4scfm.runs import new_run_dir
 from sae4scfm.saes import SAE, build_sae
 from sae4scfm.scfm import ScFMAdapter
+from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
 from sae4scfm.scfm.tokens import TokenizedCells
+from sae4scfm.store.extract import activation_stores
+from sae4scfm.store.shards import ActivationStore
+from sae4scfm.training.checkpoint import load_checkpoint, save_checkpoint
+from sae4scfm.training.evaluation import evaluate
+from sae4scfm.training.schedules import base_lr, geometric_median, input_scale, lr_factor
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def geometric_median(x: torch.Tensor, n_iter: int = 100, eps: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances. x [N, d] -> [d]."""
-    median = x.mean(0)
-    for _ in range(n_iter):
-        w = 1.0 / (x - median).norm(dim=1).clamp(min=eps)
-        new = (w[:, None] * x).sum(0) / w.sum()
-        if (new - median).norm() < eps * median.norm().clamp(min=1.0):
-            return new
-        median = new
-    return median
-
-
-def input_scale(sample: torch.Tensor) -> float:
-    """s = sqrt(d_in / E‖x − x̄‖²) from a sample [N, d_in]: the scaled, centred activations have unit
-    variance per dimension. Centred, so that training does not depend on a constant offset in the
-    activations (``b_dec`` starts at their geometric median and absorbs it). Scaled by E‖x‖²
-    instead, a large mean shrinks the signal, and the biases, which Adam moves by about lr per
-    step whatever the data's scale, move fast relative to it (benchmarks/sae_quality.py,
-    synthetic data with an offset: TopK FVU 0.267 with E‖x‖² scaling, 0.176 centred; demo
-    activations: within 1%)."""
-    sample = sample.double()
-    return float((sample.shape[1] / (sample - sample.mean(0)).pow(2).sum(1).mean().clamp(min=1e-30)).sqrt())
-
-
-def base_lr(hyperparams, d_sae: int) -> float:
-    """``hyperparams.lr``, or for ``lr: null`` the scaling law of Gao et al. (2024, Fig. 3) that
-    dictionary_learning also uses: 2e-4 / sqrt(d_sae / 2^14)."""
-    lr = hyperparams.get("lr")
-    return float(lr) if lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
-    decay_start = int(total * (1 - decay_frac))
-    if step < warmup:
-        return (step + 1) / warmup
-    if step >= decay_start and total > decay_start:
-        return max(0.0, (total - step) / (total - decay_start))
-    return 1.0
 
 
 class MetricsLog:
@@ -128,108 +88,6 @@ def reset_adam_rows(opt: torch.optim.Optimizer, sae: SAE, latents: torch.Tensor)
                 t[:, latents] = 0
             elif p.dim() >= 1 and p.shape[0] == sae.d_sae:
                 t[latents] = 0
-
-
-def save_checkpoint(run_dir: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                    step: int, scale: float) -> None:
-    """Training state as safetensors + json; ``state.json`` is replaced last, atomically."""
-    ckpt = run_dir / "checkpoint"
-    ckpt.mkdir(exist_ok=True)
-    tensors = {f"sae.{k}": v for k, v in sae.state_tensors().items()}
-    names = dict(sae.named_parameters())
-    index = {id(p): n for n, p in names.items()}
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            tensors[f"opt.{index[id(p)]}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tensors["since_fired"] = since_fired.cpu()
-    name = f"state-{step:08d}.safetensors"
-    save_file(tensors, ckpt / (name + ".tmp"))
-    os.replace(ckpt / (name + ".tmp"), ckpt / name)
-    make_shareable(ckpt / name)
-    (ckpt / "state.json.tmp").write_text(json.dumps({"step": step, "scale": scale, "file": name}))
-    os.replace(ckpt / "state.json.tmp", ckpt / "state.json")
-    for old in ckpt.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-
-
-def load_checkpoint(run_dir: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, float, torch.Tensor]:
-    """Restore SAE and optimizer in place; returns (step, scale, since_fired)."""
-    meta = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    tensors = load_file(run_dir / "checkpoint" / meta["file"])
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    for name, p in sae.named_parameters():
-        state = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if state:
-            opt.state[p] = state
-    return int(meta["step"]), float(meta["scale"]), tensors["since_fired"]
-
-
-@torch.no_grad()
-def evaluate(sae: SAE, store: ActivationStore, adapter: ScFMAdapter, tokens: TokenizedCells, layer: int,
-             seed: int, max_cells: int, batch_size: int = 4096) -> dict:
-    """Held-out metrics of an SAE acting on raw activations.
-
-    FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all held-out tokens; explained_variance = 1 − FVU;
-    l0 = mean active latents per token; dead_fraction = latents that never fire on them.
-    Output loss: the model's own loss (masked-value MSE for scGPT, same masks) on up to
-    ``max_cells`` held-out cells clean, with the SAE reconstruction spliced in at gene
-    tokens of ``layer``, and with those tokens mean-ablated; ``loss_recovered`` =
-    (ablated − spliced) / (ablated − clean).
-    """
-    device = next(sae.parameters()).device
-    sse = sum_x2 = l0 = n = 0.0
-    sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    for shard in store.iter_shards():
-        for x in shard["acts"].split(batch_size):
-            x = x.to(device).float()
-            f = sae.encode(x)
-            x_hat = sae.decode(f)
-            sse += float((x - x_hat).pow(2).sum())
-            sum_x += x.sum(0).double()
-            sum_x2 += float(x.double().pow(2).sum())
-            active = f > 0
-            l0 += float(active.sum())
-            fired |= active.any(0)
-            n += len(x)
-    total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
-    mean = (sum_x / n).float()
-    metrics = {"fvu": sse / total_var, "explained_variance": 1 - sse / total_var, "l0": l0 / n,
-               "dead_fraction": float((~fired).float().mean()), "n_eval_tokens": int(n)}
-
-    cells = tokens.subset(np.arange(min(max_cells, len(tokens))))
-
-    def loss_with(fn=None) -> float:
-        gen = torch.Generator().manual_seed(seed)
-        total = count = 0.0
-        for batch in cells.batches(32):
-            if fn is None:
-                s, c = adapter.output_loss(batch, gen)
-            else:
-                with adapter.intervene(layer, fn):
-                    s, c = adapter.output_loss(batch, gen)
-            total, count = total + s, count + c
-        return total / max(count, 1)
-
-    def splice(h, mask):
-        return _replace(h, mask, sae(h[mask].to(device)))
-
-    def ablate(h, mask):
-        return _replace(h, mask, mean.to(h.device).expand(int(mask.sum()), -1))
-
-    clean, spliced, ablated = loss_with(), loss_with(splice), loss_with(ablate)
-    metrics.update(loss_clean=clean, loss_spliced=spliced, loss_mean_ablated=ablated,
-                   loss_delta=spliced - clean,
-                   loss_recovered=(ablated - spliced) / (ablated - clean) if ablated != clean else float("nan"))
-    return metrics
-
-
-def _replace(h: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """h [B, T, d] with the positions of ``mask`` [B, T] replaced by ``rows`` [mask.sum(), d]."""
-    out = h.clone()
-    out[mask] = rows.to(h.dtype)
-    return out
 
 
 @dataclass

@@ -19,18 +19,14 @@ not by the number of cells.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from sae4scfm.errors import InputError
-from sae4scfm.scfm.adapter import ScFMAdapter
-from sae4scfm.scfm.tokens import TokenizedCells
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -138,34 +134,3 @@ class _ShardWriter:
         (self.root / "meta.json").write_text(json.dumps(self.meta, indent=1))
 
 
-@torch.no_grad()
-def extract_activations(adapter: ScFMAdapter, tokens: TokenizedCells, layers: list[int], out_dir: str | Path, *,
-                        batch_size: int = 32, shard_tokens: int = 65536, dtype: str = "float32",
-                        include_special: bool = False, desc: str = "extracting") -> dict[int, ActivationStore]:
-    """Run the model over ``tokens`` once and store the residual stream of every layer in
-    ``layers`` under ``out_dir/layer_<l>``. Gene tokens only unless ``include_special``
-    (padding is never stored). Finished stores are reused as they are."""
-    out_dir = Path(out_dir)
-    stores = {layer: out_dir / f"layer_{layer}" for layer in layers}
-    todo = [layer for layer, path in stores.items() if not (path / "meta.json").is_file()]
-    if todo:
-        writers = {}
-        for layer in todo:
-            partial = stores[layer].with_name(stores[layer].name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            writers[layer] = _ShardWriter(partial, layer, adapter.d_model, dtype, shard_tokens, include_special)
-        with tqdm(total=len(tokens), desc=desc, unit="cell") as bar:
-            for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
-                hidden = adapter.capture(batch, todo)
-                keep = (batch.gene_mask | (~batch.padding_mask if include_special else batch.gene_mask)).to(adapter.device)
-                cell = batch.cell_index[:, None].expand_as(batch.gene_ids).to(adapter.device)[keep]
-                gene = batch.gene_ids.to(adapter.device)[keep]
-                special = ~batch.gene_mask.to(adapter.device)[keep]
-                for layer in todo:
-                    writers[layer].add(hidden[layer][keep], cell, gene, special)
-                bar.update(len(batch.cell_index))
-        for layer in todo:
-            writers[layer].close(len(tokens))
-            shutil.rmtree(stores[layer], ignore_errors=True)
-            writers[layer].root.rename(stores[layer])
-    return {layer: ActivationStore(path) for layer, path in stores.items()}

@@ -44,7 +44,7 @@ import scipy.sparse as sp
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.analysis import label_scoring
+from sae4scfm.analysis.labels import label_scoring
 from sae4scfm.data import describe, highly_variable, normalise_expression
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, resolve_run_dir
@@ -212,7 +212,7 @@ def read_run_features(run_dir: Path, pooling: str) -> RunFeatures:
 def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     """Score a run's cells in the spaces of ``cfg.integration.embeddings`` with scib-metrics;
     prints the table and writes it to ``<run>/analysis/integration.csv``."""
-    from sae4scfm.pipeline import load_model_and_data, pick_device
+    from sae4scfm.scfm.loading import load_model_and_data, pick_device
 
     icfg = cfg.integration
     run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
+from sae4scfm.errors import InputError
 
 TOKEN_GENE_COLUMNS = ("feature_id", "gene", "n_tokens", "n_fire", "freq", "mean_act", "log2_enrichment")
 

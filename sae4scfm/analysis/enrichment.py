@@ -49,7 +49,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import hypergeom
 
-from .errors import InputError
+from sae4scfm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def load_gene_sets(name) -> GeneSets:
     key = str(name)
     key = _ALIASES.get(key.lower(), key)
     if key == "markers":
-        from .data.markers import load_marker_sets
+        from sae4scfm.data.markers import load_marker_sets
 
         return GeneSets(load_marker_sets(), source="built-in markers (resources/cell_type_markers.json)")
     if key in BLITZGSEA_LIBRARIES:
