@@ -12,11 +12,14 @@ drifts from its class, so the YAML holds no second copy of a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from omegaconf import OmegaConf
 
 from sae4scfm.errors import InputError
 
@@ -44,14 +47,19 @@ class SAEConfig:
         for tuples."""
         hyperparams = dict(hyperparams or {})
         where = f"{source}: " if source else ""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in hyperparams if k not in names]
-        if unknown:
-            raise InputError(f"{where}sae.hyperparams.{unknown[0]} is not a hyperparameter of architecture "
-                             f"{architecture!r}; valid keys: {', '.join(names)}.")
+        cls.check_keys(hyperparams, architecture, where)
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(v, hints[k], k, cls, architecture, where) for k, v in hyperparams.items()}
         return cls(**values)
+
+    @classmethod
+    def check_keys(cls, keys, architecture: str = "", where: str = "") -> None:
+        """InputError for the first of ``keys`` that is not a field, naming the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in keys if k not in names]
+        if unknown:
+            raise InputError(f"{where}sae.hyperparams.{unknown[0]} is not a hyperparameter of architecture "
+                             f"{architecture!r}; valid keys: {', '.join(names)}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), as written to cfg.json and read by Hydra."""
@@ -84,7 +92,10 @@ def _coerce(value: Any, tp: Any, key: str, cls: type[SAEConfig], architecture: s
                 pass
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, args[0], key, cls, architecture, where) for v in value)
+            try:
+                return tuple(_coerce(v, args[0], key, cls, architecture, where) for v in value)
+            except InputError:
+                pass  # reported below with the whole value
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -143,3 +154,31 @@ def write_yaml_files(directory: Path = YAML_DIR) -> list[Path]:
         out.append(path)
     return out
 
+
+
+# --- command-line overrides ---------------------------------------------------------------------
+
+_HP_OVERRIDE = re.compile(r"^(\+\+|\+)?sae\.hyperparams\.([^=.]+)=")
+_SAE_CHOICE = re.compile(r"^sae=(.+)$")
+
+
+def check_sae_overrides(overrides: list[str]) -> None:
+    """Reject ``sae.hyperparams.KEY=...`` overrides (plain, ``+`` or ``++``) whose KEY the chosen
+    architecture lacks, before Hydra does: Hydra's own message ("Key 'kk' is not in struct")
+    names neither the architecture nor the valid keys. The architecture is the last ``sae=``
+    override (each of ``sae=a,b`` in a multirun), else train.yaml's default. Other problems are
+    left to Hydra."""
+    keys = [m.group(2) for m in map(_HP_OVERRIDE.match, overrides) if m]
+    if not keys:
+        return
+    from sae4scfm.saes import sae_class
+
+    choices = [m.group(1) for m in map(_SAE_CHOICE.match, overrides) if m]
+    if choices:
+        names = choices[-1].split(",")
+    else:
+        defaults = OmegaConf.load(YAML_DIR.parent / "train.yaml").defaults
+        names = [next(d["sae"] for d in defaults if isinstance(d, Mapping) and "sae" in d)]
+    for name in names:
+        cls = sae_class(name.strip())
+        cls.config_class.check_keys(keys, cls.architecture)
