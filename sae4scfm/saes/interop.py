@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -104,12 +105,15 @@ def _read_pt(path: Path, fix: str) -> dict:
     plain containers (a whole nn.Module, custom classes) are refused, never unpickled."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{path} holds pickled Python objects beyond tensors, which are not loaded (arbitrary "
-                         f"code: {first[:160]}); {fix}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(f"{path} is not a torch.save file ({str(e).splitlines()[0][:160]}); {fix}") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path} is not a torch.save file (no zip archive: empty, truncated or another "
+                             f"format); {fix}") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise InputError(f"{path} holds pickled Python objects beyond tensors (e.g. a whole nn.Module), "
+                             f"which are never unpickled (they can run code); {fix}") from None
+        raise InputError(f"{path} is not a readable torch.save file ({type(e).__name__}: {str(e).strip()[:120]}); "
+                         f"{fix}") from None
     if not isinstance(sd, Mapping):
         raise InputError(f"{path} holds a {type(sd).__name__}, not a state dict; {fix}")
     return dict(sd)
