@@ -16,8 +16,16 @@ from omegaconf import OmegaConf
 
 import sae4scfm
 from sae4scfm.errors import InputError
-from sae4scfm.saes import (ARCHITECTURES, GatedSAE, JumpReLUSAE, StandardConfig, StandardSAE, TopKSAE, build_sae,
-                           load_sae)
+from sae4scfm.saes import (
+    ARCHITECTURES,
+    GatedSAE,
+    JumpReLUSAE,
+    StandardConfig,
+    StandardSAE,
+    TopKSAE,
+    build_sae,
+    load_sae,
+)
 from sae4scfm.saes.config import YAML_DIR, check_sae_overrides, knob, yaml_text
 from sae4scfm.saes.interop import export_saelens, saelens_exportable
 
