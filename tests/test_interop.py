@@ -175,14 +175,20 @@ def test_import_saelens_variants(variant, tmp_path):
     assert_same(ours, lens.encode, lens.decode, x)
 
 
-def test_saelens_errors(tmp_path, monkeypatch):
-    class Custom(StandardSAE):  # a new inference rule: nothing in SAELens computes it
+def test_saelens_errors(tmp_path):
+    class Custom(StandardSAE):  # a new inference rule: nothing in SAELens computes it (registers itself)
         architecture = "custom"
 
         def encode(self, x):
             return F.relu(self.pre_acts(x)) ** 2
 
-    monkeypatch.setitem(ARCHITECTURES, "custom", Custom)
+    try:
+        _saelens_errors(Custom, tmp_path)
+    finally:
+        ARCHITECTURES.pop("custom")
+
+
+def _saelens_errors(Custom, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     Custom(D_IN, D_SAE).save(run_dir, {})

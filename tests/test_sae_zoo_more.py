@@ -4,7 +4,6 @@ end-to-end run of each through the real pipeline."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -402,12 +401,12 @@ def zoo_store_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", NEW)
 def test_end_to_end(arch, tmp_path, zoo_store_dir):
-    zoo_end_to_end(arch, tmp_path, zoo_store_dir)  # train, eval.json fvu < 1, load_sae reproduces the latents
+    # train; held-out FVU, L0 and dead fraction within the bounds measured on the demo store
+    # (tests/test_sae_zoo.py::MEASURED); load_sae reproduces the latents
+    zoo_end_to_end(arch, tmp_path, zoo_store_dir)
     (run_dir,) = (tmp_path / "runs" / arch).iterdir()
     sae, meta = load_sae(run_dir)
-    results = json.loads((run_dir / "eval.json").read_text())
-    print(f"{arch}: held-out FVU {results['fvu']:.3f}  L0 {results['l0']:.1f}  steps {meta['steps']}")
-    assert 0 < results["l0"] < sae.d_sae  # 23 steps: the L1/Lp SAEs are still dense (L0 ~ d_sae / 2)
+    assert meta["steps"] == 23
     if arch == "matryoshka":
         assert float(sae.threshold) > 0 and sae.group_ends[-1] == sae.d_sae
     if arch in ("p_anneal", "gated_anneal"):  # the annealing state of the end of training was saved

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +19,56 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sae4scfm.atomic import make_shareable
+from sae4scfm.errors import InputError
+from sae4scfm.saes.config import SAEConfig
+
+if TYPE_CHECKING:
+    from sae4scfm.saes.interop import Tensors
+
+# architecture name -> SAE class; every subclass that sets ``architecture`` registers itself
+ARCHITECTURES: dict[str, type[SAE]] = {}
 
 
 class SAE(nn.Module):
-    """Base class; an architecture overrides ``encode`` and ``loss``."""
+    """Base class; an architecture sets ``architecture`` (its config name, which registers it),
+    ``config_class`` (its hyperparameters) and overrides ``encode`` and ``loss``.
+
+    ``SAE(d_in, d_sae, cfg)`` or ``SAE(d_in, d_sae, **hyperparams)``: hyperparameters not given
+    take the defaults of ``config_class``; unknown keys and wrong types raise ``InputError``.
+    """
 
     architecture = "base"
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # False: decoder rows keep their learned norms (e.g. the ‖W_dec,i‖-weighted L1 SAE);
     # ``normalize_decoder`` and ``remove_parallel_decoder_grad`` are then no-ops.
     unit_norm_decoder = True
     # Factor in [0, 1] on the sparsity coefficient of penalised architectures, set by the trainer
     # before each step (linear warm-up from 0 over ``train.sparsity_warmup_frac``); 1 outside training.
     sparsity_scale = 1.0
+    # SAELens architecture with the same inference, written by ``saelens_export`` (None: not exportable)
+    saelens_architecture: ClassVar[str | None] = None
 
-    def __init__(self, d_in: int, d_sae: int, **hyperparams):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "architecture" not in cls.__dict__:
+            return
+        old = ARCHITECTURES.get(cls.architecture)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"SAE architecture {cls.architecture!r} of {cls.__qualname__} is already "
+                            f"registered by {old.__module__}.{old.__qualname__}; choose another name.")
+        ARCHITECTURES[cls.architecture] = cls
+
+    def __init__(self, d_in: int, d_sae: int, cfg: SAEConfig | None = None, **hyperparams):
         super().__init__()
-        self.d_in, self.d_sae, self.hyperparams = d_in, d_sae, hyperparams
+        if cfg is None:
+            cfg = self.config_class.from_dict(hyperparams, self.architecture)
+        elif hyperparams or not isinstance(cfg, self.config_class):
+            raise InputError(f"{type(self).__name__} takes a {self.config_class.__name__} or keyword "
+                             "hyperparameters, not both.")
+        self.cfg = cfg
+        # as written to cfg.json; ``lr`` is the trainer's (training/schedules.py::base_lr)
+        self.d_in, self.d_sae = d_in, d_sae
+        self.hyperparams = {k: v for k, v in cfg.to_dict().items() if k != "lr"}
         W = torch.nn.init.kaiming_uniform_(torch.empty(d_sae, d_in))
         W = W / W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W.clone())
@@ -107,6 +142,66 @@ class SAE(nn.Module):
                 "hyperparams": self.hyperparams, **cfg}
         (run_dir / "cfg.json").write_text(json.dumps(meta, indent=1, default=str))
 
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], hyperparams: dict, source: str) -> SAE:
+        """An eval-mode SAE whose whole state dict is ``tensors`` (cast to float32), d_in and d_sae
+        read off W_enc [d_in, d_sae]. Missing, extra or mis-shaped tensors and bad hyperparameters
+        raise an ``InputError`` naming ``source`` (the file they came from)."""
+        W_enc = tensors["W_enc"]
+        if W_enc.ndim != 2 or 0 in W_enc.shape:
+            raise InputError(f"{source}: the encoder weight has shape {tuple(W_enc.shape)}, not [d_in, d_sae]; "
+                             "the file is truncated or not an SAE checkpoint.")
+        d_in, d_sae = (int(n) for n in W_enc.shape)
+        try:
+            sae = cls(d_in, d_sae, cls.config_class.from_dict(hyperparams, cls.architecture, source))
+        except InputError as e:
+            raise (e if str(e).startswith(source) else InputError(f"{source}: {e}")) from None
+        expected = sae.state_dict()
+        missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        if missing or extra:  # a hook's bug rather than the file's: hooks read every tensor they need
+            raise InputError(f"{source}: {cls.architecture} SAE tensors missing {missing}, unexpected {extra}.")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise InputError(f"{source}: {name} has shape {list(t.shape)}, but an SAE with d_in={d_in} and "
+                                 f"d_sae={d_sae} (the encoder weight's shape) needs {list(expected[name].shape)}; "
+                                 "the file's tensors do not belong together (truncated or edited file).")
+        sae.load_state_dict({k: v.detach().float().clone() for k, v in tensors.items()})
+        return sae.eval()
+
+    # --- interop hooks (sae4scfm/saes/interop.py) ------------------------------------
+    def saelens_export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(weights, extra cfg.json entries) of a ``saelens_architecture`` SAE with these latents."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_saelens(cls, weights: Tensors, cfg: dict) -> SAE:
+        """Our SAE from a SAELens ``saelens_architecture`` folder's weights and cfg.json (defined
+        by the one class that imports that SAELens architecture)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dictionary_learning(cls, sd: Tensors, apply_b_dec_to_input: bool) -> SAE:
+        """Our SAE from a dictionary_learning 0.1.0 state dict (defined by each class with a
+        dictionary_learning counterpart; see ``interop.import_dictionary_learning``)."""
+        raise NotImplementedError
+
+
+def base_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    """W_enc, W_dec, b_enc, b_dec as contiguous float32 CPU tensors (for export)."""
+    return {k: getattr(sae, k).detach().float().contiguous().cpu() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+
+
+def fold_b_dec_into_b_enc(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """b_enc for ours of a reference that does not subtract b_dec before encoding:
+    x W + b  ==  (x − b_dec) W + (b + b_dec W)."""
+    return b_enc + b_dec @ W_enc
+
+
+def has_unit_rows(W_dec: torch.Tensor) -> bool:
+    """Whether every decoder row [d_sae, d_in] has norm 1 (to 1e-4)."""
+    norms = W_dec.norm(dim=1)
+    return bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4))
+
 
 class _SelectedPreActs(torch.autograd.Function):
     """Encoder pre-activations at selected entries (``rows``, ``cols``), with gradients that
@@ -158,10 +253,13 @@ def auxk_loss(sae: SAE, x: torch.Tensor, e: torch.Tensor, dead: torch.Tensor | N
 
 def load_sae(run_dir: str | Path, device: str = "cpu") -> tuple[SAE, dict]:
     """The SAE of a run dir and its cfg.json; weights act on raw (unscaled) activations."""
-    from sae4scfm.saes import build_sae
-
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "cfg.json").read_text())
-    sae = build_sae(cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg.get("hyperparams", {}))
+    cls = ARCHITECTURES.get(cfg.get("architecture"))
+    if cls is None:
+        raise InputError(f"{run_dir / 'cfg.json'}: architecture {cfg.get('architecture')!r} is unknown; "
+                         f"available: {', '.join(ARCHITECTURES)}.")
+    hp = cls.config_class.from_dict(cfg.get("hyperparams", {}), cls.architecture, str(run_dir / "cfg.json"))
+    sae = cls(cfg["d_in"], cfg["d_sae"], hp)
     sae.load_state_dict(load_file(run_dir / "sae.safetensors"))
     return sae.to(device).eval(), cfg

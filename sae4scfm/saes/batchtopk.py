@@ -15,24 +15,38 @@ leaves it unchanged. AuxK on dead latents as in ``TopKSAE``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE
-from sae4scfm.saes.topk import sparse_code_loss
+from sae4scfm.saes.base import SAE, base_tensors
+from sae4scfm.saes.config import SAEConfig, knob
+from sae4scfm.saes.topk import linear_tensors, sparse_code_loss
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(SAEConfig):
+    """BatchTopK SAE with AuxK (Bussmann et al. 2024); inference uses a learned global threshold."""
+
+    k: int = knob(16, "mean active latents per token (k x batch_size kept per training batch)")
+    auxk_alpha: float = knob(0.03125, "weight of the AuxK loss (1/32)")
+    aux_k: int | None = knob(None, "dead latents used by AuxK; null = d_model / 2")
+    threshold_momentum: float = knob(0.99, "EMA momentum of the inference threshold (min activation kept per batch)")
 
 
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
+    config_class = BatchTopKConfig
+    # f = ReLU(z)·1[ReLU(z) > θ] == ReLU(z)·1[z > max(θ, 0)]: SAELens' JumpReLU with θ for every latent
+    # (SAELens' own convention for trained BatchTopK SAEs)
+    saelens_architecture = "jumprelu"
 
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_alpha: float = 1 / 32,
-                 aux_k: int | None = None, threshold_momentum: float = 0.99, **hyperparams):
-        super().__init__(d_in, d_sae, k=k, auxk_alpha=auxk_alpha, aux_k=aux_k,
-                         threshold_momentum=threshold_momentum, **hyperparams)
-        self.k, self.auxk_alpha = int(k), float(auxk_alpha)
-        self.aux_k = int(aux_k) if aux_k else max(1, d_in // 2)
-        self.threshold_momentum = float(threshold_momentum)
+    def __init__(self, d_in: int, d_sae: int, cfg: BatchTopKConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        self.k, self.auxk_alpha = self.cfg.k, self.cfg.auxk_alpha
+        self.aux_k = self.cfg.aux_k or max(1, d_in // 2)
+        self.threshold_momentum = self.cfg.threshold_momentum
         # < 0: not estimated yet (the first training batch sets it); encode is then plain ReLU
         self.register_buffer("threshold", torch.tensor(-1.0))
 
@@ -101,3 +115,14 @@ class BatchTopKSAE(SAE):
         if self.training:
             self.update_threshold(values.detach())
         return out
+
+    # --- interop ------------------------------------------------------------------------
+    def saelens_export(self):
+        threshold = self.threshold.detach().float().clamp(min=0).expand(self.d_sae).contiguous().cpu()
+        return {**base_tensors(self), "threshold": threshold}, {}
+
+    @classmethod
+    def from_dictionary_learning(cls, sd, apply_b_dec_to_input):
+        """BatchTopKSAE: ReLU(z)·1[ReLU(z) > θ], the same rule and buffers (``k``, ``threshold``) as ours."""
+        return cls.from_tensors({**linear_tensors(sd), "threshold": sd.scalar("threshold")},
+                                {"k": sd.int("k")}, sd.source)

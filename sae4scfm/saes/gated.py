@@ -29,21 +29,35 @@ Decoder rows are renormalised to unit norm by default (``unit_norm_decoder``); t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae4scfm.saes.base import SAE
+from sae4scfm.saes.base import SAE, base_tensors, has_unit_rows
+from sae4scfm.saes.config import SAEConfig, knob
+
+
+@dataclass(frozen=True)
+class GatedConfig(SAEConfig):
+    """Gated SAE (Rajamanoharan et al. 2024): gate path decides which latents fire, magnitude path (W_mag = exp(r_mag) W_gate) how much."""
+
+    l1_coeff: float = knob(5.0, "weight of the L1 penalty on ReLU(pi_gate) * ||W_dec,i|| (centred inputs are scaled "
+                                "to unit variance per dimension); L0 ~16 on the demo model")
+    unit_norm_decoder: bool = knob(True, "true: decoder rows renormalised to 1 after each step; false: they keep "
+                                         "learned norms (and the auxiliary term trains the decoder)")
 
 
 class GatedSAE(SAE):
     architecture = "gated"
+    config_class = GatedConfig
+    saelens_architecture = "gated"
 
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 1.0, unit_norm_decoder: bool = True,
-                 **hyperparams):
-        super().__init__(d_in, d_sae, l1_coeff=l1_coeff, unit_norm_decoder=unit_norm_decoder, **hyperparams)
-        self.l1_coeff = float(l1_coeff)
-        self.unit_norm_decoder = bool(unit_norm_decoder)
+    def __init__(self, d_in: int, d_sae: int, cfg: GatedConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        self.l1_coeff = self.cfg.l1_coeff
+        self.unit_norm_decoder = self.cfg.unit_norm_decoder
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         with torch.no_grad():  # small initial latents, as for the standard SAE
@@ -91,3 +105,30 @@ class GatedSAE(SAE):
         active = f > 0
         return {"loss": mse + penalty + aux, "mse": mse, "l1": raw.detach(), "aux": aux.detach(),
                 "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
+
+    # --- interop ------------------------------------------------------------------------
+    def saelens_export(self):
+        """SAELens' GatedSAE: our b_enc is its b_gate."""
+        tensors = base_tensors(self)
+        tensors["b_gate"] = tensors.pop("b_enc")
+        tensors.update({k: getattr(self, k).detach().float().contiguous().cpu() for k in ("b_mag", "r_mag")})
+        return tensors, {}
+
+    @classmethod
+    def from_saelens(cls, weights, cfg):
+        W_enc, W_dec, b_dec = (weights[k] for k in ("W_enc", "W_dec", "b_dec"))
+        b_enc, b_mag, r_mag = weights["b_gate"], weights["b_mag"], weights["r_mag"]
+        if not cfg.get("apply_b_dec_to_input", True):  # both paths share z = x W: fold b_dec into each bias
+            shift = b_dec @ W_enc
+            b_enc, b_mag = b_enc + shift, b_mag + r_mag.exp() * shift
+        return cls.from_tensors({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "r_mag": r_mag,
+                                 "b_mag": b_mag}, {"unit_norm_decoder": has_unit_rows(W_dec)}, weights.source)
+
+    @classmethod
+    def from_dictionary_learning(cls, sd, apply_b_dec_to_input):
+        """GatedAutoEncoder: encoder(x − decoder_bias) as ours; nn.Linear weights, ``gate_bias``,
+        ``mag_bias``, ``r_mag``."""
+        W_dec = sd["decoder.weight"].t()
+        tensors = {"W_enc": sd["encoder.weight"].t(), "W_dec": W_dec, "b_enc": sd["gate_bias"],
+                   "b_dec": sd["decoder_bias"], "r_mag": sd["r_mag"], "b_mag": sd["mag_bias"]}
+        return cls.from_tensors(tensors, {"unit_norm_decoder": has_unit_rows(W_dec)}, sd.source)

@@ -14,10 +14,12 @@ with ReLU(z) every z < 0 would count as 0 and sit inside the window of a θ belo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from sae4scfm.saes.base import SAE
+from sae4scfm.saes.base import SAE, base_tensors, fold_b_dec_into_b_enc
+from sae4scfm.saes.config import SAEConfig, knob
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -63,15 +65,26 @@ def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor
     return _Step.apply(z, theta, bandwidth)
 
 
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU SAE with an L0 penalty via straight-through pseudo-derivatives (Rajamanoharan et al. 2024)."""
+
+    l0_coeff: float = knob(0.1, "weight of the L0 penalty (centred inputs are scaled to unit variance per dimension)")
+    bandwidth: float = knob(0.05, "width of the rectangle kernel of the pseudo-derivatives (paper: 0.001)")
+    init_threshold: float = knob(1.25, "initial per-latent threshold theta, learned as log theta (paper: 0.001); "
+                                       "sets L0 on short runs (~16 on the demo model), since Adam moves log theta "
+                                       "by ~lr per step")
+
+
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    config_class = JumpReLUConfig
+    saelens_architecture = "jumprelu"
 
-    def __init__(self, d_in: int, d_sae: int, l0_coeff: float = 0.1, bandwidth: float = 0.05,
-                 init_threshold: float = 1.5, **hyperparams):
-        super().__init__(d_in, d_sae, l0_coeff=l0_coeff, bandwidth=bandwidth, init_threshold=init_threshold,
-                         **hyperparams)
-        self.l0_coeff, self.bandwidth = float(l0_coeff), float(bandwidth)
-        self.log_threshold = torch.nn.Parameter(torch.full((d_sae,), math.log(float(init_threshold))))
+    def __init__(self, d_in: int, d_sae: int, cfg: JumpReLUConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        self.l0_coeff, self.bandwidth = self.cfg.l0_coeff, self.cfg.bandwidth
+        self.log_threshold = torch.nn.Parameter(torch.full((d_sae,), math.log(self.cfg.init_threshold)))
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -89,3 +102,24 @@ class JumpReLUSAE(SAE):
         active = f.detach() != 0
         return {"loss": mse + self.sparsity_scale * self.l0_coeff * l0, "mse": mse, "l0": l0.detach(),
                 "fired": active.any(0)}
+
+    # --- interop ------------------------------------------------------------------------
+    def saelens_export(self):
+        return {**base_tensors(self), "threshold": self.threshold.detach().float().contiguous().cpu()}, {}
+
+    @classmethod
+    def from_saelens(cls, weights, cfg):
+        # SAELens: ReLU(z)·1[z > θ]; ours z·1[z > θ] with θ > 0; θ ≤ 0 acts as θ = 0
+        W_enc, W_dec, b_enc, b_dec = weights.saelens_base(cfg)
+        return cls.from_tensors({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec,
+                                 "log_threshold": weights["threshold"].clamp(min=0).log()}, {}, weights.source)
+
+    @classmethod
+    def from_dictionary_learning(cls, sd, apply_b_dec_to_input):
+        """JumpReluAutoEncoder: W_enc [d_in, d_sae] as ours, its b_enc without b_dec subtraction unless
+        ``apply_b_dec_to_input``; theirs ReLU(z·1[z > θ]), ours z·1[z > θ] with θ > 0 (θ ≤ 0 acts as 0)."""
+        W_enc, W_dec, b_enc, b_dec = (sd[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+        if not apply_b_dec_to_input:
+            b_enc = fold_b_dec_into_b_enc(W_enc, b_enc, b_dec)
+        return cls.from_tensors({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec,
+                                 "log_threshold": sd["threshold"].clamp(min=0).log()}, {}, sd.source)

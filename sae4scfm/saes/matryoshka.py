@@ -14,32 +14,50 @@ threshold θ and AuxK are BatchTopK's, inherited unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import auxk_loss
-from sae4scfm.saes.batchtopk import BatchTopKSAE
+from sae4scfm.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae4scfm.saes.config import knob
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig(BatchTopKConfig):
+    """Matryoshka BatchTopK SAE with AuxK (Bussmann et al. 2025; Nabeshima 2024): nested latent groups, each prefix reconstructs x."""
+
+    k: int = knob(16, "mean active latents per token (k x batch_size kept per training batch, all groups together)")
+    group_fractions: tuple[float, ...] = knob((0.0625, 0.125, 0.25, 0.5625), "sizes of the nested groups as "
+                                              "fractions of d_sae (positive, sum 1; first = coarsest)")
+    group_weights: tuple[float, ...] | None = knob(None, "weight of each prefix's reconstruction error in the "
+                                                   "loss (one per group); null = equal, 1 / n_groups")
+
+    def __post_init__(self):
+        fractions = list(self.group_fractions)
+        if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise InputError(f"sae.hyperparams.group_fractions={fractions} must be positive and sum to 1.")
+        if self.group_weights is not None and (len(self.group_weights) != len(fractions)
+                                               or min(self.group_weights) < 0):
+            raise InputError(f"sae.hyperparams.group_weights={list(self.group_weights)} must be {len(fractions)} "
+                             "non-negative numbers (one per group), or null for equal weights.")
 
 
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
+    config_class = MatryoshkaConfig
 
-    def __init__(self, d_in: int, d_sae: int, group_fractions=(0.0625, 0.125, 0.25, 0.5625),
-                 group_weights=None, **hyperparams):
-        fractions = [float(v) for v in group_fractions]
-        if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-            raise InputError(f"sae.hyperparams.group_fractions={fractions} must be positive and sum to 1.")
-        weights = [1.0 / len(fractions)] * len(fractions) if group_weights is None else \
-            [float(v) for v in group_weights]
-        if len(weights) != len(fractions) or min(weights) < 0:
-            raise InputError(f"sae.hyperparams.group_weights={weights} must be {len(fractions)} "
-                             "non-negative numbers (one per group), or null for equal weights.")
+    def __init__(self, d_in: int, d_sae: int, cfg: MatryoshkaConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        fractions = list(self.cfg.group_fractions)
+        weights = [1.0 / len(fractions)] * len(fractions) if self.cfg.group_weights is None else \
+            list(self.cfg.group_weights)
         ends = [round(c * d_sae) for c in torch.tensor(fractions, dtype=torch.float64).cumsum(0).tolist()]
         ends[-1] = d_sae
         if any(b <= a for a, b in zip([0, *ends], ends)):
             raise InputError(f"sae.hyperparams.group_fractions={fractions} leaves an empty group of "
                              f"d_sae={d_sae} latents.")
-        super().__init__(d_in, d_sae, group_fractions=fractions, group_weights=group_weights, **hyperparams)
         self.group_ends, self.group_weights = ends, weights  # group g = latents [ends[g-1], ends[g])
 
     def prefix_mses(self, x: torch.Tensor, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -65,3 +83,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         return {"loss": matryoshka + self.auxk_alpha * aux, "mse": mse, "auxk": aux.detach(),
                 "prefix_mse": torch.stack(mses).detach(),
                 "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
+
+    # --- interop ------------------------------------------------------------------------
+    @classmethod
+    def from_dictionary_learning(cls, sd, apply_b_dec_to_input):
+        """MatryoshkaBatchTopKSAE: W_enc [d_in, d_sae] as ours, groups as sizes (``group_sizes``),
+        ``k`` and ``threshold`` buffers."""
+        tensors = {k: sd[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        d_sae = tensors["W_enc"].shape[-1]
+        hp = {"k": sd.int("k"), "group_fractions": [int(n) / d_sae for n in sd["group_sizes"].flatten().tolist()]}
+        return cls.from_tensors({**tensors, "threshold": sd.scalar("threshold")}, hp, sd.source)

@@ -25,10 +25,13 @@ All mutable state is in buffers, saved with the weights and in checkpoints: ``p`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.standard import StandardSAE
+from sae4scfm.saes.config import SAEConfig, knob
+from sae4scfm.saes.standard import StandardConfig, StandardSAE
 
 
 def lp_penalty(acts: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
@@ -38,27 +41,42 @@ def lp_penalty(acts: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     return torch.where(positive, acts.clamp(min=1e-12).pow(p), torch.zeros_like(acts)).sum(-1).mean()
 
 
-ANNEAL_DEFAULTS = dict(p_start=1.0, p_end=0.2, anneal_start_frac=0.1, anneal_frac=0.9, n_p_updates=10,
-                       resample_every=0)
+@dataclass(frozen=True)
+class AnnealConfig(SAEConfig):
+    """The p schedule and resampling of ``PAnnealing`` (mixed into an architecture's config)."""
+
+    p_start: float = knob(1.0, "exponent p during the warm phase")
+    p_end: float = knob(0.2, "exponent p at the end of the annealing")
+    anneal_start_frac: float = knob(0.1, "warm phase: p stays at p_start for this fraction of the steps")
+    anneal_frac: float = knob(0.9, "p then moves linearly to p_end over this fraction of the steps (0.9: until "
+                                   "the end, as dictionary_learning)")
+    n_p_updates: int = knob(10, "number of equal stages in which p changes (each rescales the coefficient)")
+    resample_every: int = knob(250, "steps between dead-latent resamplings (0 = never; none in the last "
+                                    "resample_every steps)")
+
+
+@dataclass(frozen=True)
+class PAnnealConfig(AnnealConfig, StandardConfig):
+    """ReLU SAE with a p-annealed Lp penalty sum_i f_i^p (Karvonen et al. 2024) and dead-latent resampling (Bricken et al. 2023)."""
+
+    l1_coeff: float = knob(3.0, "initial penalty coefficient (L1 while p = 1); rescaled at each change of p to "
+                                "keep the penalty continuous; L0 ~16 on the demo model")
+    decoder_norm_l1: bool = knob(False, "true: penalise (f_i * ||W_dec,i||)^p and keep learned decoder norms")
 
 
 class PAnnealing:
-    """Mixin (listed before the SAE class) for an ``SAE`` whose ``loss`` adds
-    ``self.sparsity(self.penalty_acts(x))``; takes the schedule hyperparameters of
-    ``ANNEAL_DEFAULTS`` and ``l1_coeff`` (the initial λ) and passes the rest on."""
+    """Mixin (listed before the SAE class) for an ``SAE`` whose config has ``AnnealConfig``'s
+    fields and ``l1_coeff`` (the initial λ), and whose ``loss`` adds
+    ``self.sparsity(self.penalty_acts(x))``."""
 
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 1.0, **hyperparams):
-        anneal = {k: hyperparams.pop(k, v) for k, v in ANNEAL_DEFAULTS.items()}
-        super().__init__(d_in, d_sae, l1_coeff=l1_coeff, **anneal, **hyperparams)
-        self.init_annealing(l1_coeff, **anneal)
-
-    def init_annealing(self, l1_coeff: float, p_start: float, p_end: float, anneal_start_frac: float,
-                       anneal_frac: float, n_p_updates: int, resample_every: int) -> None:
-        self.p_start, self.p_end = float(p_start), float(p_end)
-        self.anneal_start_frac, self.anneal_frac = float(anneal_start_frac), float(anneal_frac)
-        self.n_p_updates, self.resample_every = max(1, int(n_p_updates)), int(resample_every)
+    def __init__(self, d_in: int, d_sae: int, cfg: AnnealConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        c = self.cfg
+        self.p_start, self.p_end = c.p_start, c.p_end
+        self.anneal_start_frac, self.anneal_frac = c.anneal_start_frac, c.anneal_frac
+        self.n_p_updates, self.resample_every = max(1, c.n_p_updates), c.resample_every
         self.register_buffer("p", torch.tensor(self.p_start))
-        self.register_buffer("sparsity_coeff", torch.tensor(float(l1_coeff)))
+        self.register_buffer("sparsity_coeff", torch.tensor(float(c.l1_coeff)))
         self.register_buffer("p_stage", torch.tensor(0))
         self.register_buffer("steps_done", torch.tensor(0))
         self.register_buffer("n_resampled", torch.tensor(0))
@@ -129,6 +147,7 @@ class PAnnealSAE(PAnnealing, StandardSAE):
     is the initial coefficient λ (the penalty is L1 while p = 1)."""
 
     architecture = "p_anneal"
+    config_class = PAnnealConfig
 
     def penalty_acts(self, x: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         """f (· ‖W_dec,i‖ with ``decoder_norm_l1``)."""

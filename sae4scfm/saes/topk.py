@@ -8,20 +8,33 @@ its reconstruction from the top ``aux_k`` pre-activations of dead latents alone
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from sae4scfm.saes.base import SAE, auxk_loss, selected_pre_acts
+from sae4scfm.saes.base import SAE, auxk_loss, base_tensors, selected_pre_acts
+from sae4scfm.saes.config import SAEConfig, knob
+
+
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    """TopK SAE with AuxK (Gao et al. 2024)."""
+
+    k: int = knob(16, "active latents per token")
+    auxk_alpha: float = knob(0.03125, "weight of the AuxK loss (1/32)")
+    aux_k: int | None = knob(None, "dead latents used by AuxK; null = d_model / 2")
 
 
 class TopKSAE(SAE):
     architecture = "topk"
+    config_class = TopKConfig
+    saelens_architecture = "topk"
 
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, auxk_alpha: float = 1 / 32,
-                 aux_k: int | None = None, **hyperparams):
-        super().__init__(d_in, d_sae, k=k, auxk_alpha=auxk_alpha, aux_k=aux_k, **hyperparams)
-        self.k, self.auxk_alpha = int(k), float(auxk_alpha)
-        self.aux_k = int(aux_k) if aux_k else max(1, d_in // 2)
+    def __init__(self, d_in: int, d_sae: int, cfg: TopKConfig | None = None, **hyperparams):
+        super().__init__(d_in, d_sae, cfg, **hyperparams)
+        self.k, self.auxk_alpha = self.cfg.k, self.cfg.auxk_alpha
+        self.aux_k = self.cfg.aux_k or max(1, d_in // 2)
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values [N, k] >= 0, indices [N, k]) of the k largest ReLU pre-activations."""
@@ -41,6 +54,32 @@ class TopKSAE(SAE):
             top, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
         rows = torch.arange(len(x), device=x.device).repeat_interleave(self.k)
         return sparse_code_loss(self, x, rows, indices.flatten(), top.flatten(), dead)[0]
+
+    # --- interop ------------------------------------------------------------------------
+    def saelens_export(self):
+        return base_tensors(self), {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def from_saelens(cls, weights, cfg):
+        W_enc, W_dec, b_enc, b_dec = weights.saelens_base(cfg)
+        if cfg.get("rescale_acts_by_decoder_norm", False):  # z·‖W_dec,i‖ then TopK: fold the norms in
+            n = W_dec.norm(dim=1)
+            W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+        return cls.from_tensors({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec},
+                                {"k": weights.cfg_int(cfg, "k")}, weights.source)
+
+    @classmethod
+    def from_dictionary_learning(cls, sd, apply_b_dec_to_input):
+        """AutoEncoderTopK: nn.Linear weights, ``b_dec``, a ``k`` buffer; inference is per-token TopK
+        (their threshold is only used on request)."""
+        return cls.from_tensors(linear_tensors(sd), {"k": sd.int("k")}, sd.source)
+
+
+def linear_tensors(sd) -> dict[str, torch.Tensor]:
+    """W_enc, W_dec, b_enc, b_dec of a dictionary_learning TopK-family state dict (nn.Linear
+    encoder.weight [d_sae, d_in], decoder.weight [d_in, d_sae], encoder.bias, b_dec)."""
+    return {"W_enc": sd["encoder.weight"].t(), "W_dec": sd["decoder.weight"].t(), "b_enc": sd["encoder.bias"],
+            "b_dec": sd["b_dec"]}
 
 
 def sparse_code_loss(sae: SAE, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, top: torch.Tensor,
