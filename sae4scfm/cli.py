@@ -25,9 +25,18 @@ def _report_input_errors(fn, cfg: DictConfig):
         sys.exit(2)
 
 
+def train_main() -> None:
+    """``sae4scfm-train``: unknown ``sae.hyperparams.*`` overrides get our ``error:`` line (naming the
+    architecture's valid keys) before Hydra's struct check would reject them with its own message."""
+    from sae4scfm.saes.config import check_sae_overrides
+
+    _report_input_errors(check_sae_overrides, sys.argv[1:])
+    _train_main()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def train_main(cfg: DictConfig) -> None:
-    from sae4scfm.training.trainer import train
+def _train_main(cfg: DictConfig) -> None:
+    from sae4scfm.training import train
 
     _report_input_errors(train, cfg)
 

@@ -112,10 +112,11 @@ def test_ints_are_floats_and_lists_are_tuples():
     assert sae.group_ends == [16, 64]
 
 
-def test_cli_prints_one_error_line_for_an_appended_unknown_key(tmp_path):
-    """``+sae.hyperparams.kk=3`` passes Hydra's struct check; the trainer's build_sae rejects it as
-    one ``error:`` line (exit 2), not a traceback."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_sae.py"), "sae=topk", "+sae.hyperparams.kk=3",
+@pytest.mark.parametrize("override", ["sae.hyperparams.kk=3", "+sae.hyperparams.kk=3"])
+def test_cli_prints_one_error_line_for_an_unknown_key(tmp_path, override):
+    """A plain override (which Hydra's struct check would reject with its own message, exit 1) and an
+    appended one (which would pass it) are both one ``error:`` line naming the valid keys (exit 2)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_sae.py"), "sae=topk", override,
                            "data.n_cells=200", "wandb.mode=disabled", f"runs_dir={tmp_path}",
                            f"buffer.store_dir={tmp_path / 'store'}"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=600)
