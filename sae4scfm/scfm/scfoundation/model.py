@@ -284,10 +284,13 @@ class PerformerBlock(nn.Module):
         self.hook_attn_out = HookPoint()
         self.hook_mlp_out = HookPoint()
 
+    def __getitem__(self, i: int) -> nn.Module:
+        return self._modules[str(i)]
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 gene_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.hook_attn_out(self._modules["0"](x, padding_mask=padding_mask), gene_mask)
-        return x + self.hook_mlp_out(self._modules["1"](x), gene_mask)
+        x = x + self.hook_attn_out(self[0](x, padding_mask=padding_mask), gene_mask)
+        return x + self.hook_mlp_out(self[1](x), gene_mask)
 
 
 class PerformerStack(nn.Module):
