@@ -446,8 +446,8 @@ def test_tokens_never_build_all_cells_dense():
     n = 2000
     counts = sp.random(n, N_GENES, density=0.002, format="csr", random_state=1, dtype=np.float32)
     counts.data = rng.integers(1, 20, counts.nnz).astype(np.float32)
-    counts[:, 0] = 1.0  # every cell has a count
-    tokens = AIDOCellTokens(counts.tocsr(), np.full((n, 2), 5.0, np.float32), np.arange(n),
+    counts = sp.hstack([sp.csr_matrix(np.ones((n, 1), np.float32)), counts[:, 1:]]).tocsr()  # every cell counts
+    tokens = AIDOCellTokens(counts, np.full((n, 2), 5.0, np.float32), np.arange(n),
                             store_all_genes=False, pad_value=-2.0)
     dense_bytes = n * SEQ * 4
     tracemalloc.start()
