@@ -32,7 +32,7 @@ from sae4scfm.data import load_pbmc
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.aido_cell import AIDOCellAdapter
 from sae4scfm.scfm.aido_cell.model import AIDOCellConfig, AIDOCellModel, SelfAttention
-from sae4scfm.scfm.aido_cell.preprocess import model_genes
+from sae4scfm.scfm.aido_cell.preprocess import AIDOCellTokens, model_genes
 
 MG = Path(modelgenerator.__file__).parent
 GENE_TSV = MG / "cell" / "gene_lists" / "OS_scRNA_gene_index.19264.tsv"
@@ -296,10 +296,12 @@ def test_tokens_equal_official_preprocessing(dataset):
     tokens = adapter.tokenize(adata)
     n = adata.n_obs
     assert (tokens.lengths == SEQ).all() and len(tokens) == n
-    assert np.array_equal(tokens.gene_ids.reshape(n, SEQ), np.tile(np.arange(SEQ), (n, 1)))
+    gene_ids, values, special = (np.stack(a) for a in zip(*(tokens.cell(i) for i in range(n))))
+    assert np.array_equal(gene_ids, np.tile(np.arange(SEQ), (n, 1)))
     assert [adapter.id_to_gene[i] for i in range(N_GENES)] == list(pd.read_csv(GENE_TSV, sep="\t")["gene_name"])
-    assert np.array_equal(tokens.special.reshape(n, SEQ)[0], np.arange(SEQ) >= N_GENES)
-    np.testing.assert_array_equal(tokens.values.reshape(n, SEQ), official_inputs(adata))
+    assert np.array_equal(special, np.tile(np.arange(SEQ) >= N_GENES, (n, 1)))
+    np.testing.assert_array_equal(values, official_inputs(adata))
+    np.testing.assert_array_equal(tokens.collate(np.arange(min(n, 8))).values.numpy(), values[:8])
 
 
 def test_expressed_gene_subsetting(tiny, tmp_path):
@@ -433,3 +435,34 @@ def test_log_normalised_as_counts_and_foreign_gene_ids_are_errors(tiny):
     from tests.conftest import assert_rejects_log_values_and_foreign_ids
 
     assert_rejects_log_values_and_foreign_ids(AIDOCellAdapter.from_pretrained(tiny[0]), load_pbmc()[:20].copy())
+
+
+def test_tokens_never_build_all_cells_dense():
+    """The TokenizedCells contract on 2,000 cells (lengths, offsets, n_gene_tokens, subset, batches, cell)
+    allocates far less than one n_cells x 19,266 float32 array; the flat arrays are refused, not built."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    counts = sp.random(n, N_GENES, density=0.002, format="csr", random_state=1, dtype=np.float32)
+    counts.data = rng.integers(1, 20, counts.nnz).astype(np.float32)
+    counts = sp.hstack([sp.csr_matrix(np.ones((n, 1), np.float32)), counts[:, 1:]]).tocsr()  # every cell counts
+    tokens = AIDOCellTokens(counts, np.full((n, 2), 5.0, np.float32), np.arange(n),
+                            store_all_genes=False, pad_value=-2.0)
+    dense_bytes = n * SEQ * 4
+    tracemalloc.start()
+    lengths, offsets, stored = tokens.lengths, tokens.offsets, tokens.n_gene_tokens
+    part = tokens.subset(np.arange(0, n, 2))
+    first = next(part.batches(4, sort_by_length=True))
+    cells = [tokens.cell(i) for i in (0, 999, 1999)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < dense_bytes / 20, (peak, dense_bytes)
+    assert (lengths == SEQ).all() and offsets[-1] == n * SEQ and stored == counts.nnz and len(part) == n // 2
+    assert first.values.shape == (4, SEQ)
+    for i, (ids, values, special) in zip((0, 999, 1999), cells):  # the old dense layout, for these cells
+        dense = np.concatenate([counts[i].toarray().ravel(), [5.0, 5.0]])
+        np.testing.assert_array_equal(values, dense)
+        assert np.array_equal(ids, np.arange(SEQ)) and special.sum() == 2 and special[-2:].all()
+    with pytest.raises(NotImplementedError, match="cell\\(i\\), collate"):
+        tokens.values

@@ -427,9 +427,9 @@ def test_configs_name_the_adapter_options():
         scfm = sae4scfm.compose("train", [f"scfm={name}"]).scfm
         assert scfm.family == "geneformer" and scfm.version == version and scfm.model_input_size == size
         assert set(scfm) - {"family"} == options
-    sizes = {(c.n_layers, c.d_model) for c in (sae4scfm.compose("train", [f"scfm={n}"]).scfm
-                                                for n in ("geneformer_v1", "geneformer_v2_104m", "geneformer_v2_316m"))}
-    assert sizes == {(6, 256), (12, 768), (18, 1152)}
+    sizes = {(c.n_layers, c.d_model, c.n_heads, c.d_mlp) for c in (sae4scfm.compose("train", [f"scfm={n}"]).scfm
+             for n in ("geneformer_v1", "geneformer_v2_104m", "geneformer_v2_316m"))}
+    assert sizes == {(6, 256, 4, 512), (12, 768, 12, 3072), (18, 1152, 18, 4608)}
 
 
 def test_published_size_is_checked(tmp_path, pbmc_genes):
@@ -457,7 +457,7 @@ def test_pipeline_and_steering(tmp_path, pbmc_genes):
     runs, stores = tmp_path / "runs", tmp_path / "stores"
     cfg = sae4scfm.compose("train", [
         "scfm=geneformer_v2_104m", f"scfm.checkpoint_dir={ckpt}", *[f"scfm.{k}={v}" for k, v in dicts.items()],
-        "scfm.n_layers=null", "scfm.d_model=null",
+        "scfm.n_layers=null", "scfm.d_model=null", "scfm.n_heads=null", "scfm.d_mlp=null",
         "data=pbmc", "data.n_cells=60", "sae=topk", "sae.target_layer=1", "sae.dictionary_multiplier=2",
         "sae.hyperparams.k=8", "train.n_epochs=1", "train.batch_size=256", "wandb.mode=disabled", "device=cpu",
         f"runs_dir={runs}", f"buffer.store_dir={stores}", "experiment=gf",

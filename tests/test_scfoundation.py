@@ -406,7 +406,8 @@ def test_pipeline_and_steering(ckpt, pbmc, tmp_path):
 
     runs, stores = tmp_path / "runs", tmp_path / "stores"
     cfg = sae4scfm.compose("train", [
-        "scfm=scfoundation", f"scfm.checkpoint_dir={ckpt[0]}", "data=pbmc", "data.n_cells=60", "sae=topk",
+        "scfm=scfoundation", f"scfm.checkpoint_dir={ckpt[0]}", "scfm.architecture=null", "data=pbmc",
+        "data.n_cells=60", "sae=topk",
         "sae.target_layer=1", "sae.dictionary_multiplier=2", "sae.hyperparams.k=8", "train.n_epochs=1",
         "train.batch_size=256", "wandb.mode=disabled", f"runs_dir={runs}", f"buffer.store_dir={stores}",
         "experiment=sf"])

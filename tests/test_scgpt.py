@@ -294,3 +294,17 @@ def test_pipeline_and_steering_on_an_official_folder(tmp_path, pbmc):
     same, unchanged = steer(adapter, sae, 1, batch, {})
     for key in clean:
         assert torch.equal(same[key], unchanged[key]) and torch.equal(same[key], clean[key]), key
+
+
+def test_gene_count_log_reports_the_hvg_subset(tmp_path, pbmc, caplog):
+    """With subset_hvg the log line names the highly variable genes the model reads, not only the vocabulary."""
+    adapter = ScGPTAdapter.from_pretrained(tiny_checkpoint(tmp_path, list(pbmc.var_names)))
+    with caplog.at_level(logging.INFO, logger="sae4scfm.data"):
+        tokens = adapter.tokenize(pbmc, subset_hvg=True, n_hvg=500, source="data=pbmc")
+    lines = [r.getMessage() for r in caplog.records if "genes are in the model vocabulary" in r.getMessage()]
+    assert lines == ["data=pbmc: 765 of 765 genes are in the model vocabulary; 500 highly variable used"]
+    assert len(np.unique(tokens.gene_ids[~tokens.special])) <= 500
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sae4scfm.data"):
+        adapter.tokenize(pbmc[:, :700], source="data=pbmc")
+    assert [r.getMessage() for r in caplog.records] == ["data=pbmc: 700 of 700 genes are in the model vocabulary"]

@@ -64,9 +64,10 @@ def feature_edit(sae: SAE, edits: Mapping[int, float], *, mode: str = "error_pre
 
 
 @torch.no_grad()
-def steer(adapter: ScFMAdapter, sae: SAE, layer: int, batch: Batch, edits: Mapping[int, float], *,
+def steer(adapter: ScFMAdapter, sae: SAE, layer: int | str, batch: Batch, edits: Mapping[int, float], *,
           mode: str = "error_preserving", op: str = "set") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model's outputs on ``batch`` (clean, steered): ``edits`` applied at ``layer``'s gene tokens."""
+    """The model's outputs on ``batch`` (clean, steered): ``edits`` applied at the gene tokens of ``layer``
+    (a residual-stream layer, or any hook point name of ``adapter.hook_points`` the SAE was trained on)."""
     fn = feature_edit(sae, edits, mode=mode, op=op)
     clean = adapter.run(batch)
     with adapter.intervene(layer, fn):

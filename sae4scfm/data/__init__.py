@@ -199,8 +199,10 @@ class VocabMatrix(NamedTuple):
     genes: np.ndarray  # [genes in vocab] str
 
 
-def select_vocab_genes(adata: ad.AnnData, vocab: dict, gene_key: str | None, source: str) -> VocabMatrix:
-    """Columns of ``adata.X`` whose gene (``var[gene_key]`` or var_names) is in ``vocab``."""
+def select_vocab_genes(adata: ad.AnnData, vocab: dict, gene_key: str | None, source: str, *,
+                       log_usage: bool = True) -> VocabMatrix:
+    """Columns of ``adata.X`` whose gene (``var[gene_key]`` or var_names) is in ``vocab``; logs how many
+    (``log_usage=False``: the caller logs it with ``log_gene_usage`` after a further subset)."""
     if gene_key is not None and gene_key not in adata.var.columns:
         raise InputError(f"data.gene_key={gene_key!r}: {source} has no var column {gene_key!r}; "
                          f"available: {', '.join(map(str, adata.var.columns)) or 'none'} "
@@ -214,9 +216,17 @@ def select_vocab_genes(adata: ad.AnnData, vocab: dict, gene_key: str | None, sou
             f"the model vocabulary (e.g. {', '.join(list(vocab)[:3])}). Set data.gene_key to the var "
             "column that holds identifiers of the kind the model uses (symbols or Ensembl IDs)."
         )
-    log.info("%s: %d of %d genes are in the model vocabulary", source, in_vocab.sum(), len(genes))
+    if log_usage:
+        log_gene_usage(source, int(in_vocab.sum()), len(genes))
     X = sp.csr_matrix(adata.X[:, np.flatnonzero(in_vocab)], dtype=np.float32)
     return VocabMatrix(X, genes[in_vocab])
+
+
+def log_gene_usage(source: str, n_in_vocab: int, n_genes: int, n_hvg: int | None = None) -> None:
+    """One log line: how many of the data's ``n_genes`` are in the model vocabulary, and, after an HVG
+    subset, how many highly variable ones the model reads."""
+    used = "" if n_hvg is None else f"; {n_hvg} highly variable used"
+    log.info("%s: %d of %d genes are in the model vocabulary%s", source, n_in_vocab, n_genes, used)
 
 
 def check_expression(X: sp.csr_matrix, input_kind: str, source: str) -> None:

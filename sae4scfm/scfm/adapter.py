@@ -1,15 +1,26 @@
-"""The adapter contract every model family implements, with hook-based capture and intervention.
+"""The adapter contract every model family implements, with named hook points for capture and intervention.
 
-A family's model exposes ``hook_resid``: ``n_layers + 1`` parameter-free modules
-that the residual stream passes through (index 0 = embeddings, ``l`` = output of
-block ``l - 1``). Capture and intervention are forward hooks on them, so they
-work the same way for every family.
+A family's model passes its activations through parameter-free ``HookPoint`` modules
+(``sae4scfm.scfm.hooks``), together with the call's gene mask. Named hook points:
+
+- ``resid.{l}`` (or the int ``l``), l = 0..n_layers: the residual stream (``model.hook_resid``;
+  0 = embeddings, ``l`` = output of block ``l - 1``);
+- ``attn_out.{b}``, ``mlp_out.{b}``, b = 0..n_layers-1: the attention and MLP (feed-forward)
+  sublayer outputs of block ``b`` (``model.blocks[b].hook_attn_out`` / ``hook_mlp_out``), i.e.
+  what the block adds to its residual input, before any post-norm. Pre-norm blocks
+  (AIDO.Cell, scFoundation's performer): ``resid[b+1] = resid[b] + attn_out[b] + mlp_out[b]``.
+  Post-norm blocks (scGPT, Geneformer, scFoundation's transformer):
+  ``resid[b+1] = LN2(LN1(resid[b] + attn_out[b]) + mlp_out[b])``.
+
+Capture and intervention are actions at those points scoped to the caller's context,
+so the adapter holds no per-call state: calls are re-entrant, interventions nest, and
+two threads (or two adapters) never see each other's.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import anndata as ad
@@ -17,6 +28,7 @@ import torch
 from torch import nn
 
 from sae4scfm.errors import InputError
+from sae4scfm.scfm.hooks import HookPoint, acting
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
 
 log = logging.getLogger(__name__)
@@ -50,10 +62,17 @@ class _StopForward(Exception):
     pass
 
 
+HookPointName = int | str
+
+
 class ScFMAdapter:
-    """A loaded single-cell foundation model; subclasses implement the family specifics."""
+    """A loaded single-cell foundation model; subclasses implement the family specifics.
+
+    ``published``: where the family's official weights are (named in the missing-checkpoint error).
+    """
 
     family: str = "?"
+    published: str = "?"
     model: nn.Module
     vocab: dict[str, int]
 
@@ -62,7 +81,11 @@ class ScFMAdapter:
         self.vocab = vocab
         self.id_to_gene = {i: g for g, i in vocab.items()}
         self.device = torch.device(device)
-        self._gene_mask: torch.Tensor | None = None
+        points = {f"resid.{layer}": point for layer, point in enumerate(model.hook_resid)}
+        for b, block in enumerate(model.blocks):
+            points[f"attn_out.{b}"] = block.hook_attn_out
+            points[f"mlp_out.{b}"] = block.hook_mlp_out
+        self.hook_points: dict[str, HookPoint] = points  # fixed at construction
 
     @property
     def n_layers(self) -> int:
@@ -76,24 +99,38 @@ class ScFMAdapter:
     @classmethod
     def from_pretrained(cls, checkpoint_dir, device: str = "cpu", random_init: bool = False, **options) -> "ScFMAdapter":
         """Load the official checkpoint folder; ``random_init`` keeps the architecture and
-        re-draws the weights (the untrained control). ``options``: the family's config keys."""
+        re-draws the weights (the untrained control). With ``checkpoint_dir=None`` and
+        ``random_init`` the architecture is the published size in ``options`` (the YAML).
+        ``options``: the family's config keys."""
         raise NotImplementedError
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> "ScFMAdapter":
-        """From an ``scfm`` config group: ``checkpoint_dir``, ``random_init`` and the family's keys."""
+        """From an ``scfm`` config group: ``checkpoint_dir``, ``random_init`` and the family's keys.
+
+        Without ``checkpoint_dir``, ``random_init=true`` builds an untrained model of the
+        published size given in the config; otherwise it is an InputError saying where the
+        official weights are published."""
         options = {k: v for k, v in dict(cfg).items() if k not in ("family", "checkpoint_dir", "random_init")}
+        random_init = bool(cfg.get("random_init", False))
         if not cfg.get("checkpoint_dir"):
-            raise InputError(f"scfm.checkpoint_dir is not set; point it at the downloaded {cls.family} "
-                             f"checkpoint folder (see config/scfm/{cfg.family}*.yaml for its layout).")
-        return cls.from_pretrained(cfg.checkpoint_dir, device, random_init=bool(cfg.get("random_init", False)),
-                                   **options)
+            if not random_init:
+                raise InputError(
+                    f"scfm.checkpoint_dir is not set; point it at the downloaded {cls.family} checkpoint folder "
+                    f"(see config/scfm/{cfg.family}*.yaml for its layout). The official weights are published "
+                    f"at {cls.published}. For an untrained control of the published size, without any "
+                    "download, set scfm.random_init=true.")
+            log.info("scfm.random_init=true without scfm.checkpoint_dir: an untrained %s of the size given "
+                     "in the scfm config", cls.family)
+            return cls.from_pretrained(None, device, random_init=True, **options)
+        return cls.from_pretrained(cfg.checkpoint_dir, device, random_init=random_init, **options)
 
     def tokenize(self, adata: ad.AnnData, **preprocess) -> TokenizedCells:
         raise NotImplementedError
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The model's outputs for a batch (family-specific keys, always ``cell_emb``)."""
+        """The model's outputs for a batch already on the device (family-specific keys, always
+        ``cell_emb``); the family passes ``batch.gene_mask`` to the model's hook points."""
         raise NotImplementedError
 
     def output_loss(self, batch: Batch, generator: torch.Generator) -> tuple[float, int]:
@@ -113,52 +150,55 @@ class ScFMAdapter:
             )
         return int(layer)
 
+    def hook_point_name(self, hook_point: HookPointName, field: str = "hook_point") -> str:
+        """The name of ``hook_point``: an int ``l`` is ``resid.{l}``; an unknown name is an InputError."""
+        if isinstance(hook_point, int) and not isinstance(hook_point, bool):
+            return f"resid.{self.check_layer(hook_point, field)}"
+        if hook_point not in self.hook_points:
+            last = self.n_layers - 1
+            raise InputError(
+                f"{field}={hook_point!r} is not a hook point of this {self.family} model; valid: resid.0 .. "
+                f"resid.{self.n_layers} (or the layer number), attn_out.0 .. attn_out.{last}, mlp_out.0 .. "
+                f"mlp_out.{last}.")
+        return str(hook_point)
+
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Forward with the batch's gene mask visible to interventions."""
-        self._gene_mask = batch.gene_mask.to(self.device)
-        try:
-            return self.forward(batch.to(self.device))
-        finally:
-            self._gene_mask = None
+        """The model's outputs on ``batch`` (moved to the device), with this context's interventions."""
+        return self.forward(batch.to(self.device))
 
     @torch.no_grad()
-    def capture(self, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Residual stream at ``layers``: {layer: [B, T, d]}; the forward stops after the last one.
+    def capture(self, batch: Batch, hook_points: list[HookPointName]) -> dict[HookPointName, torch.Tensor]:
+        """Activations {hook point as given: [B, T, d]}; the forward stops once all are captured.
 
-        Use ``batch.gene_mask`` to select gene tokens (special tokens and padding are
-        included in the tensor but flagged there).
+        Ints are residual-stream layers (``resid.{l}``). Use ``batch.gene_mask`` to select
+        gene tokens (special tokens and padding are included in the tensor but flagged there).
+        Interventions active in this context apply before the capture.
         """
-        layers = sorted({self.check_layer(layer, "layers") for layer in layers})
-        captured: dict[int, torch.Tensor] = {}
+        names = {key: self.hook_point_name(key, "hook_points") for key in hook_points}
+        wanted = set(names.values())
+        captured: dict[str, torch.Tensor] = {}
 
-        def hook_for(layer: int):
-            def hook(_module, _inputs, output):
-                captured[layer] = output.detach()
-                if layer == layers[-1]:
+        def action_for(name: str):
+            def action(x, _gene_mask):
+                captured[name] = x.detach()
+                if len(captured) == len(wanted):
                     raise _StopForward
-            return hook
+            return action
 
-        handles = [self.model.hook_resid[layer].register_forward_hook(hook_for(layer)) for layer in layers]
-        try:
-            self.run(batch)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
+        with ExitStack() as stack:
+            for name in wanted:
+                stack.enter_context(acting(self.hook_points[name], action_for(name)))
+            try:
+                self.run(batch)
+            except _StopForward:
+                pass
+        return {key: captured[name] for key, name in names.items()}
 
     @contextmanager
-    def intervene(self, layer: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
-        """Within the context, every forward replaces the residual stream at ``layer`` by
-        ``fn(h [B, T, d], gene_mask [B, T])``."""
-        self.check_layer(layer, "layer")
-
-        def hook(_module, _inputs, output):
-            return fn(output, self._gene_mask)
-
-        handle = self.model.hook_resid[layer].register_forward_hook(hook)
-        try:
+    def intervene(self, hook_point: HookPointName,
+                  fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the context (this thread only), every forward replaces the activation at
+        ``hook_point`` (an int = residual-stream layer, or a name) by ``fn(h [B, T, d], gene_mask [B, T])``,
+        with the gene mask of that forward. Nested contexts compose (outer first at one point)."""
+        with acting(self.hook_points[self.hook_point_name(hook_point, "layer")], fn):
             yield
-        finally:
-            handle.remove()

@@ -57,6 +57,11 @@ class TokenizedCells:
     def n_gene_tokens(self) -> int:
         return int((~self.special).sum())
 
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens of the cell at position ``i``: (gene_ids [n] int64, values [n] float32, special [n] bool)."""
+        sl = slice(self.offsets[i], self.offsets[i + 1])
+        return self.gene_ids[sl], self.values[sl], self.special[sl]
+
     def subset(self, cells: np.ndarray) -> "TokenizedCells":
         """The cells at positions ``cells`` (positions in this object, not AnnData rows)."""
         pieces = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in cells]

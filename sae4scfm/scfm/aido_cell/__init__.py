@@ -42,6 +42,7 @@ class AIDOCellAdapter(ScFMAdapter):
     """AIDO.Cell (3M, 10M, 100M) with the official modelgenerator preprocessing."""
 
     family = "aido_cell"
+    published = "huggingface.co/genbio-ai/AIDO.Cell-3M, AIDO.Cell-10M and AIDO.Cell-100M"
 
     def __init__(self, model: AIDOCellModel, cfg: AIDOCellConfig, *, store_genes: str = "expressed",
                  max_tokens_per_batch: int | None = None, loss_mask_ratio: float = 0.3, device: str = "cpu"):
@@ -55,7 +56,7 @@ class AIDOCellAdapter(ScFMAdapter):
         self.loss_mask_ratio = loss_mask_ratio
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu", random_init: bool = False, *,
+    def from_pretrained(cls, checkpoint_dir: str | Path | None, device: str = "cpu", random_init: bool = False, *,
                         store_genes: str = "expressed", max_tokens_per_batch: int | None = None,
                         loss_mask_ratio: float = 0.3, n_layers: int | None = None, d_model: int | None = None,
                         n_heads: int | None = None, d_mlp: int | None = None) -> "AIDOCellAdapter":
@@ -63,7 +64,8 @@ class AIDOCellAdapter(ScFMAdapter):
 
         ``random_init`` keeps the architecture and re-draws the weights (official
         initialisation). ``n_layers``, ``d_model``, ``n_heads``, ``d_mlp``: the expected
-        size, checked against ``config.json`` (None = accept it). The other options:
+        size, checked against ``config.json`` (None = accept it); with ``checkpoint_dir=None`` and
+        ``random_init`` the model is built from them (official config.json defaults otherwise). The other options:
         see the module docstring and ``config/scfm/aido_cell_*.yaml``.
         """
         if store_genes not in STORE_GENES:
@@ -73,8 +75,18 @@ class AIDOCellAdapter(ScFMAdapter):
                              "count (or null for no limit).")
         if not 0 < float(loss_mask_ratio) < 1:
             raise InputError(f"scfm.loss_mask_ratio={loss_mask_ratio} must be a fraction in (0, 1).")
-        model, cfg = load_aido_cell_checkpoint(checkpoint_dir)
         expected = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_mlp": d_mlp}
+        if checkpoint_dir is None:
+            missing = [k for k, v in expected.items() if v is None]
+            if not random_init or missing:
+                raise InputError(f"scfm.random_init=true without scfm.checkpoint_dir builds the published size, but "
+                                 f"scfm.{(missing or ['checkpoint_dir'])[0]} is null; use scfm=aido_cell_3m, "
+                                 "aido_cell_10m or aido_cell_100m (their sizes are set).")
+            model, cfg = None, AIDOCellConfig.from_json(
+                {"hidden_size": d_model, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
+                 "intermediate_size": d_mlp, "max_position_embeddings": len(model_genes())}, "scfm (published size)")
+        else:
+            model, cfg = load_aido_cell_checkpoint(checkpoint_dir)
         for key, want in expected.items():
             if want is not None and int(want) != getattr(cfg, key):
                 raise InputError(
@@ -101,7 +113,7 @@ class AIDOCellAdapter(ScFMAdapter):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``pred`` [B, 19,264] predicted log1p(CP10k); ``cell_emb`` [B, d] mean over gene positions."""
-        out = self.model(batch.values, batch.gene_ids, batch.padding_mask)
+        out = self.model(batch.values, batch.gene_ids, batch.padding_mask, batch.gene_mask)
         genes = slice(0, self.n_genes)
         return {"pred": out["pred"][:, genes], "cell_emb": out["hidden"][:, genes].mean(dim=1)}
 
@@ -127,10 +139,10 @@ class AIDOCellAdapter(ScFMAdapter):
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     @torch.no_grad()
-    def capture(self, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Residual stream {layer: [B, T, d]} at ``layers``, captured chunk by chunk."""
-        parts = [super(AIDOCellAdapter, self).capture(chunk, layers) for chunk in self.chunks(batch)]
-        return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
+    def capture(self, batch: Batch, hook_points: list) -> dict:
+        """Activations {hook point: [B, T, d]} (``ScFMAdapter.capture``), captured chunk by chunk."""
+        parts = [super(AIDOCellAdapter, self).capture(chunk, hook_points) for chunk in self.chunks(batch)]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     @torch.no_grad()
     def output_loss(self, batch: Batch, generator: torch.Generator) -> tuple[float, int]:

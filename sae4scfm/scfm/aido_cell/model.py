@@ -40,6 +40,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class SelfAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Pre-norm attention sublayer with its residual: x + dense(attn(ln(x)))."""
+    """Pre-norm attention sublayer without its residual: dense(attn(ln(x)))."""
 
     def __init__(self, cfg: AIDOCellConfig):
         super().__init__()
@@ -152,7 +153,7 @@ class Attention(nn.Module):
         self.output = nn.ModuleDict({"dense": nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.linear_bias)})
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return x + self.output["dense"](self.self(self.ln(x), attn_mask))
+        return self.output["dense"](self.self(self.ln(x), attn_mask))
 
 
 class SwiGLU(nn.Module):
@@ -174,10 +175,14 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ln = make_norm(cfg)
         self.mlp = SwiGLU(cfg)
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention(x, attn_mask)
-        return h + self.mlp(self.ln(h))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x + attn_out, then + mlp_out (the two hook points; ``gene_mask`` [B, T] goes to them)."""
+        h = x + self.hook_attn_out(self.attention(x, attn_mask), gene_mask)
+        return h + self.hook_mlp_out(self.mlp(self.ln(h)), gene_mask)
 
 
 class Encoder(nn.Module):
@@ -222,8 +227,12 @@ class AIDOCellModel(nn.Module):
         self.bert = Backbone(cfg)
         self.cls = nn.ModuleDict({"predictions": ExpressionHead(cfg)})
         # Parameter-free hook points on the residual stream: hook_resid[l] sees layer l.
-        self.hook_resid = nn.ModuleList(nn.Identity() for _ in range(cfg.n_layers + 1))
+        self.hook_resid = nn.ModuleList(HookPoint() for _ in range(cfg.n_layers + 1))
         self.init_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.bert.encoder.layer
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -238,21 +247,22 @@ class AIDOCellModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
-    def forward(self, values: torch.Tensor, positions: torch.Tensor,
-                padding_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, values: torch.Tensor, positions: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                gene_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """values [B, T] float (model input values), positions [B, T] long (gene index, or
-        19,264 / 19,265 for the depth tokens), padding_mask [B, T] bool (True = pad) or None.
+        19,264 / 19,265 for the depth tokens), padding_mask [B, T] bool (True = pad) or None,
+        gene_mask [B, T] bool (the stored gene tokens, passed to the hook points) or None.
 
         Returns ``hidden`` [B, T, d] (final-normed encoder output) and ``pred`` [B, T]
         (the expression head's value at every position).
         """
         x = self.bert.gene_embedding(values) + self.bert.position_embedding(positions)
-        x = self.hook_resid[0](x)
+        x = self.hook_resid[0](x, gene_mask)
         attn_mask = None
         if padding_mask is not None and bool(padding_mask.any()):
             attn_mask = ~padding_mask[:, None, None, :]
-        for layer, hook in zip(self.bert.encoder.layer, self.hook_resid[1:]):
-            x = hook(layer(x, attn_mask))
+        for layer, hook in zip(self.blocks, self.hook_resid[1:]):
+            x = hook(layer(x, attn_mask, gene_mask), gene_mask)
         hidden = self.bert.encoder.ln(x)
         return {"hidden": hidden, "pred": self.cls["predictions"](hidden)}
 

@@ -103,10 +103,11 @@ class AIDOCellTokens(TokenizedCells):
     Every cell has ``n_genes + 2`` tokens: the gene tokens in gene order (token id =
     position = gene index) and the two depth tokens (``special``). Only the expressed
     genes' input values are held (``values_csr`` [cells, n_genes] float32; unexpressed
-    genes are 0) with the depth-token values (``depth`` [cells, 2] float32); the dense
-    layout is built per batch in ``collate``. The ``gene_ids``,
-    ``values``, ``special`` and ``offsets`` arrays of the base class are materialised
-    on access (``n_cells · 19,266`` entries, for inspection only).
+    genes are 0) with the depth-token values (``depth`` [cells, 2] float32). Everything of
+    the ``TokenizedCells`` contract is computed per cell or per batch (``cell``, ``collate``,
+    ``batches``, ``subset``, ``lengths``, ``offsets``), never for all cells at once: the flat
+    ``gene_ids`` / ``values`` / ``special`` arrays would be ``n_cells · 19,266`` entries and are
+    not provided (an error says so).
 
     ``gene_mask`` of a batch is True at the expressed genes, or at every gene when
     ``store_all_genes``: these are the positions whose activations are stored and edited.
@@ -144,22 +145,23 @@ class AIDOCellTokens(TokenizedCells):
     def offsets(self) -> np.ndarray:
         return np.arange(len(self) + 1, dtype=np.int64) * self.seq_len
 
-    @property
-    def gene_ids(self) -> np.ndarray:
-        return np.tile(np.arange(self.seq_len, dtype=np.int64), len(self))
+    def _flat(self, name: str):
+        raise NotImplementedError(f"AIDOCellTokens.{name}: the flat array of all cells' tokens would hold "
+                                  f"{len(self)} x {self.seq_len:,} entries; use cell(i), collate(cells) or batches().")
 
-    @property
-    def values(self) -> np.ndarray:
-        return np.concatenate([self.values_csr.toarray(), self.depth], axis=1).ravel()
-
-    @property
-    def special(self) -> np.ndarray:
-        return np.tile(np.arange(self.seq_len) >= self.n_genes, len(self))
+    gene_ids = property(lambda self: self._flat("gene_ids"))
+    values = property(lambda self: self._flat("values"))
+    special = property(lambda self: self._flat("special"))
 
     @property
     def n_gene_tokens(self) -> int:
         """Gene tokens in ``gene_mask`` (stored per cell): expressed genes, or all genes."""
         return len(self) * self.n_genes if self.store_all_genes else int(self.values_csr.nnz)
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gene_ids [19,266], values [19,266], special [19,266]) of the cell at position ``i``."""
+        values = np.concatenate([self.values_csr[i].toarray().ravel(), self.depth[i]])
+        return np.arange(self.seq_len, dtype=np.int64), values, np.arange(self.seq_len) >= self.n_genes
 
     def subset(self, cells: np.ndarray) -> "AIDOCellTokens":
         cells = np.asarray(cells, dtype=np.int64)

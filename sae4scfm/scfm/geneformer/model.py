@@ -31,6 +31,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ class SelfAttention(nn.Module):
 
 
 class ResidualNorm(nn.Module):
-    """``attention.output`` and ``output``: LayerNorm(x + dropout(dense(h)))."""
+    """``attention.output`` and ``output``: LayerNorm(x + dropout(hook(dense(h)))), where ``hook``
+    is the block's hook point of this sublayer's output (before the residual add)."""
 
     def __init__(self, d_in: int, cfg: BertConfig):
         super().__init__()
@@ -147,8 +149,8 @@ class ResidualNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+    def forward(self, h: torch.Tensor, x: torch.Tensor, hook: HookPoint, gene_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(hook(self.dense(h), gene_mask)) + x)
 
 
 class Block(nn.Module):
@@ -163,11 +165,13 @@ class Block(nn.Module):
         self.intermediate.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.output = ResidualNorm(cfg.intermediate_size, cfg)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hook_attn_out = HookPoint()  # attention.output.dense output
+        self.hook_mlp_out = HookPoint()  # output.dense output
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d], attend [B, T] bool -> [B, T, d]."""
-        x = self.attention.output(self.attention.self(x, attend), x)
-        return self.output(self.act(self.intermediate.dense(x)), x)
+    def forward(self, x: torch.Tensor, attend: torch.Tensor, gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d], attend [B, T] bool, gene_mask [B, T] bool (for the hook points) -> [B, T, d]."""
+        x = self.attention.output(self.attention.self(x, attend), x, self.hook_attn_out, gene_mask)
+        return self.output(self.act(self.intermediate.dense(x)), x, self.hook_mlp_out, gene_mask)
 
 
 class MLMHead(nn.Module):
@@ -204,7 +208,7 @@ class GeneformerModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         # Parameter-free hook points on the residual stream: hook_resid[l] sees layer l.
-        self.hook_resid = nn.ModuleList(nn.Identity() for _ in range(cfg.num_hidden_layers + 1))
+        self.hook_resid = nn.ModuleList(HookPoint() for _ in range(cfg.num_hidden_layers + 1))
 
     def _init_weights(self, module: nn.Module) -> None:
         """Hugging Face's BERT initialisation (used for ``random_init``)."""
@@ -221,12 +225,13 @@ class GeneformerModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     @property
-    def layers(self) -> nn.ModuleList:
+    def blocks(self) -> nn.ModuleList:
         return self.bert.encoder.layer
 
     def forward(self, token_ids: torch.Tensor, padding_mask: torch.Tensor, *, keep: Iterable[int] = (),
-                predict: torch.Tensor | None = None) -> dict:
-        """token_ids [B, T] long, padding_mask [B, T] bool (True = pad).
+                predict: torch.Tensor | None = None, gene_mask: torch.Tensor | None = None) -> dict:
+        """token_ids [B, T] long, padding_mask [B, T] bool (True = pad), gene_mask [B, T] bool
+        (gene tokens, passed to the hook points; None when unused).
 
         Returns ``logits`` [B, T, vocab] (or [n, vocab] at the n True positions of
         ``predict`` [B, T] bool) and ``hidden`` {l: [B, T, d]} for the layers in ``keep``
@@ -236,11 +241,11 @@ class GeneformerModel(nn.Module):
             raise InputError(f"{token_ids.shape[1]} tokens exceed max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; lower scfm.model_input_size.")
         keep, attend, hidden = set(keep), ~padding_mask, {}
-        x = self.hook_resid[0](self.bert.embeddings(token_ids))
+        x = self.hook_resid[0](self.bert.embeddings(token_ids), gene_mask)
         if 0 in keep:
             hidden[0] = x
-        for layer, (block, hook) in enumerate(zip(self.layers, self.hook_resid[1:]), start=1):
-            x = hook(block(x, attend))
+        for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
+            x = hook(block(x, attend, gene_mask), gene_mask)
             if layer in keep:
                 hidden[layer] = x
         logits = self.cls.predictions(x if predict is None else x[predict])

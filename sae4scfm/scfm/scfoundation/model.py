@@ -45,6 +45,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ class AutoDiscretizationEmbedding(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Post-norm block with the parameter names of ``nn.TransformerEncoderLayer`` (ReLU):
-    x = norm1(x + attn(x)); x = norm2(x + linear2(relu(linear1(x))))."""
+    x = norm1(x + attn(x)); x = norm2(x + linear2(relu(linear1(x)))); ``hook_attn_out`` /
+    ``hook_mlp_out`` see attn(x) and the feed-forward output before their residual add."""
 
     def __init__(self, dim: int, heads: int, d_ff: int):
         super().__init__()
@@ -156,10 +158,14 @@ class TransformerBlock(nn.Module):
         self.linear2 = nn.Linear(d_ff, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0])
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
+        x = self.norm1(x + self.hook_attn_out(attn, gene_mask))
+        return self.norm2(x + self.hook_mlp_out(self.linear2(F.relu(self.linear1(x))), gene_mask))
 
 
 class TransformerStack(nn.Module):
@@ -266,17 +272,25 @@ class Chunk(nn.Module):
         return self.fn(x)
 
 
-class PerformerBlock(nn.ModuleList):
-    """Pre-norm block: x + attn(norm(x)), then + ff(norm(x)); items 0 and 1 as in the official keys."""
+class PerformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ff(norm(x)); submodules ``0`` (attention) and ``1``
+    (feed-forward) as in the official keys; ``hook_attn_out`` / ``hook_mlp_out`` see the two terms."""
 
     def __init__(self, cfg: StackConfig):
+        super().__init__()
         dim = cfg.hidden_dim
-        super().__init__([PreLayerNorm(dim, PerformerSelfAttention(dim, cfg.heads, cfg.dim_head)),
-                          PreLayerNorm(dim, Chunk(FeedForward(dim)))])
+        self.add_module("0", PreLayerNorm(dim, PerformerSelfAttention(dim, cfg.heads, cfg.dim_head)))
+        self.add_module("1", PreLayerNorm(dim, Chunk(FeedForward(dim))))
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self[0](x, padding_mask=padding_mask)
-        return x + self[1](x)
+    def __getitem__(self, i: int) -> nn.Module:
+        return self._modules[str(i)]
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.hook_attn_out(self[0](x, padding_mask=padding_mask), gene_mask)
+        return x + self.hook_mlp_out(self[1](x), gene_mask)
 
 
 class PerformerStack(nn.Module):
@@ -318,16 +332,22 @@ class ScFoundationModel(nn.Module):
         self.norm = nn.LayerNorm(d_dec)
         self.to_final = nn.Linear(d_dec, 1)
         # Parameter-free hook points on the encoder's residual stream: hook_resid[l] sees layer l.
-        self.hook_resid = nn.ModuleList(nn.Identity() for _ in range(cfg.encoder.depth + 1))
+        self.hook_resid = nn.ModuleList(HookPoint() for _ in range(cfg.encoder.depth + 1))
 
-    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor,
-               padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's blocks (the hook points' blocks; the decoder's are not hooked)."""
+        return self.encoder.blocks
+
+    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
+               gene_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output [B, T, d] (after its final norm) and the encoder's padding [B, T]
-        (padding plus masked tokens, i.e. tokens whose value is ``mask_token_id``)."""
+        (padding plus masked tokens, i.e. tokens whose value is ``mask_token_id``); ``gene_mask``
+        [B, T] goes to the hook points."""
         hidden_pad = padding_mask | (values == self.cfg.mask_token_id)
-        x = self.hook_resid[0](self.token_emb(values) + self.pos_emb(gene_ids))
-        for block, hook in zip(self.encoder.blocks, self.hook_resid[1:]):
-            x = hook(block(x, padding_mask=hidden_pad))
+        x = self.hook_resid[0](self.token_emb(values) + self.pos_emb(gene_ids), gene_mask)
+        for block, hook in zip(self.blocks, self.hook_resid[1:]):
+            x = hook(block(x, padding_mask=hidden_pad, gene_mask=gene_mask), gene_mask)
         return self.encoder.norm(x), hidden_pad
 
     def cell_embedding(self, x: torch.Tensor, gene_ids: torch.Tensor, hidden_pad: torch.Tensor) -> torch.Tensor:
@@ -358,15 +378,15 @@ class ScFoundationModel(nn.Module):
         return self.to_final(self.norm(self.decoder.norm(h))).squeeze(-1)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
-                decoder_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+                decoder_batch_size: int | None = None, gene_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """gene_ids [B, T] positions (gene index, n_genes = T, n_genes + 1 = S), values [B, T]
         (``mask_token_id`` = masked), padding_mask [B, T] bool (True = pad). The decoder reads
         all ``seq_len`` positions per cell, so it runs on ``decoder_batch_size`` cells at a time
-        (None: all at once).
+        (None: all at once). ``gene_mask`` [B, T]: gene tokens, for the encoder's hook points.
 
         Returns ``pred`` [B, n_genes] predicted log1p(CP10k) per gene and ``cell_emb`` [B, 4d].
         """
-        x, hidden_pad = self.encode(gene_ids, values, padding_mask)
+        x, hidden_pad = self.encode(gene_ids, values, padding_mask, gene_mask)
         step = decoder_batch_size or len(x)
         pred = torch.cat([self.decode(*(t[i:i + step] for t in (x, gene_ids, values, padding_mask, hidden_pad)))
                           for i in range(0, len(x), step)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sae4scfm.scfm.scgpt.adapter import ScGPTAdapter, check_architecture
 from sae4scfm.scfm.scgpt.model import (
+                                       SPECIAL_TOKENS,
                                        ScGPTConfig,
                                        ScGPTModel,
                                        load_scgpt_checkpoint,
@@ -15,6 +16,6 @@ from sae4scfm.scfm.scgpt.model import (
 from sae4scfm.scfm.scgpt.tokenizer import bin_values, random_value_mask, tokenize_binned, tokenize_cells
 
 __all__ = [
-    "ScGPTAdapter", "ScGPTConfig", "ScGPTModel", "bin_values", "check_architecture", "load_scgpt_checkpoint",
+    "SPECIAL_TOKENS", "ScGPTAdapter", "ScGPTConfig", "ScGPTModel", "bin_values", "check_architecture", "load_scgpt_checkpoint",
     "masked_value_loss", "random_value_mask", "rename_official_keys", "tokenize_binned", "tokenize_cells",
 ]

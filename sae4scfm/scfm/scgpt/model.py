@@ -32,6 +32,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.hooks import HookPoint
 from sae4scfm.scfm.tokens import Batch
 
 log = logging.getLogger(__name__)
@@ -160,13 +161,19 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d], padding_mask [B, T] (True = pad, never attended to) -> [B, T, d]."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor, gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d], padding_mask [B, T] (True = pad, never attended to) -> [B, T, d].
+
+        ``hook_attn_out`` sees the attention output, ``hook_mlp_out`` the feed-forward output,
+        each before its dropout, residual add and LayerNorm (``gene_mask`` is passed to them).
+        """
         attn = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
-        x = self.norm1(x + self.dropout(attn))
+        x = self.norm1(x + self.dropout(self.hook_attn_out(attn, gene_mask)))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout(ff))
+        return self.norm2(x + self.dropout(self.hook_mlp_out(ff, gene_mask)))
 
 
 class TransformerEncoder(nn.Module):
@@ -256,10 +263,10 @@ class ScGPTModel(nn.Module):
         if cfg.do_mvc:
             self.mvc_decoder = MVCDecoder(cfg.d_model, cfg.explicit_zero_prob)
         # Parameter-free hook points on the residual stream: hook_resid[l] sees layer l.
-        self.hook_resid = nn.ModuleList(nn.Identity() for _ in range(cfg.n_layers + 1))
+        self.hook_resid = nn.ModuleList(HookPoint() for _ in range(cfg.n_layers + 1))
 
     @property
-    def layers(self) -> nn.ModuleList:
+    def blocks(self) -> nn.ModuleList:
         return self.transformer_encoder.layers
 
     def init_official_weights(self) -> None:
@@ -272,8 +279,10 @@ class ScGPTModel(nn.Module):
         gene_embs = self.encoder(gene_ids)
         return gene_embs + self.value_encoder(values), gene_embs
 
-    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> dict:
-        """gene_ids [B, T] long, values [B, T] float, padding_mask [B, T] bool (True = pad).
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
+                gene_mask: torch.Tensor | None = None) -> dict:
+        """gene_ids [B, T] long, values [B, T] float, padding_mask [B, T] bool (True = pad),
+        gene_mask [B, T] bool (gene tokens; passed to the hook points, None when unused).
 
         Returns (official names in brackets): ``mlm`` [B, T] predicted values (mlm_output),
         ``cell_emb`` [B, d] the last layer at ``<cls>`` (position 0); when the checkpoint has
@@ -281,9 +290,9 @@ class ScGPTModel(nn.Module):
         and ``mvc_zero_probs`` [B, T], ``cls_output`` [B, n_cls] cell-type logits.
         """
         x, gene_embs = self.embed(gene_ids, values)
-        x = self.hook_resid[0](x)
-        for layer, hook in zip(self.transformer_encoder.layers, self.hook_resid[1:]):
-            x = hook(layer(x, padding_mask))
+        x = self.hook_resid[0](x, gene_mask)
+        for layer, hook in zip(self.blocks, self.hook_resid[1:]):
+            x = hook(layer(x, padding_mask, gene_mask), gene_mask)
         cell_emb = x[:, 0, :]
         mlm = self.decoder(x)
         out = {"mlm": mlm["pred"], "cell_emb": cell_emb}
@@ -310,7 +319,7 @@ def masked_value_loss(model: ScGPTModel, batch: Batch, mask: torch.Tensor,
     loss ``masked_mse_loss`` + ``criterion_neg_log_bernoulli`` terms, times the count).
     ``forward`` (default: the model) maps a Batch to the model's outputs.
     """
-    forward = forward or (lambda b: model(b.gene_ids, b.values, b.padding_mask))
+    forward = forward or (lambda b: model(b.gene_ids, b.values, b.padding_mask, b.gene_mask))
     masked = Batch(batch.gene_ids, batch.values.masked_fill(mask, model.cfg.mask_value),
                    batch.padding_mask, batch.gene_mask, batch.cell_index)
     out = forward(masked)

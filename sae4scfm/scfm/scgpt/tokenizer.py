@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sae4scfm.data import highly_variable, normalise_expression, select_vocab_genes
+from sae4scfm.data import highly_variable, log_gene_usage, normalise_expression, select_vocab_genes
 from sae4scfm.scfm.scgpt.model import ScGPTConfig
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
 
@@ -92,11 +92,12 @@ def tokenize_cells(adata: ad.AnnData, vocab: dict[str, int], cfg: ScGPTConfig, r
     value (None: ``cfg.pad_value``, as pretraining and ``embed_data``; the fine-tuning
     tutorials' ``tokenize_and_pad_batch`` uses 0). ``source`` names the data in errors.
     """
-    selected = select_vocab_genes(adata, vocab, gene_key, source)
+    selected = select_vocab_genes(adata, vocab, gene_key, source, log_usage=not subset_hvg)
     X, genes = normalise_expression(selected.matrix, input_kind, normalize_total, log1p, source), selected.genes
     if subset_hvg:
         keep = highly_variable(X, n_hvg)
         X, genes = X[:, keep], genes[keep]
+        log_gene_usage(source, len(selected.genes), adata.n_vars, len(genes))
     binned = bin_values(X, cfg.n_bins, rng)
     return tokenize_binned(
         binned, np.array([vocab[g] for g in genes], dtype=np.int64), cls_id=vocab[cfg.cls_token],
