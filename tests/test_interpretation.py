@@ -230,7 +230,7 @@ def test_features_file_of_another_run(analysed, tmp_path):
 
     f = ad.read_h5ad(dst / "features" / "features.h5ad")
     f[:, :100].copy().write_h5ad(dst / "features" / "features.h5ad")
-    with pytest.raises(InputError, match="has 100 features but the run's SAE has 512"):
+    with pytest.raises(InputError, match="has 100 features but the run's SAE has d_sae=512"):
         sae4scfm.analyze_features(sae4scfm.compose("analyze", _address(runs, dst)))
     f[::-1].copy().write_h5ad(dst / "features" / "features.h5ad")
     with pytest.raises(InputError, match="does not hold the cells of the run's dataset"):

@@ -102,8 +102,8 @@ def check_run_features(run_dir: Path, features: ad.AnnData, adata: ad.AnnData | 
     path = run_dir / "features" / name
     d_sae = json.loads((run_dir / "cfg.json").read_text())["d_sae"]
     if features.n_vars != d_sae:
-        raise InputError(f"{path} has {features.n_vars} features but the run's SAE has {d_sae} "
-                         f"({run_dir / 'cfg.json'} d_sae); it belongs to another run: regenerate it with "
+        raise InputError(f"{path} has {features.n_vars} features but the run's SAE has d_sae={d_sae} "
+                         f"({run_dir / 'cfg.json'}); it belongs to another run: regenerate it with "
                          "scripts/generate_features.py.")
     if adata is not None and not np.array_equal(adata.obs_names.to_numpy(), features.obs_names.to_numpy()):
         raise InputError(f"{path} does not hold the cells of the run's dataset (different cells or order, "
