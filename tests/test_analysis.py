@@ -229,6 +229,88 @@ def test_update_results_rejects_bad_tables(tmp_path):
         read_results(tmp_path / "missing")
 
 
+def _label_table(seed=0):
+    rng = np.random.default_rng(seed)
+    X = _tricky_matrix(rng, n=150, m=9)
+    obs = pd.DataFrame({"cell_type": rng.choice(["CD4+/CD25 T Reg", "B=1", "NK:x"], 150),
+                        "batch": rng.choice(["a", "b"], 150)})
+    return label_scoring(X, obs, ["cell_type", "batch"], min_cells=1, metrics=["auroc", "f1", "ami"],
+                         batch_key="batch", cell_type_key="cell_type")
+
+
+def test_tidy_table_holds_the_wide_numbers_without_parsing_names(tmp_path):
+    """A reader of results_long only (no metric-name parsing) gets every number of the wide table;
+    labels with '/', '=' and ':' are in their own columns."""
+    from sae4scfm.analysis.results import read_tidy_results
+
+    scores = _label_table()
+    wide = update_results(tmp_path, "label_scoring", scores)
+    long = read_tidy_results(tmp_path)
+    assert list(long.columns) == ["feature_id", "analysis", "label_key", "label", "metric", "value", "text"]
+    assert len(long) == scores.shape[0] * scores.shape[1]
+    auroc = long[(long["metric"] == "auroc") & (long["label_key"] == "cell_type")]
+    assert set(auroc["label"]) == {"CD4+/CD25 T Reg", "B=1", "NK:x"}
+    for label in ("CD4+/CD25 T Reg", "B=1", "NK:x"):
+        got = auroc[auroc["label"] == label].set_index("feature_id")["value"].sort_index()
+        np.testing.assert_array_equal(got.to_numpy(), wide[("label_scoring", f"auroc:cell_type={label}")].to_numpy())
+    best = long[(long["metric"] == "best") & (long["label_key"] == "cell_type")].set_index("feature_id")["text"]
+    assert best.sort_index().tolist() == wide[("label_scoring", "best:cell_type")].tolist()
+    flag = long[long["metric"] == "batch_associated"]
+    assert flag["label_key"].isna().all() and flag["label"].isna().all()
+    np.testing.assert_array_equal(flag.sort_values("feature_id")["value"].to_numpy(),
+                                  wide[("label_scoring", "batch_associated")].to_numpy(float))
+    # every wide number is in the long table: pivot the long table back to wide names
+    for (_, metric_name), col in wide.items():
+        key, label, metric = scores.attrs["tidy"].get(metric_name, (None, None, metric_name))
+        sel = long[(long["metric"] == metric) & (long["label_key"].fillna("") == (key or ""))
+                   & (long["label"].fillna("") == (label or ""))].sort_values("feature_id")
+        if pd.api.types.is_numeric_dtype(col.dtype):
+            np.testing.assert_array_equal(sel["value"].to_numpy(), col.to_numpy(float), err_msg=metric_name)
+        else:
+            assert sel["text"].tolist() == col.tolist(), metric_name
+
+
+def test_tidy_round_trip_csv_and_rerun_replaces_only_its_rows(tmp_path):
+    from sae4scfm.analysis.results import read_tidy_results
+
+    update_results(tmp_path, "label_scoring", _label_table(0))
+    update_results(tmp_path, "density", _metrics(9, 1)[["score"]])
+    before = read_tidy_results(tmp_path)
+    again = _label_table(1)  # other numbers
+    update_results(tmp_path, "label_scoring", again)
+    after = read_tidy_results(tmp_path)
+    pd.testing.assert_frame_equal(after[after["analysis"] == "density"].reset_index(drop=True),
+                                  before[before["analysis"] == "density"].reset_index(drop=True))
+    new = after[(after["analysis"] == "label_scoring") & (after["metric"] == "auroc")]
+    assert len(new) == len(before[(before["analysis"] == "label_scoring") & (before["metric"] == "auroc")])
+    col = new[new["label"] == "B=1"].sort_values("feature_id")["value"].to_numpy()
+    np.testing.assert_array_equal(col, again["auroc:cell_type=B=1"].to_numpy())
+    (tmp_path / "results_long.parquet").unlink()
+    pd.testing.assert_frame_equal(read_tidy_results(tmp_path), after, check_exact=True)  # CSV only
+
+
+def test_feature_annotations_in_var_and_uns(tmp_path):
+    import anndata as ad
+
+    from sae4scfm.analysis.results import write_feature_annotations
+
+    path = tmp_path / "features.h5ad"
+    ad.AnnData(sp.random(150, 9, density=0.3, format="csr", random_state=0)).write_h5ad(path)
+    scores = _label_table()
+    write_feature_annotations(path, "label_scoring", scores, {"min_cells": 1, "label_keys": None})
+    write_feature_annotations(path, "density", _metrics(9, 1)[["score"]], {"x": [1, 2]})
+    f = ad.read_h5ad(path)
+    np.testing.assert_array_equal(f.var["label_scoring:auroc:cell_type=CD4+_CD25 T Reg"].to_numpy(),
+                                  scores["auroc:cell_type=CD4+/CD25 T Reg"].to_numpy())
+    assert f.var["label_scoring:best:cell_type"].tolist() == scores["best:cell_type"].tolist()
+    assert f.uns["label_scoring"]["params"]["min_cells"] == 1 and f.uns["density"]["analysis"] == "density"
+    # a re-run replaces the prefix's columns only
+    write_feature_annotations(path, "label_scoring", scores[["best:cell_type"]], {})
+    f = ad.read_h5ad(path)
+    assert [c for c in f.var.columns if c.startswith("label_scoring:")] == ["label_scoring:best:cell_type"]
+    assert "density:score" in f.var and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 # --------------------------------------------------------------------------- F1, AMI, batch flag
 
 from sklearn.metrics import adjusted_mutual_info_score, f1_score  # noqa: E402

@@ -13,12 +13,12 @@ from statsmodels.stats.multitest import multipletests
 from sae4scfm.analysis.enrichment import (
     FISHER_COLUMNS,
     GeneSets,
-    bh_fdr,
     fisher_enrichment,
     load_gene_sets,
     prerank_gsea,
     read_gmt,
 )
+from sae4scfm.analysis.primitives import bh_fdr
 from sae4scfm.errors import InputError
 
 

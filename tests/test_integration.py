@@ -264,7 +264,7 @@ def test_features_of_other_cells(tiny_run):
     runs_dir, dst = _copy_run(tiny_run, "othercells")
     path = dst / "features" / "features.h5ad"
     ad.read_h5ad(path)[::-1].copy().write_h5ad(path)  # same features, cells in another order
-    with pytest.raises(InputError, match=r"features.h5ad holds other cells than the run's dataset"):
+    with pytest.raises(InputError, match=r"features.h5ad does not hold the cells of the run.s dataset"):
         benchmark_integration(bench_cfg(runs_dir, "othercells", dst.name))
 
 

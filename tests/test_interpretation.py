@@ -101,7 +101,7 @@ def test_summary_names_marker_enriched_cell_type_features(analysed):
     with_markers = cells[cells["marker_set"] != ""]
     assert len(with_markers) == 6  # CD4 T (3 bulk labels), CD8 T (2), CD14 Monocyte, B, NK, Dendritic (cDC)
     assert cells.set_index("cell_type").loc["CD4 T", "n_cells"] == (
-        run_labels := load_run_data(cfg).features.obs["bulk_labels"]).isin(
+        load_run_data(cfg).features.obs["bulk_labels"]).isin(
         ["CD4+/CD25 T Reg", "CD4+/CD45RO+ Memory", "CD4+/CD45RA+/CD25- Naive T"]).sum()
     ok = with_markers[with_markers["interpreted"]]
     # the issue asks for "most"; the small demo model on the noisy bulk_labels reaches 3-5 of 6 (README)
@@ -119,22 +119,77 @@ def test_rerun_of_one_analysis_keeps_the_others(analysed, runs_dir):
     pd.testing.assert_frame_equal(again.drop(columns="density", level=0), before.drop(columns="density", level=0))
 
 
-def test_cross_layer_self_match_persists_fully(analysed, runs_dir, tmp_path):
-    """A run matched against itself: every feature's best decoder match is itself (cos 1) and its
-    best co-firing match fires on the same tokens (Jaccard 1)."""
-    cfg, run_dir, _ = analysed
-    address = f"{run_dir.parent.name}/{run_dir.name}"
+def _planted_partner(run_dir, runs, layer: int, seed: int = 0):
+    """A second run "at layer ``layer``" on the same tokens: its SAE's first half of the features are
+    planted copies of well-separated real features of ``run_dir`` (permuted, half sign-flipped,
+    perturbed by 1% noise; token activations = the real feature's), the other half unrelated
+    (random decoder directions; sparse random firing). Returns (run dir, {B feature: A feature})."""
+    import json
+
+    import anndata as ad
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    dst = runs / "planted" / run_dir.name
+    shutil.copytree(run_dir, dst)
+    shutil.rmtree(dst / "analysis")
+    cfg = json.loads((dst / "cfg.json").read_text())
+    cfg["layer"] = layer
+    (dst / "cfg.json").write_text(json.dumps(cfg))
+    state = load_file(dst / "sae.safetensors")
+    W = state["W_dec"].double()
+    n, d = W.shape
+    unit = torch.nn.functional.normalize(W, dim=1)
+    cos = (unit @ unit.T).abs().fill_diagonal_(0).max(1).values.numpy()
+    tokens = ad.read_h5ad(dst / "features" / "token_features.h5ad")
+    fires = np.asarray((tokens.X > 0).sum(0)).ravel()
+    candidates = np.flatnonzero((cos < 0.9) & (fires >= 5))
+    planted_a = rng.choice(candidates, min(len(candidates), n // 2), replace=False)
+    slots = rng.permutation(n)
+    planted = dict(zip(slots[: len(planted_a)].tolist(), planted_a.tolist()))  # B feature -> A feature
+    unrelated = slots[len(planted_a):]
+    W_b = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * W.norm(dim=1).mean()
+    X_a = tokens.X.tocsc()
+    cols = [None] * n
+    for b_, a_ in planted.items():
+        sign = -1.0 if b_ % 2 else 1.0
+        W_b[b_] = sign * W[a_] + 0.01 * W[a_].norm() * torch.randn(d, dtype=torch.float64) / d**0.5
+        cols[b_] = X_a[:, a_]
+    import scipy.sparse as sp
+
+    for b_ in unrelated:
+        cols[b_] = sp.random(tokens.n_obs, 1, density=0.002, format="csc", random_state=int(b_), dtype=np.float32)
+    tokens.X = sp.hstack(cols, format="csr", dtype=np.float32)
+    tokens.write_h5ad(dst / "features" / "token_features.h5ad")
+    state["W_dec"] = W_b.float()
+    save_file(state, dst / "sae.safetensors")
+    return dst, planted, unrelated
+
+
+def test_cross_layer_finds_a_planted_correspondence(analysed, tmp_path):
+    """Two runs on different layers (layer 2, a planted "layer 3"): every planted feature is matched
+    to its source feature by decoder (|cos| > 0.99, sign-flipped or not) and by co-firing (Jaccard 1);
+    the unrelated features score low on both, and persistence is exactly the planted fraction."""
+    _, run_dir, _ = analysed
+    runs, a_dir = _copy_run(run_dir, tmp_path)
+    b_dir, planted, unrelated = _planted_partner(a_dir, runs, layer=3)
     table = sae4scfm.analyze_features(sae4scfm.compose("analyze", [
-        *_address(runs_dir, run_dir), "analysis.run_label_scoring=false", "analysis.run_cross_layer=true",
-        f"analysis.cross_layer_runs=[{address}]"]))
-    layer = load_run_data(cfg).sae_cfg["layer"]
+        *_address(runs, b_dir), "analysis.run_label_scoring=false", "analysis.run_cross_layer=true",
+        f"analysis.cross_layer_runs=[{a_dir.parent.name}/{a_dir.name}]"]))
     cl = table["cross_layer"]
-    assert (cl[f"decoder_cos@{layer}"].astype(float) > 1 - 1e-5).all()
-    assert (cl[f"decoder_match@{layer}"].astype(int) == np.arange(len(cl))).all()
-    fired = cl[f"jaccard@{layer}"].notna()
-    assert (cl.loc[fired, f"jaccard@{layer}"].astype(float) == 1.0).all()
-    row = pd.read_csv(run_dir / "analysis" / "cross_layer.csv").iloc[0]
-    assert row["decoder_persistence"] == 1.0 and row["cofiring_persistence"] == pytest.approx(fired.mean())
+    b_planted = sorted(planted)
+    assert len(b_planted) > 100
+    assert cl.loc[b_planted, "decoder_match@2"].astype(int).tolist() == [planted[b] for b in b_planted]
+    assert (cl.loc[b_planted, "decoder_cos@2"].astype(float) > 0.99).all()
+    assert cl.loc[b_planted, "cofiring_match@2"].astype(int).tolist() == [planted[b] for b in b_planted]
+    assert (cl.loc[b_planted, "jaccard@2"].astype(float) == 1.0).all()
+    assert (cl.loc[unrelated, "decoder_cos@2"].astype(float) < 0.5).all()
+    assert (cl.loc[unrelated, "jaccard@2"].fillna(0).astype(float) < 0.3).all()
+    row = pd.read_csv(b_dir / "analysis" / "cross_layer.csv").iloc[0]
+    assert (row["layer_a"], row["layer_b"]) == (3, 2)
+    assert row["decoder_persistence"] == pytest.approx(len(planted) / len(cl))
+    assert row["cofiring_persistence"] == pytest.approx(len(planted) / len(cl))
 
 
 def _copy_run(run_dir, tmp_path):
@@ -175,7 +230,7 @@ def test_features_file_of_another_run(analysed, tmp_path):
 
     f = ad.read_h5ad(dst / "features" / "features.h5ad")
     f[:, :100].copy().write_h5ad(dst / "features" / "features.h5ad")
-    with pytest.raises(InputError, match="has 100 features but the run's SAE has 512"):
+    with pytest.raises(InputError, match="has 100 features but the run's SAE has d_sae=512"):
         sae4scfm.analyze_features(sae4scfm.compose("analyze", _address(runs, dst)))
     f[::-1].copy().write_h5ad(dst / "features" / "features.h5ad")
     with pytest.raises(InputError, match="does not hold the cells of the run's dataset"):
@@ -217,3 +272,41 @@ def test_default_run_at_the_last_layer_interprets_most_cell_types(tmp_path):
     ok = with_markers[with_markers["interpreted"]]
     assert len(ok) > len(with_markers) / 2, with_markers[["cell_type", "feature", "auroc", "marker_fdr"]]
     assert {"NK", "Dendritic (cDC)"} <= set(ok["cell_type"])
+
+
+# The README walk-through's step 3, verbatim (after its steps 1-2, which are conftest.SMALL_RUN).
+WALKTHROUGH_ANALYZE = ["analysis.run_gene_scoring=true", "analysis.run_enrichment=true", "analysis.run_density=true",
+                       "analysis.run_pca_comparison=true"]
+
+
+def test_walkthrough_commands_write_the_summary_and_three_figures(analysed, tmp_path):
+    """What the README promises for its walk-through: step 3 writes results (wide and long), the
+    features' var annotations, summary.md with its cell-type, gene-set, SAE-vs-PCA and density
+    sections, and the three figures; the default alone (label scoring) writes one figure."""
+    import time
+
+    import anndata as ad
+
+    _, run_dir, _ = analysed
+    runs, dst = _copy_run(run_dir, tmp_path)
+    shutil.rmtree(dst / "analysis")
+    start = time.perf_counter()
+    sae4scfm.analyze_features(sae4scfm.compose("analyze", [*_address(runs, dst), *WALKTHROUGH_ANALYZE]))
+    print(f"walk-through step 3: {time.perf_counter() - start:.0f} s")
+    out = dst / "analysis"
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["density.png", "label_auroc.png", "sae_vs_pca.png"]
+    for name in ("results.csv", "results.parquet", "results_long.csv", "results_long.parquet", "summary.md",
+                 "enrichment.csv", "pca_comparison.csv", "gene_scores.parquet"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    for section in ("## Cell types", "## Gene sets: markers", "## Gene sets: go_bp", "## SAE vs PCA", "## Density",
+                    "## Figures"):
+        assert section in summary, section
+    var = ad.read_h5ad(dst / "features" / "features.h5ad").var
+    assert {"label_scoring:best:bulk_labels", "gene_scoring:top_genes", "density:cell_fraction"} <= set(var.columns)
+
+    runs2, only_default = _copy_run(run_dir, tmp_path / "default")
+    shutil.rmtree(only_default / "analysis")
+    sae4scfm.analyze_features(sae4scfm.compose("analyze", _address(runs2, only_default)))
+    assert [p.name for p in (only_default / "analysis" / "figures").iterdir()] == ["label_auroc.png"]
+    assert "## Cell types" not in (only_default / "analysis" / "summary.md").read_text()

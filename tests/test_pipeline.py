@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -11,6 +12,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
+import sae4scfm
 from sae4scfm.analysis.results import read_results
 from sae4scfm.data import load_pbmc
 from sae4scfm.saes import load_sae
@@ -97,3 +99,31 @@ def test_cell_type_features_found(small_run):
     assert (best >= 0.9).sum() >= 3, best.sort_values(ascending=False)
     csv = pd.read_csv(run_dir / "analysis" / "results.csv", header=[0, 1], index_col=0)
     assert csv.shape == table.shape
+
+
+def test_duplicate_obs_names_are_made_unique_for_every_stage(tmp_path, caplog):
+    """Defect 4: a concatenated .h5ad whose cells share obs_names (two halves with the same barcodes)
+    goes through data=h5ad -> train -> generate_features; the names are made unique once, at loading
+    (anndata's rule, with a logged note), so features.h5ad and token_features.h5ad name the same cells."""
+    pbmc = load_pbmc()[:80].copy()
+    names = pbmc.obs_names[:40].tolist() * 2
+    pbmc.obs_names = names
+    path = tmp_path / "concatenated.h5ad"
+    pbmc.write_h5ad(path)
+    expected = ad.read_h5ad(path)
+    expected.obs_names_make_unique()
+    runs = tmp_path / "runs"
+    with caplog.at_level(logging.WARNING, logger="sae4scfm.data"):
+        run_dir = sae4scfm.train(sae4scfm.compose("train", [
+            "scfm=demo", "data=h5ad", f"data.path={path}", "data.cell_type_key=bulk_labels", "sae=topk",
+            "sae.target_layer=2", "sae.dictionary_multiplier=1", "sae.hyperparams.k=8", "train.n_epochs=1",
+            "wandb.mode=disabled", f"runs_dir={runs}", f"buffer.store_dir={tmp_path / 'stores'}", "experiment=dup"]))
+    assert "40 cells share their obs_name with an earlier cell" in caplog.text
+    assert f"{names[0]!r} -> {names[0] + '-1'!r}" in caplog.text
+    out = sae4scfm.generate_features(sae4scfm.compose("features", [
+        f"runs_dir={runs}", "sae_checkpoint.experiment=dup", f"sae_checkpoint.timestamp={run_dir.name}"]))
+    features = ad.read_h5ad(out / "features.h5ad")
+    tokens = ad.read_h5ad(out / "token_features.h5ad")
+    assert features.obs_names.tolist() == expected.obs_names.tolist() and features.obs_names.is_unique
+    assert list(tokens.obs["cell"].cat.categories) == expected.obs_names.tolist()
+    assert (tokens.obs["cell"].astype(str).to_numpy() == expected.obs_names.to_numpy()[tokens.obs["cell_index"]]).all()

@@ -4,8 +4,13 @@ Runs the analyses switched on in ``cfg.analysis`` (``config/analyze.yaml``) on a
 ``features/features.h5ad`` (cells x features) and ``features/token_features.h5ad``
 (tokens x features), and writes into ``<run>/analysis/``:
 
-- ``results.{parquet,csv}``: one row per feature, columns ``(analysis, metric)``; a
-  re-run of one analysis replaces only its column group (``sae4scfm.analysis.update_results``);
+- ``results.{parquet,csv}``: one row per feature, columns ``(analysis, metric)``, and
+  ``results_long.{parquet,csv}``: the same numbers as rows ``(feature_id, analysis, label_key,
+  label, metric, value, text)``; a re-run of one analysis replaces only its part of both
+  (``sae4scfm.analysis.results``);
+- ``features/features.h5ad``: each analysis's per-feature table also goes into ``var``
+  (columns ``<analysis>:<metric>``) and its parameters into ``uns[<analysis>]``, as scanpy does
+  (``analysis.key_added=K`` makes the prefix ``K_<analysis>``);
 - long tables: ``gene_scores.parquet`` (feature x gene token scores), ``enrichment.csv``
   (significant Fisher tests), ``gsea.csv``, ``pca_comparison.csv``, ``coactivation_pairs.csv``,
   ``modules.csv``, ``cross_layer.csv``;
@@ -19,17 +24,24 @@ from __future__ import annotations
 
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sae4scfm.analysis.labels import INDEX_NAME, label_auroc, label_scoring
 from sae4scfm.analysis.report import write_figures, write_summary
-from sae4scfm.analysis.results import read_results, update_results
-from sae4scfm.analysis.run_data import RunData, collection_name, load_run_data, marker_set_for, need_tokens
+from sae4scfm.analysis.results import labelled, read_results, update_results, write_feature_annotations
+from sae4scfm.analysis.run_data import (
+           GENE_NAME,
+           RunData,
+           collection_name,
+           load_run_data,
+           marker_set_for,
+           need_tokens,
+           read_run_features,
+)
 from sae4scfm.errors import InputError
 from sae4scfm.runs import resolve_run_dir
 
@@ -87,7 +99,7 @@ def feature_gene_scores(run: RunData, a: DictConfig) -> tuple[np.ndarray, list[s
     if a.gene_score == "correlation":
         return _correlation(run)
     if a.gene_score == "token_specificity":
-        table = token_gene_scores(need_tokens(run, "analysis.gene_score=token_specificity"))
+        table = token_gene_scores(need_tokens(run, "analysis.gene_score=token_specificity"), gene_key=GENE_NAME)
         table = table[table["n_fire"] >= int(a.min_gene_tokens)]
         return gene_score_matrix(table, "log2_enrichment", n_features=run.n_features, genes=run.universe(),
                                  fill=np.nan)
@@ -121,7 +133,7 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     n = run.n_features
     cols: dict[str, object] = {}
     if run.tokens is not None:
-        table = token_gene_scores(run.tokens)
+        table = token_gene_scores(run.tokens, gene_key=GENE_NAME)
         table.to_parquet(run.out_dir / "gene_scores.parquet")
         freq = table[table["n_fire"] >= int(a.min_gene_tokens)].sort_values(["feature_id", "freq"],
                                                                             ascending=[True, False])
@@ -156,8 +168,9 @@ def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Best gene set per feature and collection (Fisher FDR), plus prerank GSEA of selected features."""
     n = run.n_features
     tables = enrichment_tables(run, a, feature_top_genes(run, a))
-    cols, significant = {}, []
+    cols, keys, significant = {}, {}, []
     for coll, t in tables.items():
+        keys.update({f"{m}:{coll}": (coll, None, m) for m in ("best_set", "fdr", "overlap", "n_significant")})
         best = t.sort_values(["p_value", "overlap"], ascending=[True, False]).groupby("feature_id").head(1)
         best = best.set_index("feature_id").reindex(range(n))
         cols[f"best_set:{coll}"] = best["gene_set"].fillna("").to_numpy()
@@ -170,7 +183,7 @@ def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
     sig.to_csv(run.out_dir / "enrichment.csv", index=False)
     if a.run_gsea:
         run_prerank(run, a)
-    return _frame(cols, n)
+    return labelled(_frame(cols, n), keys)
 
 
 def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
@@ -203,11 +216,12 @@ def run_gene_families(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Fraction of each feature's firing tokens on each gene family (``analysis.gene_families``)."""
     from sae4scfm.analysis.gene_scoring import gene_family_scores, token_gene_scores
 
-    table = token_gene_scores(need_tokens(run, "analysis.run_gene_families"))
+    table = token_gene_scores(need_tokens(run, "analysis.run_gene_families"), gene_key=GENE_NAME)
     families = dict(a.gene_families) if a.gene_families else None
-    out = gene_family_scores(table, families=families).reindex(range(run.n_features))
+    scores = gene_family_scores(table, families=families)
+    out = scores.reindex(range(run.n_features))
     out.index.name = INDEX_NAME
-    return out
+    return labelled(out, scores.attrs["tidy"])
 
 
 def run_density(run: RunData, a: DictConfig) -> pd.DataFrame:
@@ -346,14 +360,12 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
                          "(runs on other layers of the same model and data).")
     tokens = need_tokens(run, "analysis.run_cross_layer")
     sae, _ = load_sae(run.run_dir)
-    cols, rows = {}, []
+    cols, keys, rows = {}, {}, []
     for address in a.cross_layer_runs:
         experiment, _, stamp = str(address).partition("/")
         other_dir = resolve_run_dir(runs_dir, experiment, stamp or "latest")
         other_file = other_dir / "features" / "token_features.h5ad"
-        if not other_file.is_file():
-            raise InputError(f"{other_file} does not exist; run scripts/generate_features.py on {address} first.")
-        other = ad.read_h5ad(other_file)
+        other = read_run_features(other_dir, "token_features.h5ad")
         same = other.n_obs == tokens.n_obs and all(
             np.array_equal(other.obs[c].to_numpy(), tokens.obs[c].to_numpy()) for c in ("cell_index", "gene_id"))
         if not same:
@@ -369,13 +381,15 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
         cols[f"decoder_cos@{layer}"] = dec["cosine"].to_numpy()
         cols[f"cofiring_match@{layer}"] = fire["best_b"].fillna(-1).astype(int).to_numpy()
         cols[f"jaccard@{layer}"] = fire["jaccard"].to_numpy()
+        keys.update({f"{m}@{layer}": ("layer", str(layer), m)
+                     for m in ("decoder_match", "decoder_cos", "cofiring_match", "jaccard")})
         rows.append({"run": str(other_dir), "layer_a": int(run.sae_cfg["layer"]), "layer_b": layer,
                      "decoder_persistence": persistence(dec, float(a.cross_layer_cosine)),
                      "cofiring_persistence": persistence(fire.reset_index(), float(a.cross_layer_jaccard))})
     table = pd.DataFrame(rows)
     table.to_csv(run.out_dir / "cross_layer.csv", index=False)
     print(table.to_string(index=False))
-    return _frame(cols, run.n_features)
+    return labelled(_frame(cols, run.n_features), keys)
 
 
 # --------------------------------------------------------------------------- figures and summary
@@ -398,9 +412,13 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
              "coactivation": run_coactivation,
              "cross_layer": lambda r, c: run_cross_layer(r, c, cfg.runs_dir)}
     table = None
+    params = OmegaConf.to_container(a, resolve=True)
     for name in selected:
         print(f"analysis: {name}")
-        table = update_results(run.out_dir, name, steps[name](run, a))
+        scores = steps[name](run, a)
+        table = update_results(run.out_dir, name, scores)
+        write_feature_annotations(run.run_dir / "features" / "features.h5ad", name, scores, params,
+                                  key_added=f"{a.key_added}_{name}" if a.get("key_added") else name)
     figures = write_figures(run, table)
     summary = write_summary(run, table, a, figures)
     print(f"results: {run.out_dir / 'results.csv'} and {run.out_dir / 'results.parquet'}; summary: {summary}")

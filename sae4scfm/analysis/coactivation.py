@@ -19,13 +19,13 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import hypergeom
 
+from sae4scfm.analysis.primitives import as_dense, bh_fdr, firing
 from sae4scfm.errors import InputError
 
 __all__ = [
     "CofiringPMI",
     "cofiring_pmi",
     "significant_pairs",
-    "benjamini_hochberg",
     "coactivation_modules",
     "match_by_decoder",
     "match_by_cofiring",
@@ -41,28 +41,6 @@ class CofiringPMI(NamedTuple):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _firing(X, name: str = "X") -> sp.csr_matrix:
-    """``(X > 0)`` as an int32 CSR matrix with no stored zeros."""
-    if hasattr(X, "X") and hasattr(X, "obs"):  # AnnData
-        X = X.X
-    if sp.issparse(X):
-        B = sp.csr_matrix(X, copy=True)
-    else:
-        try:
-            arr = np.asarray(X)
-        except Exception as exc:  # pragma: no cover - exotic inputs
-            raise InputError(f"{name}: expected a sparse or dense 2-D matrix, got {type(X).__name__}.") from exc
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise InputError(f"{name}: expected a numeric matrix, got dtype {arr.dtype}.")
-        B = sp.csr_matrix(arr)
-    if B.ndim != 2:
-        raise InputError(f"{name}: expected a 2-D [rows, features] matrix, got shape {B.shape}.")
-    B.data = (B.data > 0).astype(np.int32)  # NaN > 0 is False
-    B.eliminate_zeros()
-    B.sum_duplicates()
-    return B
 
 
 def _check_min_count(min_count) -> int:
@@ -107,7 +85,7 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     (``PMI == 0`` means independence, not "not tested").
     """
     min_count = _check_min_count(min_count)
-    B = _firing(X)
+    B = firing(X, dtype=np.int32)
     n_rows, n_feat = B.shape
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
     C = _cooccurrence(B, B)
@@ -119,20 +97,6 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     counts = sp.csr_matrix((cnt, (row, col)), shape=shape)
     pmi_m = sp.csr_matrix((pmi, (row, col)), shape=shape)
     return CofiringPMI(pmi=pmi_m, counts=counts)
-
-
-def benjamini_hochberg(p_values) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (FDR), same order as the input."""
-    p = np.asarray(p_values, dtype=np.float64).ravel()
-    m = p.size
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p, kind="mergesort")
-    ranked = p[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.clip(ranked, 0.0, 1.0)
-    return out
 
 
 def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
@@ -151,7 +115,7 @@ def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.Dat
     min_count = _check_min_count(min_count)
     if not (0.0 <= float(max_fdr) <= 1.0):
         raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
-    B = _firing(X)
+    B = firing(X, dtype=np.int32)
     n_rows = B.shape[0]
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
     C = _cooccurrence(B, B)
@@ -164,7 +128,7 @@ def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.Dat
     pmi = _pmi_values(cnt, n_i, n_j, n_rows)
     p = hypergeom.sf(cnt - 1, n_rows, n_i, n_j) if cnt.size else np.empty(0)
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    fdr = benjamini_hochberg(p)
+    fdr = bh_fdr(p)
     df = pd.DataFrame({"i": i, "j": j, "count": cnt, "pmi": pmi, "p_value": p, "fdr": fdr})
     return df.loc[df["fdr"] <= max_fdr].reset_index(drop=True)
 
@@ -224,15 +188,6 @@ def coactivation_modules(pairs: pd.DataFrame, n_features: int, *, resolution: fl
 # --------------------------------------------------------------------------- cross-layer matching
 
 
-def _as_2d_float(W, name: str) -> np.ndarray:
-    if hasattr(W, "detach"):  # torch tensor
-        W = W.detach().cpu().float().numpy()
-    arr = np.asarray(W, dtype=np.float64)
-    if arr.ndim != 2:
-        raise InputError(f"{name}: expected a 2-D decoder matrix [d_sae, d_in], got shape {arr.shape}.")
-    return arr
-
-
 def match_by_decoder(W_dec_a, W_dec_b, *, chunk: int = 1024) -> pd.DataFrame:
     """For each feature of A, the feature of B whose decoder direction is closest.
 
@@ -242,8 +197,8 @@ def match_by_decoder(W_dec_a, W_dec_b, *, chunk: int = 1024) -> pd.DataFrame:
     max ``|cos|``) and ``signed_cosine`` (the cosine at that match). Zero rows give
     cosine 0. Ties go to the smallest index of B.
     """
-    A = _as_2d_float(W_dec_a, "W_dec_a")
-    Bm = _as_2d_float(W_dec_b, "W_dec_b")
+    A = as_dense(W_dec_a, "W_dec_a")
+    Bm = as_dense(W_dec_b, "W_dec_b")
     if A.shape[1] != Bm.shape[1]:
         raise InputError(
             f"W_dec_a has d_in={A.shape[1]} but W_dec_b has d_in={Bm.shape[1]}; decoder matching needs the same "
@@ -290,7 +245,7 @@ def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) 
     if metric not in ("jaccard", "pmi"):
         raise InputError(f"metric: expected 'jaccard' or 'pmi', got {metric!r}.")
     min_count = _check_min_count(min_count)
-    Ba, Bb = _firing(X_a, "X_a"), _firing(X_b, "X_b")
+    Ba, Bb = firing(X_a, "X_a", dtype=np.int32), firing(X_b, "X_b", dtype=np.int32)
     if Ba.shape[0] != Bb.shape[0]:
         raise InputError(
             f"X_a has {Ba.shape[0]} rows but X_b has {Bb.shape[0]}; match_by_cofiring needs the same tokens/cells "

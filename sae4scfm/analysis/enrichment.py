@@ -49,6 +49,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import hypergeom
 
+from sae4scfm.analysis.primitives import bh_fdr
 from sae4scfm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -176,23 +177,6 @@ def _no_overlap_error(gene_sets: Mapping[str, Sequence[str]], universe: Sequence
         f"({len(universe)} genes). Gene-set genes look like {set_genes[:4]}; universe genes look like "
         f"{list(universe)[:4]}.{hint}"
     )
-
-
-def bh_fdr(p: np.ndarray, n_tests: int | None = None) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values. ``n_tests`` >= len(p) counts extra tests whose
-    p-value is 1 (omitted from ``p``); the result equals BH over all of them."""
-    p = np.asarray(p, dtype=np.float64)
-    m = len(p) if n_tests is None else int(n_tests)
-    if m < len(p):
-        raise ValueError("n_tests must be >= len(p)")
-    if len(p) == 0:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    ranked = p[order] * m / np.arange(1, len(p) + 1)
-    q = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty_like(q)
-    out[order] = np.minimum(q, 1.0)
-    return out
 
 
 def _hypergeom_sf(k: np.ndarray, N: int, K: np.ndarray, n: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 All functions are pure (AnnData / scipy.sparse in, numpy / pandas out) and vectorised with
 sparse matrix products; none loops over features, tokens or cells in Python.
 
-"Fires" always means activation ``> 0`` (explicit zeros and negative values do not fire).
+"Fires" always means activation ``> 0`` (``sae4scfm.analysis.primitives``).
 
 * :func:`token_gene_scores` – per (feature, gene) from ``token_features.h5ad`` (tokens x
   features, ``obs["gene"]``), long table of the pairs where the feature fires on the gene at
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sae4scfm.analysis.primitives import as_matrix, fire_counts, firing, positive
 from sae4scfm.errors import InputError
 
 TOKEN_GENE_COLUMNS = ("feature_id", "gene", "n_tokens", "n_fire", "freq", "mean_act", "log2_enrichment")
@@ -65,46 +66,6 @@ DEFAULT_FAMILIES: dict[str, str] = {
 # --------------------------------------------------------------------------- helpers
 
 
-def _matrix(x, name: str) -> sp.csr_matrix:
-    """CSR float64 copy-free where possible, duplicates summed; AnnData -> its ``X``."""
-    x = getattr(x, "X", x)
-    if x is None:
-        raise InputError(f"{name} has no matrix (X is None); pass an AnnData with X or a matrix")
-    if sp.issparse(x):
-        m = sp.csr_matrix(x, dtype=np.float64)
-        if not m.has_canonical_format:
-            m = m.copy()
-            m.sum_duplicates()
-    else:
-        arr = np.asarray(x, dtype=np.float64)
-        if arr.ndim != 2:
-            raise InputError(f"{name} must be 2-D, got shape {arr.shape}")
-        m = sp.csr_matrix(arr)
-    if not np.isfinite(m.data).all():
-        raise InputError(f"{name} contains NaN or infinite values; fix or drop them first")
-    return m
-
-
-def _firing(X: sp.csr_matrix) -> sp.csr_matrix:
-    """0/1 float matrix of the entries > 0."""
-    B = X.copy()
-    B.data = (B.data > 0).astype(np.float64)
-    B.eliminate_zeros()
-    return B
-
-
-def _positive(X: sp.csr_matrix) -> sp.csr_matrix:
-    P = X.copy()
-    P.data = np.where(P.data > 0, P.data, 0.0)
-    P.eliminate_zeros()
-    return P
-
-
-def _fire_counts(X: sp.csr_matrix) -> np.ndarray:
-    """Number of rows where each column is > 0 (X canonical)."""
-    return np.bincount(X.indices[X.data > 0], minlength=X.shape[1]).astype(np.float64)
-
-
 def _gene_codes(obs: pd.DataFrame, gene_key: str):
     if gene_key not in obs.columns:
         raise InputError(
@@ -131,7 +92,7 @@ def token_gene_scores(token_features, *, gene_key: str = "gene") -> pd.DataFrame
     (categories order for a categorical column, else sorted). Computed as
     ``G.T @ (X > 0)`` and ``G.T @ max(X, 0)`` with the one-hot gene matrix ``G [tokens, genes]``.
     """
-    X = _matrix(token_features, "token_features")
+    X = as_matrix(token_features, "token_features", dtype=np.float64)
     obs = getattr(token_features, "obs", None)
     if obs is None:
         raise InputError("token_features must be an AnnData with obs[gene_key] (features/token_features.h5ad)")
@@ -144,11 +105,11 @@ def token_gene_scores(token_features, *, gene_key: str = "gene") -> pd.DataFrame
     G = sp.csr_matrix((np.ones(rows.size), (rows, codes[keep])), shape=(n_tok, len(genes)))
     n_g = np.asarray(G.sum(axis=0)).ravel()  # tokens per gene
     N = float(rows.size)
-    B = _firing(X)
+    B = firing(X)
     GB = sp.csr_matrix(G.T @ B)  # [genes, features] firing counts
     c_f = np.asarray(GB.sum(axis=0)).ravel()  # firing tokens per feature (tokens with a gene)
     C = GB.tocoo()
-    S = sp.csr_matrix(G.T @ _positive(X))  # [genes, features] summed positive activations
+    S = sp.csr_matrix(G.T @ positive(X))  # [genes, features] summed positive activations
     g, f, c = C.row, C.col, C.data
     nz = c > 0
     g, f, c = g[nz], f[nz], c[nz]
@@ -205,8 +166,8 @@ def cell_gene_correlation(features_X, expression) -> np.ndarray:
     (float64); neither input is densified. NaN where the feature or the gene is constant over
     the cells (max == min, implicit zeros included). Clipped to [-1, 1].
     """
-    X = _matrix(features_X, "features_X")
-    E = _matrix(expression, "expression")
+    X = as_matrix(features_X, "features_X", dtype=np.float64)
+    E = as_matrix(expression, "expression", dtype=np.float64)
     n = X.shape[0]
     if E.shape[0] != n:
         raise InputError(f"features_X has {n} cells but expression has {E.shape[0]}; pass the same cells in order")
@@ -307,11 +268,16 @@ def gene_family_scores(
     else:
         if genes is None:
             raise InputError("pass `genes` (the gene of each score column) with a score array")
-        mat = _matrix(np.nan_to_num(scores, nan=0.0) if not sp.issparse(scores) else scores, "scores")
-    mat = _positive(mat)
+        mat = as_matrix(np.nan_to_num(scores, nan=0.0) if not sp.issparse(scores) else scores, "scores",
+                        dtype=np.float64)
+    mat = positive(mat)
     fam = family_membership(genes, families)
     if mat.shape[1] != len(fam):
         raise InputError(f"scores have {mat.shape[1]} gene columns but {len(fam)} genes were given")
+    if len(fam.columns) and len(fam) and not fam.to_numpy().any():
+        raise InputError(f"none of the {len(fam)} genes (e.g. {', '.join(list(fam.index[:3]))}) matches a gene family "
+                         f"pattern ({', '.join(fam.columns)}); the patterns are regexes on gene symbols: give genes "
+                         "as symbols (token_features.h5ad obs 'gene_name') or set analysis.gene_families.")
     M = sp.csr_matrix(fam.to_numpy(np.float64))
     total = np.asarray(mat.sum(axis=1)).ravel()
     mass = mat @ M
@@ -329,6 +295,7 @@ def gene_family_scores(
         out["best_family"] = None
         out["best_fraction"] = 0.0
     out.index.name = "feature_id"
+    out.attrs["tidy"] = {f"frac:{k}": ("gene_family", k, "frac") for k in names}  # sae4scfm.analysis.results
     return out
 
 
@@ -350,12 +317,12 @@ def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
     for key, x in (("token", token_X), ("cell", features_X)):
         if x is None:
             continue
-        X = _matrix(x, f"{key} matrix")
+        X = as_matrix(x, f"{key} matrix", dtype=np.float64)
         if m is not None and X.shape[1] != m:
             raise InputError(f"features_X and token_X have different feature counts ({m} vs {X.shape[1]})")
         m = X.shape[1]
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = _fire_counts(X) / X.shape[0] if X.shape[0] else np.full(m, np.nan)
+            frac = fire_counts(X) / X.shape[0] if X.shape[0] else np.full(m, np.nan)
             cols[f"{key}_fraction"] = frac
             cols[f"log10_{key}_density"] = np.log10(frac)
     out = pd.DataFrame(cols)
@@ -371,7 +338,7 @@ def expression_where_firing(features_X, expression) -> pd.DataFrame:
     ``log2_ratio`` (log2 mean_firing / mean_not). Population std (ddof=0); NaN for an empty
     group. From ``(X > 0).T @ t`` and ``@ t^2`` with t centred on its mean first.
     """
-    X = _matrix(features_X, "features_X")
+    X = as_matrix(features_X, "features_X", dtype=np.float64)
     e = getattr(expression, "X", expression)
     if sp.issparse(e) or np.ndim(e) == 2:
         t = np.asarray(e.sum(axis=1), dtype=np.float64).ravel()
@@ -380,10 +347,10 @@ def expression_where_firing(features_X, expression) -> pd.DataFrame:
     n = X.shape[0]
     if t.size != n:
         raise InputError(f"features_X has {n} cells but expression has {t.size}; pass the same cells in order")
-    B = _firing(X)
+    B = firing(X)
     c = t.mean() if n else 0.0
     u = t - c
-    k = _fire_counts(X)
+    k = fire_counts(X)
     s1 = B.T @ u
     s2 = B.T @ (u * u)
     k_not = n - k

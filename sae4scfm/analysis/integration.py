@@ -31,8 +31,6 @@ Needs the optional ``scib-metrics`` package (and with it jax): ``pip install "sa
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae4scfm.analysis.labels import label_scoring
+from sae4scfm.analysis.primitives import as_matrix
+from sae4scfm.analysis.run_data import check_run_features, read_run_features
+from sae4scfm.atomic import atomic_write
 from sae4scfm.data import describe, highly_variable, normalise_expression
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, resolve_run_dir
@@ -109,7 +110,7 @@ def sae_embedding(features_X, n_comps: int | None) -> np.ndarray:
     (random_state 0); the raw activations when ``n_comps`` is None or not below min(cells, features) - 1."""
     from sklearn.decomposition import TruncatedSVD
 
-    X = sp.csr_matrix(features_X, dtype=np.float32)
+    X = as_matrix(features_X, "features_X", dtype=np.float32)
     if n_comps is None or n_comps >= min(X.shape) - 1:
         return X.toarray()
     return TruncatedSVD(n_components=int(n_comps), random_state=0).fit_transform(X).astype(np.float32)
@@ -184,21 +185,14 @@ class RunFeatures:
     """``features/features.h5ad`` of a run, checked against the run."""
 
     X: sp.csr_matrix  # [cells, d_sae] pooled activations
-    obs: pd.DataFrame  # [cells, ...]
+    adata: ad.AnnData  # features.h5ad itself (obs: the cells)
     path: Path
 
 
-def read_run_features(run_dir: Path, pooling: str) -> RunFeatures:
+def read_pooled_features(run_dir: Path, pooling: str) -> RunFeatures:
+    """The run's pooled SAE features (``sae4scfm.analysis.run_data.read_run_features``)."""
+    features = read_run_features(run_dir)
     path = run_dir / "features" / "features.h5ad"
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
-                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
-    features = ad.read_h5ad(path)
-    d_sae = json.loads((run_dir / "cfg.json").read_text())["d_sae"]
-    if features.n_vars != d_sae:
-        raise InputError(f"{path} has {features.n_vars} features but the run's SAE has d_sae={d_sae} "
-                         f"({run_dir / 'cfg.json'}); it belongs to another run: regenerate it with "
-                         "scripts/generate_features.py.")
     if pooling == "max":
         X = features.X
     elif pooling in features.layers:
@@ -206,7 +200,7 @@ def read_run_features(run_dir: Path, pooling: str) -> RunFeatures:
     else:
         raise InputError(f"integration.pooling={pooling!r}: {path} has X (max) and layers "
                          f"{list(features.layers)}; use max or one of those.")
-    return RunFeatures(sp.csr_matrix(X, dtype=np.float32), features.obs, path)
+    return RunFeatures(as_matrix(X, str(path), dtype=np.float32), features, path)
 
 
 def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
@@ -231,13 +225,12 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     if unknown or not names:
         raise InputError(f"integration.embeddings={names}: choose one or more of {list(EMBEDDINGS)}.")
     wants_sae = any(n.startswith("sae_") for n in names)
-    features = read_run_features(run_dir, str(icfg.pooling)) if wants_sae else None
+    features = read_pooled_features(run_dir, str(icfg.pooling)) if wants_sae else None
     require_scib_metrics()
 
     adapter, adata, tokens = load_model_and_data(run_cfg, pick_device(cfg.device))
-    if features is not None and not features.obs.index.equals(adata.obs_names):
-        raise InputError(f"{features.path} holds other cells than the run's dataset ({describe(data_cfg)}, "
-                         f"{adata.n_obs} cells); regenerate it with scripts/generate_features.py.")
+    if features is not None:
+        check_run_features(run_dir, features.adata, adata)
     usable = adata.obs[[batch_key, label_key]].notna().all(axis=1).to_numpy()
     if not usable.all():
         print(f"{int((~usable).sum())} cells without {batch_key!r} or {label_key!r} are left out")
@@ -280,9 +273,7 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     out_dir = run_dir / "analysis"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / RESULT_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
-    table.to_csv(tmp)
-    os.replace(tmp, out)  # never a half-written table under the final name
+    atomic_write(out, lambda p: table.to_csv(p))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(table)
     print(f"integration benchmark ({batch_key} x {label_key}, {len(obs)} cells): {out}")

@@ -1,4 +1,4 @@
-"""Feature interpretation: exact sparse label scores and the per-run results table.
+"""Exact sparse label scores of SAE features.
 
 Label scores, per feature x label column (an ``obs`` column) x value (one-vs-rest), all exact:
 
@@ -14,9 +14,7 @@ All are computed for all features at once from one sort of the explicit (nonzero
 per block of feature columns, so memory stays within a small multiple of the sparse input
 (a CSC copy of it when it is not CSC, plus fixed-size per-block buffers).
 
-Results table: one per run, index ``feature_id`` (int), columns
-``(analysis, metric)`` with string names, stored as ``results.parquet`` and
-``results.csv`` (header rows ``analysis`` and ``metric``).
+The results table they go into is ``sae4scfm.analysis.results``.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import gammaln
 
+from sae4scfm.analysis.primitives import as_matrix
 from sae4scfm.errors import InputError
 
 INDEX_NAME = "feature_id"
@@ -41,30 +40,9 @@ _MAX_BLOCK_COLS = 65535  # column ids of a block fit in uint16
 
 
 def _as_csc(X) -> sp.csc_matrix:
-    """CSC [n_cells, n_features] with float32/float64 data and no duplicate entries.
-
-    Canonical CSC input of a float dtype is used as is (never modified); anything
-    else is converted (one copy). Explicit zeros may remain; the scan skips them.
-    """
-    if sp.issparse(X):
-        dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
-        if X.format == "csc" and X.dtype == dtype and X.has_canonical_format:
-            X = X if isinstance(X, sp.csc_matrix) else sp.csc_matrix(X)
-        else:
-            X = sp.csc_matrix(X, dtype=dtype, copy=True)
-            X.sum_duplicates()
-    else:
-        arr = np.asarray(X)
-        if arr.ndim != 2:
-            raise InputError(f"feature matrix must be 2-D [n_cells, n_features], got shape {arr.shape}")
-        dtype = arr.dtype if arr.dtype in (np.float32, np.float64) else np.float64
-        X = sp.csc_matrix(arr.astype(dtype, copy=False))
-    if not np.isfinite(X.data).all():
-        raise InputError(
-            "feature matrix contains NaN or infinite values; label scores need finite activations. "
-            "Fix or drop those features/cells before the analysis."
-        )
-    return X
+    """CSC [n_cells, n_features], float32/float64, canonical; canonical CSC input is used as is
+    (never modified). Explicit zeros may remain; the scan skips them."""
+    return as_matrix(X, "feature matrix", fmt="csc")
 
 
 def _column_blocks(indptr: np.ndarray):
@@ -424,7 +402,8 @@ def label_scoring(
     batch values (>= min_cells cells) is > ``batch_auroc_threshold`` AND > its max AUROC over
     the values of ``cell_type_key`` (that second condition is dropped when cell_type_key is
     None). Both columns are scored for the flag even when not in label_keys or metrics.
-    Returns DataFrame [n_features, ...] with index ``feature_id`` 0..n_features-1.
+    Returns DataFrame [n_features, ...] with index ``feature_id`` 0..n_features-1 and
+    ``attrs["tidy"]`` = {column: (label_key, label, metric)} (``sae4scfm.analysis.results``).
     """
     metrics = list(metrics)
     bad = [x for x in metrics if x not in LABEL_METRICS]
@@ -456,6 +435,7 @@ def label_scoring(
     scanned = dict(zip(all_keys, _scan_labels(X, [obs[k] for k in all_keys], min_cells, "f1" in metrics)))
     m = X.shape[1]
     parts = []
+    keys: dict[str, tuple[str, str | None, str]] = {}  # wide column -> (label_key, label, metric)
     max_auroc = {}
     for key in all_keys:
         uniques, keep, st, n = scanned[key]
@@ -473,12 +453,16 @@ def label_scoring(
         if "auroc" in metrics:
             best = np.argmax(auc, axis=1)
             part.update({f"auroc:{key}={v}": auc[:, j] for j, v in enumerate(values)})
+            keys.update({f"auroc:{key}={v}": (key, v, "auroc") for v in values})
             part[f"best:{key}"] = np.asarray(values, dtype=object)[best]
             part[f"best_auroc:{key}"] = auc[np.arange(m), best]
+            keys.update({f"best:{key}": (key, None, "best"), f"best_auroc:{key}": (key, None, "best_auroc")})
         if "f1" in metrics:
             part.update({f"f1:{key}={v}": st["f1"][j] for j, v in enumerate(values)})
+            keys.update({f"f1:{key}={v}": (key, v, "f1") for v in values})
         if "ami" in metrics:
             part[f"ami:{key}"] = _ami_active(st["active"], st["n_pos"], n)
+            keys[f"ami:{key}"] = (key, None, "ami")
         parts.append(pd.DataFrame(part, index=pd.RangeIndex(m, name=INDEX_NAME)))
     if batch_key is not None:
         flag = max_auroc[batch_key] > batch_auroc_threshold
@@ -489,9 +473,5 @@ def label_scoring(
         return pd.DataFrame(index=pd.RangeIndex(m, name=INDEX_NAME))
     out = pd.concat(parts, axis=1)
     out.index = pd.RangeIndex(m, name=INDEX_NAME)
+    out.attrs["tidy"] = keys  # the long results table's label_key / label / metric of each column
     return out
-
-
-# --------------------------------------------------------------------------- results table
-
-

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, resolve_run_dir
 
+GENE_NAME = "gene_name"  # token_features.h5ad obs column: the dataset's name of the token's gene
+
 
 @dataclass
 class RunData:
@@ -25,7 +27,7 @@ class RunData:
     run_cfg: DictConfig
     sae_cfg: dict
     features: ad.AnnData  # cells x features (X = max-pooled, layers["mean"])
-    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_id), if written
+    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written
     cache: dict = field(default_factory=dict)
 
     @property
@@ -42,14 +44,13 @@ class RunData:
             from sae4scfm.data import load_dataset
 
             adata = load_dataset(self.run_cfg.data)
-            if not np.array_equal(adata.obs_names.to_numpy(), self.features.obs_names.to_numpy()):
-                raise InputError(f"{self.run_dir}/features/features.h5ad does not hold the cells of the run's "
-                                 "dataset (different cells or order); regenerate it with scripts/generate_features.py.")
+            check_run_features(self.run_dir, self.features, adata)
             self.cache["adata"] = adata
         return self.cache["adata"]
 
     def expression(self) -> tuple[sp.csr_matrix, list[str]]:
-        """log1p(CP10k) expression [cells, genes] of the universe genes found in the data, and those genes."""
+        """log1p(CP10k) expression [cells, genes] of the universe genes found in the data, and those
+        genes (the dataset's names: ``var[data.gene_key]`` or var_names, as the tokens' ``gene_name``)."""
         if "expression" not in self.cache:
             from sae4scfm.data import normalise_expression
 
@@ -57,10 +58,16 @@ class RunData:
             key = self.run_cfg.data.get("gene_key")
             names = (adata.var[key] if key else adata.var_names.to_series()).astype(str).to_numpy()
             if self.tokens is not None:
-                seen = set(self.tokens.obs["gene"].astype(str).unique())
+                seen = set(self.tokens.obs[GENE_NAME].astype(str).unique())
                 cols = np.flatnonzero([g in seen for g in names])
             else:
                 cols = np.arange(len(names))
+            if len(cols) == 0:
+                raise InputError(
+                    f"{self.run_dir}/features/token_features.h5ad: none of its token genes (obs {GENE_NAME!r}, e.g. "
+                    f"{', '.join(sorted(seen)[:3])}) is a gene of the run's dataset (e.g. {', '.join(names[:3])}), so "
+                    "the gene universe is empty; regenerate the features with scripts/generate_features.py "
+                    "(it writes the dataset's gene names) or set data.gene_key to the var column the run used.")
             _, first = np.unique(names[cols], return_index=True)  # one column per gene
             cols = cols[np.sort(first)]
             pp = self.run_cfg.data.preprocess
@@ -77,22 +84,40 @@ class RunData:
         return np.asarray(adata.X.sum(axis=1)).ravel()
 
 
+def read_run_features(run_dir: Path, name: str = "features.h5ad") -> ad.AnnData:
+    """``<run>/features/<name>`` (features.h5ad or token_features.h5ad), checked to belong to the run."""
+    path = run_dir / "features" / name
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
+                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
+    features = ad.read_h5ad(path)
+    check_run_features(run_dir, features)
+    return features
+
+
+def check_run_features(run_dir: Path, features: ad.AnnData, adata: ad.AnnData | None = None,
+                       name: str = "features.h5ad") -> None:
+    """InputError unless ``features`` (cells or tokens x SAE features) has the run's SAE width
+    (cfg.json ``d_sae``) and, given the run's dataset ``adata``, its cells in order."""
+    path = run_dir / "features" / name
+    d_sae = json.loads((run_dir / "cfg.json").read_text())["d_sae"]
+    if features.n_vars != d_sae:
+        raise InputError(f"{path} has {features.n_vars} features but the run's SAE has d_sae={d_sae} "
+                         f"({run_dir / 'cfg.json'}); it belongs to another run: regenerate it with "
+                         "scripts/generate_features.py.")
+    if adata is not None and not np.array_equal(adata.obs_names.to_numpy(), features.obs_names.to_numpy()):
+        raise InputError(f"{path} does not hold the cells of the run's dataset (different cells or order, "
+                         f"{features.n_obs} vs {adata.n_obs}); regenerate it with scripts/generate_features.py.")
+
+
 def load_run_data(cfg: DictConfig) -> RunData:
     run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
-    features_file = run_dir / "features" / "features.h5ad"
-    if not features_file.is_file():
-        raise InputError(f"{features_file} does not exist; run scripts/generate_features.py with the same "
-                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
     sae_cfg = json.loads((run_dir / "cfg.json").read_text())
-    features = ad.read_h5ad(features_file)
-    if features.n_vars != sae_cfg["d_sae"]:
-        raise InputError(f"{features_file} has {features.n_vars} features but the run's SAE has {sae_cfg['d_sae']}; "
-                         "it belongs to another run: regenerate it with scripts/generate_features.py.")
-    token_file = run_dir / "features" / "token_features.h5ad"
-    tokens = ad.read_h5ad(token_file) if token_file.is_file() else None
-    if tokens is not None and tokens.n_vars != features.n_vars:
-        raise InputError(f"{token_file} has {tokens.n_vars} features but {features_file} has {features.n_vars}; "
-                         "regenerate both with scripts/generate_features.py.")
+    features = read_run_features(run_dir)
+    tokens = (read_run_features(run_dir, "token_features.h5ad")
+              if (run_dir / "features" / "token_features.h5ad").is_file() else None)
+    if tokens is not None and GENE_NAME not in tokens.obs:  # written before gene_name existed
+        tokens.obs[GENE_NAME] = tokens.obs["gene"]
     out_dir = run_dir / "analysis"
     out_dir.mkdir(exist_ok=True)
     return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens)

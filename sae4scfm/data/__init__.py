@@ -161,12 +161,26 @@ def load_dataset(cfg) -> ad.AnnData:
         raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches or h5ad.")
     if name in ("pbmc", "pbmc3k"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
+    make_obs_names_unique(adata, describe(cfg))
     for field in ("cell_type_key", "batch_key"):
         key = cfg.get(field)
         if key is not None:
             require_obs_column(adata, key, f"data.{field}", source=describe(cfg))
     adata.obs["split"] = split_cells(adata.n_obs, float(cfg.preprocess.split), seed)
     return adata
+
+
+def make_obs_names_unique(adata: ad.AnnData, source: str) -> None:
+    """Rename duplicate cell names in place (anndata's ``obs_names_make_unique``: the 2nd ``x``
+    becomes ``x-1``, ...), with a logged note; every stage loads cells through here, so all see
+    the same names."""
+    dup = np.flatnonzero(adata.obs_names.duplicated())
+    if len(dup):
+        before = adata.obs_names[dup[:3]].tolist()
+        adata.obs_names_make_unique()
+        log.warning("%s: %d cells share their obs_name with an earlier cell (common in concatenated files); "
+                    "renamed them as anndata's obs_names_make_unique does: %s", source, len(dup),
+                    ", ".join(f"{a!r} -> {b!r}" for a, b in zip(before, adata.obs_names[dup[:3]])))
 
 
 def describe(cfg) -> str:

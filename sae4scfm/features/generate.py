@@ -4,13 +4,15 @@
 plus ``split``), var = SAE features (``feature_id``), X = per-cell max over the
 cell's gene tokens (CSR float32), ``layers["mean"]`` = per-cell mean over them.
 ``<run>/features/token_features.h5ad``: obs = gene tokens (``cell``, ``cell_index``,
-``gene``, ``gene_id``, ``split``), X = the token's SAE latents (CSR float32).
+``gene`` = the model's vocabulary entry, e.g. an Ensembl ID for Geneformer, ``gene_name`` = the
+dataset's name of that gene (``var[data.gene_key]`` or var_names: symbols on the built-in data;
+what every gene-level analysis uses), ``gene_id`` = token id, ``split``), X = the token's SAE
+latents (CSR float32).
 Any scanpy user can plot a feature on a UMAP from these with no glue.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import anndata as ad
@@ -21,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from sae4scfm.atomic import atomic_write
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, resolve_run_dir
 from sae4scfm.saes import load_sae
@@ -34,9 +37,21 @@ def _csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray],
 
 def write_h5ad(adata: ad.AnnData, path: Path) -> None:
     """Write atomically: a killed run never leaves a half-written file under the final name."""
-    tmp = path.with_name(path.name + ".tmp")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: adata.write_h5ad(tmp))
+
+
+def vocab_gene_names(adapter, identifiers: np.ndarray) -> dict[str, str]:
+    """{vocabulary gene: the dataset's identifier of it} (first in data order when several map to
+    one). Adapters whose tokenizer maps identifiers to another namespace (Geneformer: symbols ->
+    Ensembl IDs) expose it as ``tokenizer.ensembl_ids``; for the others the vocabulary is keyed
+    by the dataset's identifiers."""
+    to_vocab = getattr(getattr(adapter, "tokenizer", None), "ensembl_ids", None)
+    vocab = to_vocab(identifiers) if to_vocab is not None else identifiers
+    names: dict[str, str] = {}
+    for ident, gene in zip(identifiers, vocab):
+        if gene and gene not in names:
+            names[str(gene)] = str(ident)
+    return names
 
 
 @torch.no_grad()
@@ -96,9 +111,13 @@ def generate_features(cfg: DictConfig) -> Path:
     if cfg.features.token_features:
         cell_of = np.concatenate(tok_cell)
         gene_ids = np.concatenate(tok_gene)
+        gene_key = run_cfg.data.get("gene_key")
+        names = vocab_gene_names(adapter, np.asarray(adata.var[gene_key] if gene_key else adata.var_names, dtype=str))
+        vocab_genes = [adapter.id_to_gene[int(g)] for g in gene_ids]
         obs = pd.DataFrame({
             "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names), "cell_index": cell_of,
-            "gene": pd.Categorical([adapter.id_to_gene[int(g)] for g in gene_ids]), "gene_id": gene_ids,
+            "gene": pd.Categorical(vocab_genes), "gene_name": pd.Categorical([names.get(g, g) for g in vocab_genes]),
+            "gene_id": gene_ids,
             "split": pd.Categorical(adata.obs["split"].to_numpy()[cell_of], categories=["train", "eval"]),
         }, index=[str(i) for i in range(n_tok)])
         tokens_ad = ad.AnnData(X=_csr(*tok, shape=(n_tok, d_sae)), obs=obs, var=var.copy(), uns={"sae4scfm": info})

@@ -1,0 +1,104 @@
+"""What every statistic of ``sae4scfm.analysis`` starts from: one coercion of an activation
+matrix, its firing indicator, and one Benjamini–Hochberg FDR.
+
+"Fires" always means activation ``> 0`` (explicit zeros and negative values do not fire).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from sae4scfm.errors import InputError
+
+FLOATS = (np.float32, np.float64)
+
+
+def as_matrix(x, name: str = "X", *, fmt: str = "csr", dtype=None) -> sp.csr_matrix | sp.csc_matrix:
+    """``x`` [rows, columns] as a canonical (duplicates summed, sorted) CSR or CSC matrix.
+
+    x: AnnData (its ``X``), scipy sparse of any format, dense array or torch tensor.
+    fmt: "csr" | "csc". dtype: None keeps float32/float64 (other dtypes become float64).
+    Canonical input already in ``fmt`` and dtype is returned as is (never copied or modified);
+    anything else is converted with one copy. Raises InputError for a missing, non-2-D,
+    non-numeric or non-finite matrix.
+    """
+    x = getattr(x, "X", x)
+    if x is None:
+        raise InputError(f"{name} has no matrix (X is None); pass an AnnData with X or a matrix")
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    make = sp.csr_matrix if fmt == "csr" else sp.csc_matrix
+    if sp.issparse(x):
+        want = np.dtype(dtype) if dtype is not None else (x.dtype if x.dtype in FLOATS else np.dtype(np.float64))
+        if not (x.format == fmt and x.dtype == want and x.has_canonical_format):
+            x = make(x, dtype=want, copy=True)
+            x.sum_duplicates()
+        elif not isinstance(x, make):  # sparse array -> matrix, shares the data
+            x = make(x)
+    else:
+        arr = np.asarray(x)
+        if arr.ndim != 2:
+            raise InputError(f"{name} must be 2-D [rows, columns], got shape {arr.shape}")
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError(f"{name}: expected a numeric matrix, got dtype {arr.dtype}")
+        want = np.dtype(dtype) if dtype is not None else (arr.dtype if arr.dtype in FLOATS else np.dtype(np.float64))
+        x = make(arr.astype(want, copy=False))
+    if not np.isfinite(x.data).all():
+        raise InputError(f"{name} contains NaN or infinite values; fix or drop those entries first")
+    return x
+
+
+def firing(x, name: str = "X", *, fmt: str = "csr", dtype=np.float64) -> sp.csr_matrix | sp.csc_matrix:
+    """0/1 matrix (``dtype``; int32 keeps counting products small) of the entries of ``x``
+    that are > 0, with no stored zeros."""
+    B = as_matrix(x, name, fmt=fmt).copy()
+    B.data = (B.data > 0).astype(dtype)
+    B.eliminate_zeros()
+    return B
+
+
+def positive(x, name: str = "X") -> sp.csr_matrix:
+    """CSR float64 ``max(x, 0)`` (no stored zeros)."""
+    P = as_matrix(x, name, dtype=np.float64).copy()
+    P.data = np.maximum(P.data, 0.0)
+    P.eliminate_zeros()
+    return P
+
+
+def fire_counts(x, name: str = "X") -> np.ndarray:
+    """float64 [columns]: the number of rows where each column is > 0."""
+    X = as_matrix(x, name)
+    return np.bincount(X.indices[X.data > 0], minlength=X.shape[1]).astype(np.float64)
+
+
+def as_dense(x, name: str = "W") -> np.ndarray:
+    """float64 dense 2-D array of a matrix (numpy, scipy sparse or torch tensor), finite."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().double().numpy()
+    arr = x.toarray().astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be 2-D [rows, columns], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite values; fix or drop those entries first")
+    return arr
+
+
+def bh_fdr(p, n_tests: int | None = None) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values, same order as ``p`` (= statsmodels
+    ``multipletests(p, method="fdr_bh")[1]``). ``n_tests`` >= len(p) counts extra tests whose
+    p-value is 1 and that are omitted from ``p``; the result equals BH over all of them."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    m = len(p) if n_tests is None else int(n_tests)
+    if m < len(p):
+        raise InputError(f"n_tests={m} must be >= the number of p-values ({len(p)})")
+    if np.isnan(p).any():
+        raise InputError("p-values contain NaN; BH needs a p-value for every test")
+    if len(p) == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * m / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty_like(q)
+    out[order] = np.clip(q, 0.0, 1.0)
+    return out
