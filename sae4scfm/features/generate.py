@@ -42,13 +42,9 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> None:
 
 def vocab_gene_names(adapter, identifiers: np.ndarray) -> dict[str, str]:
     """{vocabulary gene: the dataset's identifier of it} (first in data order when several map to
-    one). Adapters whose tokenizer maps identifiers to another namespace (Geneformer: symbols ->
-    Ensembl IDs) expose it as ``tokenizer.ensembl_ids``; for the others the vocabulary is keyed
-    by the dataset's identifiers."""
-    to_vocab = getattr(getattr(adapter, "tokenizer", None), "ensembl_ids", None)
-    vocab = to_vocab(identifiers) if to_vocab is not None else identifiers
+    one), through ``adapter.vocab_genes`` (Geneformer: symbols -> Ensembl IDs; else the identity)."""
     names: dict[str, str] = {}
-    for ident, gene in zip(identifiers, vocab):
+    for ident, gene in zip(identifiers, adapter.vocab_genes(identifiers)):
         if gene and gene not in names:
             names[str(gene)] = str(ident)
     return names

@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import anndata as ad
+import numpy as np
 import torch
 from torch import nn
 
@@ -138,6 +139,12 @@ class ScFMAdapter:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------
+    def vocab_genes(self, identifiers: np.ndarray) -> np.ndarray:
+        """The vocabulary entry of each dataset gene identifier ('' where it has none). The identity
+        for families whose vocabulary is keyed by the dataset's identifiers; Geneformer maps
+        symbols to its Ensembl IDs."""
+        return np.asarray(identifiers, dtype=object)
+
     def cells_per_batch(self, batch_size: int) -> int:
         """Cells per forward for a requested ``batch_size`` (families with long sequences cap it)."""
         return batch_size

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -141,6 +142,10 @@ class GeneformerAdapter(ScFMAdapter):
     def emb_hidden_layer(self) -> int:
         """The residual-stream layer of the cell embedding (Hugging Face ``hidden_states`` index)."""
         return self.n_layers + self.emb_layer
+
+    def vocab_genes(self, identifiers: np.ndarray) -> np.ndarray:
+        """Symbols or Ensembl IDs -> the vocabulary's Ensembl IDs ('' where none), as the tokenizer maps them."""
+        return self.tokenizer.ensembl_ids(identifiers)
 
     def tokenize(self, adata: ad.AnnData, *, gene_key: str | None = None, input_kind: str = "counts",
                  normalize_total: float | None = 1e4, log1p: bool = True, subset_hvg: bool = False,
