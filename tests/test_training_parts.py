@@ -7,6 +7,7 @@ import scipy.optimize
 import torch
 
 from sae4scfm.saes import TopKSAE
+from sae4scfm.store.buffer import ShufflingBuffer
 from sae4scfm.store.shards import ActivationStore, _ShardWriter
 from sae4scfm.training.schedules import geometric_median, input_scale, lr_factor
 
@@ -25,14 +26,15 @@ def make_store(tmp_path, n=1000, d=8, shard_tokens=128):
 def test_buffer_covers_each_token_once_deterministically(tmp_path):
     store = make_store(tmp_path)
     assert store.n_tokens == 1000 and store.n_shards == 7  # 27 chunks of 37 flushed at >= 128 tokens
-    batches = list(store.iter_batches(64, seed=3, epoch=0, buffer_tokens=300))
-    assert len(batches) == store.batches_per_epoch(64, seed=3, epoch=0, buffer_tokens=300)
+    buffer = ShufflingBuffer(store, 64, seed=3, buffer_tokens=300, chunk_tokens=20)
+    batches = list(buffer.epoch(0))
+    assert len(batches) == len(buffer) == 1000 // 64
     ids = torch.cat(batches)[:, 0].long()
     assert len(ids) == len(set(ids.tolist()))  # no token twice
-    assert len(ids) > 1000 - 64 * 3  # only remainders dropped
-    again = torch.cat(list(store.iter_batches(64, seed=3, epoch=0, buffer_tokens=300)))
+    assert len(ids) == 1000 // 64 * 64  # only the last remainder dropped
+    again = torch.cat(list(ShufflingBuffer(store, 64, seed=3, buffer_tokens=300, chunk_tokens=20).epoch(0)))
     assert torch.equal(torch.cat(batches), again)
-    other = torch.cat(list(store.iter_batches(64, seed=3, epoch=1, buffer_tokens=300)))
+    other = torch.cat(list(buffer.epoch(1)))
     assert not torch.equal(torch.cat(batches)[:64], other[:64])
     # shuffled across shards: a batch mixes tokens from several shards
     assert len(set((batches[0][:, 0] // 148).long().tolist())) > 1  # shards hold 4 chunks = 148 tokens
@@ -132,7 +134,7 @@ def test_sparsity_coefficient_warms_up_linearly(tmp_path):
     from omegaconf import OmegaConf
 
     from sae4scfm.saes import StandardSAE
-    from sae4scfm.training.trainer import Member, _step
+    from sae4scfm.training.trainer import Member, train_step
 
     torch.manual_seed(0)
     sae = StandardSAE(8, 32, l1_coeff=0.5)
@@ -144,7 +146,7 @@ def test_sparsity_coefficient_warms_up_linearly(tmp_path):
     x = torch.randn(16, 8)
     seen = []
     for step in range(1, 21):  # 50 steps in all: the coefficient reaches its value at step 5
-        _step(m, x, step, 50, 1, 0)
+        train_step(m, x, step, 50, 1, 0)
         seen.append(sae.sparsity_scale)
         if step == 3:  # the loss of that step used the scaled coefficient
             out = sae.loss(x)
