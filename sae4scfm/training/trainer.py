@@ -130,7 +130,7 @@ class Member:
     since_fired: torch.Tensor  # [d_sae] training tokens since each latent last fired
     start: int  # steps already done
     scale: float  # input scaling factor s (the SAE trains on s·x)
-    log: MetricsLog
+    log: MetricsLog | None  # None: metrics rows are returned by ``train_step``, not written
 
 
 def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
@@ -228,7 +228,8 @@ def train_step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, e
                "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
                "dead_fraction": float((m.since_fired >= dead_after).float().mean())}
         row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
-        m.log.log(row)
+        if m.log is not None:
+            m.log.log(row)
     if step % int(tc.checkpoint_every) == 0 or step == total:
         save_checkpoint(m.run_dir, sae, opt, m.since_fired, step, m.scale)
     return row
