@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.optimize
 import torch
 
@@ -152,3 +153,65 @@ def test_sparsity_coefficient_warms_up_linearly(tmp_path):
             out = sae.loss(x)
             torch.testing.assert_close(out["loss"], out["mse"] + 0.6 * 0.5 * out["l1"])
     assert seen[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and set(seen[5:]) == {1.0}
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_checkpoint_state_lands_on_each_parameters_device(tmp_path):
+    """Adam state saved from CPU is restored on the device of each parameter, ``step`` as fused Adam
+    wants it (float32 on that device). CPU cannot show CUDA; ``meta`` parameters stand in for a
+    device other than the checkpoint's (the old loader left every tensor on the CPU)."""
+    from sae4scfm.saes import GatedSAE
+    from sae4scfm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    sae = GatedSAE(8, 32, l1_coeff=1.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+    sae.loss(torch.randn(16, 8))["loss"].backward()
+    opt.step()
+    save_checkpoint(tmp_path, sae, opt, torch.arange(32), step=7, scale=0.5)
+
+    target = GatedSAE(8, 32, l1_coeff=1.0).to("meta")
+    target_opt = torch.optim.Adam(target.parameters(), lr=1e-3, fused=True)
+    step, scale, since_fired = load_checkpoint(tmp_path, target, target_opt)
+    assert (step, scale) == (7, 0.5) and torch.equal(since_fired, torch.arange(32))
+    assert len(target_opt.state) == len(list(target.parameters()))
+    for p in target.parameters():
+        state = target_opt.state[p]
+        assert {k: v.device for k, v in state.items()} == {k: p.device for k in ("step", "exp_avg", "exp_avg_sq")}
+        assert state["step"].dtype == torch.float32 and state["exp_avg"].dtype == p.dtype
+
+    # on the checkpoint's own device the state comes back exactly, and training continues identically
+    again = GatedSAE(8, 32, l1_coeff=1.0)
+    again_opt = torch.optim.Adam(again.parameters(), lr=1e-3, fused=True)
+    load_checkpoint(tmp_path, again, again_opt)
+    names = dict(sae.named_parameters())
+    for name, p in again.named_parameters():
+        for key, value in opt.state[names[name]].items():
+            assert torch.equal(again_opt.state[p][key], value)
+
+
+def test_adam_reset_touches_only_per_latent_axes():
+    """Resampled latents lose their Adam moments in W_enc columns, W_dec rows and b_enc; ``b_dec``
+    keeps its own even when d_sae == d_in (dictionary_multiplier=1), where selecting parameters by
+    ``shape[0] == d_sae`` also hit it."""
+    from sae4scfm.saes import StandardSAE
+    from sae4scfm.training.trainer import reset_adam_rows
+
+    torch.manual_seed(0)
+    sae = StandardSAE(16, 16, l1_coeff=1.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.loss(torch.randn(32, 16))["loss"].backward()
+    opt.step()
+    before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in sae.named_parameters()}
+    latents = torch.tensor([2, 5])
+    reset_adam_rows(opt, sae, latents)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[latents] = False
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = {n: opt.state[p][key] for n, p in sae.named_parameters()}
+        assert torch.equal(state["b_dec"], before["b_dec"][key]) and state["b_dec"].abs().sum() > 0
+        assert (state["W_enc"][:, latents] == 0).all() and (state["W_dec"][latents] == 0).all()
+        assert (state["b_enc"][latents] == 0).all()
+        assert torch.equal(state["W_enc"][:, keep], before["W_enc"][key][:, keep])
+        assert torch.equal(state["W_dec"][keep], before["W_dec"][key][keep])
+        assert torch.equal(state["b_enc"][keep], before["b_enc"][key][keep])
