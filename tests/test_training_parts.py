@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -11,6 +13,8 @@ from sae4scfm.saes import TopKSAE
 from sae4scfm.store.buffer import ShufflingBuffer
 from sae4scfm.store.shards import ActivationStore, _ShardWriter
 from sae4scfm.training.schedules import geometric_median, input_scale, lr_factor
+
+CONFIG = Path(__file__).resolve().parents[1] / "sae4scfm" / "config"
 
 
 def make_store(tmp_path, n=1000, d=8, shard_tokens=128):
@@ -115,7 +119,7 @@ def test_lr_schedule_warmup_and_decay():
 def test_lr_constant_after_warmup_by_default():
     from omegaconf import OmegaConf
 
-    decay = float(OmegaConf.load("sae4scfm/config/train.yaml").train.lr_decay_frac)
+    decay = float(OmegaConf.load(CONFIG / "train.yaml").train.lr_decay_frac)
     lrs = [lr_factor(s, 100, 10, decay) for s in range(100)]
     assert decay == 0.0 and lrs[:10] == [(s + 1) / 10 for s in range(10)] and set(lrs[10:]) == {1.0}
 
@@ -215,3 +219,22 @@ def test_adam_reset_touches_only_per_latent_axes():
         assert torch.equal(state["W_enc"][:, keep], before["W_enc"][key][:, keep])
         assert torch.equal(state["W_dec"][keep], before["W_dec"][key][keep])
         assert torch.equal(state["b_enc"][keep], before["b_enc"][key][keep])
+
+
+def test_every_per_latent_parameter_has_a_declared_latent_axis():
+    """Each parameter of each architecture is b_dec or has a latent axis of size d_sae in
+    ``latent_axes`` (so resampling resets its Adam state), with d_in != d_sae to tell axes apart."""
+    from omegaconf import OmegaConf
+
+    from sae4scfm.saes import ARCHITECTURES, build_sae
+    from sae4scfm.training.trainer import latent_axes
+
+    for name in ARCHITECTURES:
+        hp = OmegaConf.to_container(OmegaConf.load(CONFIG / "sae" / f"{name}.yaml").hyperparams, resolve=True)
+        sae = build_sae(name, 8, 24, hp)
+        axes = latent_axes(sae)
+        for pname, p in sae.named_parameters():
+            if pname == "b_dec":
+                assert pname not in axes
+            else:
+                assert pname in axes and p.shape[axes[pname]] == 24, (name, pname, tuple(p.shape))

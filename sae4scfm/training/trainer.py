@@ -78,15 +78,18 @@ class MetricsLog:
             self.wandb.finish()
 
 
-# The latent axis of each per-latent parameter of the base SAE; an architecture with more
-# (a gate's r_mag, a threshold) declares its own ``latent_axes`` class attribute.
-LATENT_AXES = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
+# The latent axis of each per-latent parameter, by the names the SAE zoo shares (the gate's
+# r_mag/b_mag, JumpReLU's log_threshold); an SAE with another per-latent parameter declares a
+# ``latent_axes`` {name: axis} class attribute. ``b_dec`` [d_in] has none.
+LATENT_AXES = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "r_mag": 0, "b_mag": 0, "log_threshold": 0}
 
 
 def latent_axes(sae: SAE) -> dict[str, int]:
-    """{parameter name: its d_sae axis} of ``sae``: ``sae.latent_axes`` if the class declares it,
-    else the base SAE's ``LATENT_AXES``. Parameters not named (``b_dec``) have no latent axis."""
-    return dict(getattr(sae, "latent_axes", LATENT_AXES))
+    """{parameter name: its d_sae axis} for the parameters of ``sae``: ``sae.latent_axes`` if the
+    class declares it, else those of ``LATENT_AXES`` it has."""
+    axes = getattr(sae, "latent_axes", LATENT_AXES)
+    names = dict(sae.named_parameters())
+    return {name: axis for name, axis in axes.items() if name in names}
 
 
 def _metric_lines(path: Path, last_step: int) -> list[str]:
