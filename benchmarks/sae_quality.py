@@ -73,7 +73,7 @@ from sae_training import _dictionary_learning_trainers, synthetic_activations  #
 
 from sae4scfm.saes import build_sae  # noqa: E402
 from sae4scfm.training.schedules import base_lr, geometric_median, input_scale
-from sae4scfm.training.trainer import Member, _step
+from sae4scfm.training.trainer import Member, train_step
 
 CONFIG = Path(__file__).resolve().parents[1] / "sae4scfm" / "config"
 TRAIN = OmegaConf.load(CONFIG / "train.yaml").train
@@ -137,11 +137,6 @@ class Budget:
     dead_tokens: int  # dead-latent window in tokens
 
 
-class _NoLog:
-    def log(self, row):
-        pass
-
-
 def our_hyperparams(arch: str) -> tuple[str, dict]:
     name, extra = OURS.get(arch, (arch, {}))
     hp = OmegaConf.to_container(OmegaConf.load(CONFIG / "sae" / f"{name}.yaml").hyperparams, resolve=True)
@@ -192,10 +187,10 @@ def train_ours(arch: str, data: Data, d_sae: int, coeff: float | None, budget: B
     opt = torch.optim.Adam(sae.parameters(), lr=base_lr(hp, sae.d_sae), betas=(0.9, 0.999), fused=True)
     total = len(data.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        m = Member(cfg, Path(tmp), sae, opt, torch.zeros(d_sae, dtype=torch.long), 0, scale, _NoLog())
+        m = Member(cfg, Path(tmp), sae, opt, torch.zeros(d_sae, dtype=torch.long), 0, scale, None)
         sae.train()
         for step, x in enumerate(data.batches, 1):
-            _step(m, x * scale, step, total, budget.warmup, 0)
+            train_step(m, x * scale, step, total, budget.warmup, 0)
     out = {}
     if arch in THRESHOLDED:
         ema = float(sae.threshold)

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from sae4scfm.saes import BatchTopKSAE, TopKSAE
 from sae4scfm.training.schedules import geometric_median
+from sae4scfm.training.trainer import Member, train_step
 
 
 def synthetic_activations(n: int, d_in: int, n_true: int, k_true: int, seed: int) -> torch.Tensor:
@@ -53,29 +56,30 @@ def run(name: str, step, batches: list[torch.Tensor], warmup: int) -> float:
     return sum(len(x) for x in batches[warmup:]) / elapsed
 
 
-def ours(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+def ours(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor, total: int):
+    """Our SAE stepped by the trainer's own ``train_step`` (constant lr, dead after 10 batches);
+    ``init`` is the first batch, ``total`` the number of steps."""
     torch.manual_seed(0)
     sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(d_in, d_sae, k=k)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(init))
+        sae.b_dec.copy_(geometric_median(init[:2048]))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
-    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    cfg = OmegaConf.create({"train": {"lr_decay_frac": 0.0, "sparsity_warmup_frac": 0.0, "grad_clip": 1.0,
+                                      "autocast": "none", "dead_after_tokens": 10 * len(init),
+                                      "log_every": 10**9, "checkpoint_every": 10**9},
+                            "sae": {"hyperparams": {"lr": lr}}})
+    tmp = tempfile.TemporaryDirectory()
+    m = Member(cfg, Path(tmp.name), sae, opt, torch.zeros(d_sae, dtype=torch.long), 0, 1.0, None)
+    steps = iter(range(1, 10**9))
 
-    def step(x):
-        out = sae.loss(x, dead=since_fired >= 10 * len(x))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.normalize_decoder()
-        since_fired.add_(len(x))
-        since_fired[out["fired"]] = 0
+    def step(x, tmp=tmp):  # holds the temp dir until the benchmark ends
+        # total + 1: the schedules are flat here, and no checkpoint is written inside the timed loop
+        train_step(m, x, next(steps), total + 1, 1, 0)
 
     return step, lambda x: sae.eval().encode(x), sae.decode
 
 
-def saelens(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+def saelens(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor, total: int):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -121,7 +125,7 @@ def _dictionary_learning_trainers():
     return TopKTrainer, BatchTopKTrainer
 
 
-def dictionary_learning(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor):
+def dictionary_learning(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor, total: int):
     TopKTrainer, BatchTopKTrainer = _dictionary_learning_trainers()
     cls = TopKTrainer if arch == "topk" else BatchTopKTrainer
     trainer = cls(steps=10_000, activation_dim=d_in, dict_size=d_sae, k=k, layer=0, lm_name="bench",
@@ -167,7 +171,8 @@ def main() -> None:
         results = {}
         for lib, build in (("sae4scfm", ours), ("SAELens", saelens), ("dictionary_learning", dictionary_learning)):
             try:
-                step, encode, decode = build(arch, args.d_in, args.d_sae, args.k, args.lr, batches[0][:2048])
+                step, encode, decode = build(arch, args.d_in, args.d_sae, args.k, args.lr, batches[0],
+                                             len(batches))
             except ImportError as e:
                 print(f"{arch:10s} {lib:20s} unavailable ({e})")
                 continue

@@ -56,5 +56,28 @@ def resolve_run_dir(runs_dir: str | Path, experiment: str | None, timestamp: str
     return path
 
 
+def resolve_checkpointed_run(runs_dir: str | Path, experiment: str | None, timestamp: str | None) -> Path:
+    """The run dir that ``resume=true`` continues: ``sae_checkpoint.timestamp=<stamp>``, or ``latest``
+    for the run of ``sae_checkpoint.experiment`` whose checkpoint was written last."""
+    root = Path(runs_dir)
+    if not experiment or not timestamp:
+        raise InputError("resume=true: set sae_checkpoint.experiment=<name> sae_checkpoint.timestamp=<stamp|latest> "
+                         f"to choose the run under {root}/ to continue.")
+    exp_dir = root / str(experiment)
+    runs = sorted((p.parent.parent for p in exp_dir.glob("*/checkpoint/state.json")), key=lambda p: (
+        (p / "checkpoint" / "state.json").stat().st_mtime, p.name))
+    if timestamp == "latest":
+        if not runs:
+            raise InputError(f"resume=true sae_checkpoint.timestamp=latest: no run of sae_checkpoint.experiment="
+                             f"{experiment!r} under {exp_dir}/ has a checkpoint; train one first (resume=false).")
+        return runs[-1]
+    path = exp_dir / str(timestamp)
+    if not (path / "checkpoint" / "state.json").is_file():
+        raise InputError(f"resume=true: {path} has no checkpoint to resume from; check sae_checkpoint.experiment "
+                         f"and sae_checkpoint.timestamp (runs of {experiment!r} with one: "
+                         f"{', '.join(p.name for p in runs) or 'none'}; or use latest).")
+    return path
+
+
 def load_run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(run_dir / "config.yaml")

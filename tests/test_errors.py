@@ -103,3 +103,53 @@ def test_unknown_experiment_and_timestamp(tmp_path):
     with pytest.raises(InputError, match=r"timestamp='Feb02-00-00'.*Jan01-00-00"):
         sae4scfm.analyze_features(sae4scfm.compose("analyze", [
             f"runs_dir={tmp_path / 'runs'}", "sae_checkpoint.experiment=exists", "sae_checkpoint.timestamp=Feb02-00-00"]))
+
+
+def test_scalar_sweep_cli(tmp_path):
+    """`train.sweep={k:8}` (a value, not a list) is one error line before anything is loaded."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_sae.py"), "train.sweep={k:8}",
+                           "wandb.mode=disabled", f"runs_dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: train.sweep: k=8 must be a non-empty list of values, e.g. 'train.sweep={k:[8]}'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_few_training_tokens_leave_no_run_dir(tmp_path):
+    with pytest.raises(InputError, match=r"train.batch_size=1024 exceeds the \d+ training tokens; lower it or raise "
+                                         r"data.n_cells"):
+        sae4scfm.train(train_cfg(tmp_path, "data.n_cells=3"))
+    assert not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_empty_eval_split_is_an_error_before_any_run_dir(tmp_path):
+    """Eval cells without a single gene token (here: no counts) would end the run in a division by
+    zero after training; the split is checked before anything is written."""
+    from sae4scfm.data import split_cells
+
+    pbmc = load_pbmc()[:40]
+    X = pbmc.X.toarray()
+    X[np.asarray(split_cells(40, 0.2, seed=0)) == "eval"] = 0  # the eval cells of data.seed=0
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(X=sp.csr_matrix(X), obs=pbmc.obs.copy(), var=pbmc.var.copy()).write_h5ad(path)
+    with pytest.raises(InputError, match=r"the eval split is empty \(8 cells, no tokens.*raise data.n_cells or "
+                                         r"data.preprocess.split"):
+        sae4scfm.train(train_cfg(tmp_path, "data=h5ad", f"data.path={path}", "seed=0", "train.batch_size=64"))
+    assert not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_metrics_log_drops_a_half_written_last_line_only(tmp_path):
+    """Resume keeps the rows up to the checkpoint, drops a last line cut off by a kill, and names a
+    corrupt line anywhere else."""
+    from omegaconf import OmegaConf
+
+    from sae4scfm.training.trainer import MetricsLog
+
+    cfg = OmegaConf.create({"wandb": {"mode": "disabled"}})
+    rows = "".join(f'{{"step": {s}}}\n' for s in range(1, 6))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 6, "lo')
+    MetricsLog(tmp_path, cfg, resume_step=4).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows.rsplit('{"step": 5}', 1)[0]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl: line 2 is not JSON; fix or delete that line"):
+        MetricsLog(tmp_path, cfg, resume_step=4)

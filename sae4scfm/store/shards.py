@@ -1,5 +1,5 @@
-"""Residual-stream activations: extraction with hooks into a sharded on-disk store, and a
-shuffling buffer that streams them back.
+"""The sharded on-disk store of one layer's token activations (written by ``store.extract``,
+streamed into training by ``store.buffer``).
 
 Store format (one folder per layer)::
 
@@ -11,9 +11,10 @@ Store format (one folder per layer)::
                                  special [n] uint8   1 for special tokens (stored only on request)
 
 A store is written into ``<folder>.partial`` and renamed when complete, so an
-interrupted extraction never leaves a store that looks finished. Memory during
-extraction and streaming is bounded by ``shard_tokens`` and ``buffer_tokens``,
-not by the number of cells.
+interrupted extraction never leaves a store that looks finished. Cells are written in
+length order (extraction batches similar lengths); ``store.buffer`` makes batches uniform
+anyway. Memory during extraction and streaming is bounded by ``shard_tokens`` and
+``buffer_tokens``, not by the number of cells.
 """
 
 from __future__ import annotations
@@ -59,34 +60,6 @@ class ActivationStore:
     def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(self.n_shards):
             yield self.shard(i)
-
-    def iter_batches(self, batch_size: int, *, seed: int, epoch: int, buffer_tokens: int) -> Iterator[torch.Tensor]:
-        """Shuffled float32 batches [batch_size, d_model] covering the store once (last partial
-        batch dropped). The order is a pure function of (seed, epoch): shards are visited in a
-        random order and mixed in a buffer of ``buffer_tokens`` that releases half when full."""
-        rng = np.random.default_rng([seed, epoch])
-        pool = torch.empty(0, self.d_model)
-        for s in rng.permutation(self.n_shards):
-            pool = torch.cat([pool, self.shard(int(s))["acts"].float()])
-            if len(pool) >= buffer_tokens:
-                pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
-                n_out = (len(pool) // 2 // batch_size) * batch_size
-                yield from pool[:n_out].split(batch_size)
-                pool = pool[n_out:]
-        pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
-        n_out = (len(pool) // batch_size) * batch_size
-        yield from pool[:n_out].split(batch_size)
-
-    def batches_per_epoch(self, batch_size: int, *, seed: int, epoch: int, buffer_tokens: int) -> int:
-        """The number of batches ``iter_batches`` yields, from shard sizes alone."""
-        sizes = [s["n_tokens"] for s in self.meta["shards"]]
-        pool = n_batches = 0
-        for s in np.random.default_rng([seed, epoch]).permutation(self.n_shards):
-            pool += sizes[int(s)]
-            if pool >= buffer_tokens:
-                n_out = pool // 2 // batch_size
-                n_batches, pool = n_batches + n_out, pool - n_out * batch_size
-        return n_batches + pool // batch_size
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         """Up to ``n`` float32 activations drawn uniformly without replacement: [n, d_model]."""

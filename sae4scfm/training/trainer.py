@@ -10,8 +10,10 @@ coefficient of penalised architectures warms up linearly from 0 over ``sparsity_
 of the steps (``SAE.sparsity_scale``). The learning rate warms up linearly, then stays
 constant (or, with ``lr_decay_frac`` > 0, decays linearly to zero over that last fraction).
 A latent is dead once it has not fired for ``dead_after_tokens`` training tokens (AuxK
-revives those). After the last step ``SAE.calibrate`` sets inference statistics at the final
-weights from ``calibration_batches`` training batches (BatchTopK's threshold).
+revives those). Batches come from ``store.buffer.ShufflingBuffer``: uniform samples of the
+training store in an order that is a pure function of (seed, epoch), so dead-latent counts see
+every kind of cell and resume is exact. After the last step ``SAE.calibrate`` sets inference
+statistics at the final weights from ``calibration_batches`` such batches (BatchTopK's threshold).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from sae4scfm import __version__
+from sae4scfm.atomic import atomic_write_json, atomic_write_text
 from sae4scfm.errors import InputError
-from sae4scfm.runs import new_run_dir
+from sae4scfm.runs import load_run_config, new_run_dir, resolve_checkpointed_run
 from sae4scfm.saes import SAE, build_sae
 from sae4scfm.scfm import ScFMAdapter
 from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
 from sae4scfm.scfm.tokens import TokenizedCells
+from sae4scfm.store.buffer import ShufflingBuffer
 from sae4scfm.store.extract import activation_stores
 from sae4scfm.store.shards import ActivationStore
 from sae4scfm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -49,8 +53,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, cfg: DictConfig, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # drop lines past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in _metric_lines(self.path, resume_step)))
         self.file = self.path.open("a")
         self.wandb = None
         if cfg.wandb.mode != "disabled":
@@ -75,19 +78,48 @@ class MetricsLog:
             self.wandb.finish()
 
 
+# The latent axis of each per-latent parameter, by the names the SAE zoo shares (the gate's
+# r_mag/b_mag, JumpReLU's log_threshold); an SAE with another per-latent parameter declares a
+# ``latent_axes`` {name: axis} class attribute. ``b_dec`` [d_in] has none.
+LATENT_AXES = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "r_mag": 0, "b_mag": 0, "log_threshold": 0}
+
+
+def latent_axes(sae: SAE) -> dict[str, int]:
+    """{parameter name: its d_sae axis} for the parameters of ``sae``: ``sae.latent_axes`` if the
+    class declares it, else those of ``LATENT_AXES`` it has."""
+    axes = getattr(sae, "latent_axes", LATENT_AXES)
+    names = dict(sae.named_parameters())
+    return {name: axis for name, axis in axes.items() if name in names}
+
+
+def _metric_lines(path: Path, last_step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``last_step``. A run killed mid-write can leave a
+    half-written last line: it is dropped with a warning; a malformed line before it is an error."""
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a half-written last line (the run was killed mid-write)", path)
+                break
+            raise InputError(f"{path}: line {i + 1} is not JSON; fix or delete that line and resume again.")
+        if row["step"] <= last_step:
+            kept.append(line)
+    return kept
+
+
 def reset_adam_rows(opt: torch.optim.Optimizer, sae: SAE, latents: torch.Tensor) -> None:
-    """Zero the Adam moments of the given latents (rows of W_dec, columns of W_enc, b_enc,
-    and any other parameter with a d_sae axis) after they were re-initialised."""
-    for p in sae.parameters():
-        state = opt.state.get(p)
-        if not state:
-            continue
+    """Zero the Adam moments of the given latents along each parameter's latent axis
+    (``latent_axes``: columns of W_enc, rows of W_dec, entries of b_enc, ...) after they were
+    re-initialised; parameters without a latent axis (``b_dec``) keep theirs."""
+    params = dict(sae.named_parameters())
+    for name, axis in latent_axes(sae).items():
+        state = opt.state.get(params[name])
         for key in ("exp_avg", "exp_avg_sq"):
-            t = state[key]
-            if p is sae.W_enc:
-                t[:, latents] = 0
-            elif p.dim() >= 1 and p.shape[0] == sae.d_sae:
-                t[latents] = 0
+            if state and key in state:
+                state[key].index_fill_(axis, latents.to(state[key].device), 0)
 
 
 @dataclass
@@ -101,7 +133,7 @@ class Member:
     since_fired: torch.Tensor  # [d_sae] training tokens since each latent last fired
     start: int  # steps already done
     scale: float  # input scaling factor s (the SAE trains on s·x)
-    log: MetricsLog
+    log: MetricsLog | None  # None: metrics rows are returned by ``train_step``, not written
 
 
 def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
@@ -109,6 +141,14 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     one ("", cfg) without a sweep. Each config names its own values and no sweep."""
     sweep = cfg.train.get("sweep")
     sweep = OmegaConf.to_container(sweep, resolve=True) if sweep else {}
+    if not isinstance(sweep, dict):
+        raise InputError(f"train.sweep={sweep!r} must map hyperparameters to lists of values, "
+                         "e.g. 'train.sweep={k:[8,16,32]}'.")
+    scalars = [k for k, v in sweep.items() if not isinstance(v, list) or not v]
+    if scalars:
+        raise InputError(f"train.sweep: {', '.join(f'{k}={sweep[k]!r}' for k in scalars)} must be a non-empty "
+                         f"list of values, e.g. 'train.sweep={{{scalars[0]}:[{sweep[scalars[0]]!r}]}}' (or set "
+                         f"sae.hyperparams.{scalars[0]} for a single value).")
     unknown = [k for k in sweep if k not in cfg.sae.hyperparams]
     if unknown:
         raise InputError(f"train.sweep: {', '.join(unknown)} not in sae.hyperparams "
@@ -124,36 +164,46 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _fit(members: list[Member], train_store: ActivationStore, cfg: DictConfig, per_epoch: list[int]) -> None:
+def shuffling_buffer(cfg: DictConfig, store: ActivationStore) -> ShufflingBuffer:
+    """The training batches of ``cfg`` (train.batch_size, seed, buffer.*) drawn from ``store``."""
+    return ShufflingBuffer(store, int(cfg.train.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens),
+                           int(cfg.buffer.chunk_tokens))
+
+
+def _fit(members: list[Member], buffer: ShufflingBuffer, cfg: DictConfig) -> None:
     """One pass over the training batches that steps every member SAE on each batch, from
     the earliest member's ``start``; each member checkpoints as it goes."""
     tc = cfg.train
-    bs, seed, buffer_tokens = int(tc.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens)
-    total, step, start = sum(per_epoch), 0, min(m.start for m in members)
+    per_epoch = len(buffer)
+    total, step, start = per_epoch * int(tc.n_epochs), 0, min(m.start for m in members)
     warmup = max(1, int(tc.lr_warmup_frac * total))
     device = members[0].since_fired.device
     name = cfg.sae.architecture + (f" x{len(members)}" if len(members) > 1 else "")
     bar = tqdm(total=total, initial=start, desc=f"training {name} SAE", unit="step")
     for epoch in range(int(tc.n_epochs)):
-        if step + per_epoch[epoch] <= start:  # whole epoch already done
-            step += per_epoch[epoch]
+        if step + per_epoch <= start:  # whole epoch already done
+            step += per_epoch
             continue
-        for x in train_store.iter_batches(bs, seed=seed, epoch=epoch, buffer_tokens=buffer_tokens):
+        for x in buffer.epoch(epoch):
             step += 1
             if step <= start:
                 continue
             x, row = x.to(device), None
             for m in members:
                 if step > m.start:
-                    row = _step(m, x * m.scale, step, total, warmup, epoch)
+                    row = train_step(m, x * m.scale, step, total, warmup, epoch)
             bar.update()
             if row is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
     bar.close()
 
 
-def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch: int) -> dict | None:
-    """One optimizer step of one member on batch ``x`` (scaled); returns its metrics row if logged."""
+def train_step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch: int) -> dict | None:
+    """THE training step (the trainer, tests and benchmarks all call this one): one optimizer
+    step of member ``m`` on the scaled batch ``x`` [B, d_in] as step ``step`` of ``total``
+    (1-based; ``warmup`` lr-warmup steps), updating its dead-latent counters, logging every
+    ``train.log_every`` and checkpointing every ``train.checkpoint_every`` steps and at the last.
+    Returns the metrics row when one was logged."""
     tc, hp = m.cfg.train, m.cfg.sae.hyperparams
     sae, opt, dead_after = m.sae, m.opt, int(tc.dead_after_tokens)
     for group in opt.param_groups:
@@ -181,7 +231,8 @@ def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch:
                "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
                "dead_fraction": float((m.since_fired >= dead_after).float().mean())}
         row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
-        m.log.log(row)
+        if m.log is not None:
+            m.log.log(row)
     if step % int(tc.checkpoint_every) == 0 or step == total:
         save_checkpoint(m.run_dir, sae, opt, m.since_fired, step, m.scale)
     return row
@@ -190,21 +241,20 @@ def _step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, epoch:
 def train(cfg: DictConfig) -> Path | list[Path]:
     """Train the configured SAE (or every SAE of ``train.sweep`` on the same batches in one
     pass); returns the run dir (a list for a sweep). ``resume=true`` continues the run
-    addressed by ``sae_checkpoint`` from its last checkpoint with its saved config."""
+    addressed by ``sae_checkpoint`` (``timestamp=latest``: the newest run of the experiment
+    with a checkpoint) from its last checkpoint with its saved config."""
     resuming = bool(cfg.resume)
     if resuming:
-        from sae4scfm.runs import load_run_config
-
-        run_dir = Path(cfg.runs_dir) / str(cfg.sae_checkpoint.experiment) / str(cfg.sae_checkpoint.timestamp)
-        if not (run_dir / "checkpoint" / "state.json").is_file():
-            raise InputError(f"resume=true: {run_dir} has no checkpoint to resume from; check "
-                             "sae_checkpoint.experiment and sae_checkpoint.timestamp.")
-        cfg = load_run_config(run_dir)
+        run_dir = resolve_checkpointed_run(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
+        saved = load_run_config(run_dir)
+        saved.buffer = OmegaConf.merge(cfg.buffer, saved.buffer)  # buffer keys added since the run started
+        cfg = saved
         sweep = [("", cfg)]
     else:
         sweep = sweep_configs(cfg)
     device = pick_device(cfg.device)
     adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
+    _check_splits(cfg, adata, tokens)
     if resuming:
         plan = [(run_dir, cfg)]
     else:
@@ -217,13 +267,9 @@ def train(cfg: DictConfig) -> Path | list[Path]:
     stores = activation_stores(cfg, adapter, adata, tokens, [layer])
     train_store, eval_store = stores["train"][layer], stores["eval"][layer]
 
-    tc, seed, d_in = cfg.train, int(cfg.seed), adapter.d_model
-    bs, buffer_tokens = int(tc.batch_size), int(cfg.buffer.buffer_tokens)
-    per_epoch = [train_store.batches_per_epoch(bs, seed=seed, epoch=e, buffer_tokens=buffer_tokens)
-                 for e in range(int(tc.n_epochs))]
-    if sum(per_epoch) == 0:
-        raise InputError(f"train.batch_size={bs} exceeds the {train_store.n_tokens} training tokens; "
-                         "lower it or use more cells (data.n_cells).")
+    seed, d_in = int(cfg.seed), adapter.d_model
+    buffer = shuffling_buffer(cfg, train_store)
+    total = len(buffer) * int(cfg.train.n_epochs)
     sample = train_store.sample(8192, seed)
     scale = input_scale(sample)
     b_dec = geometric_median(sample.to(device) * scale)
@@ -235,7 +281,7 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         opt = torch.optim.Adam(sae.parameters(), lr=base_lr(hp, sae.d_sae), betas=(0.9, 0.999), fused=True)
         if (run_dir / "checkpoint" / "state.json").is_file():
             start, member_scale, since_fired = load_checkpoint(run_dir, sae, opt)
-            print(f"{run_dir.name}: resuming at step {start} of {sum(per_epoch)}")
+            print(f"{run_dir.name}: resuming at step {start} of {total}")
         else:
             with torch.no_grad():
                 sae.b_dec.copy_(b_dec)
@@ -243,31 +289,47 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         members.append(Member(member_cfg, run_dir, sae, opt, since_fired.to(device), start, member_scale,
                               MetricsLog(run_dir, member_cfg, start)))
     try:
-        _fit(members, train_store, cfg, per_epoch)
+        _fit(members, buffer, cfg)
     except KeyboardInterrupt:
         for m in members:
             print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
                   f"sae_checkpoint.experiment={m.cfg.experiment} sae_checkpoint.timestamp={m.run_dir.name}")
         raise
     for m in members:
-        _finish(m, adapter, eval_store, split_tokens(tokens, adata, "eval"), layer, train_store, sum(per_epoch))
+        _finish(m, adapter, eval_store, split_tokens(tokens, adata, "eval"), layer, buffer, total)
     return members[0].run_dir if len(members) == 1 else [m.run_dir for m in members]
 
 
+def _check_splits(cfg: DictConfig, adata, tokens: TokenizedCells) -> None:
+    """Before any run dir exists: the eval split has tokens to evaluate on and the train split at
+    least one batch (tokens are what the store will hold: gene tokens, plus specials on request)."""
+    bs = int(cfg.train.batch_size)
+    for split in ("train", "eval"):
+        t = split_tokens(tokens, adata, split)
+        n = len(t.gene_ids) if cfg.buffer.include_special else t.n_gene_tokens
+        fix = "raise data.n_cells" + (" or data.preprocess.split" if split == "eval" else "")
+        if n == 0:
+            raise InputError(f"the {split} split is empty ({len(t)} cells, no tokens; data.n_cells="
+                             f"{cfg.data.get('n_cells')}, data.preprocess.split={cfg.data.preprocess.split}); {fix}.")
+        if split == "train" and n < bs:
+            raise InputError(f"train.batch_size={bs} exceeds the {n} training tokens; lower it or {fix}.")
+
+
 def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_tokens: TokenizedCells,
-            layer: int, train_store: ActivationStore, total: int) -> None:
-    """Calibrate, fold the input scaling, evaluate on held-out data, write the run dir's final files."""
+            layer: int, buffer: ShufflingBuffer, total: int) -> None:
+    """Calibrate on the first ``train.calibration_batches`` training batches (uniform samples of the
+    store, ``ShufflingBuffer``), fold the input scaling, evaluate on held-out data, write the run
+    dir's final files."""
     cfg, sae = m.cfg, m.sae
     tc, hp = cfg.train, cfg.sae.hyperparams
+    train_store = buffer.store
     device = next(sae.parameters()).device
-    batches = train_store.iter_batches(int(tc.batch_size), seed=int(cfg.seed), epoch=0,
-                                       buffer_tokens=int(cfg.buffer.buffer_tokens))
     n_calibration = int(tc.get("calibration_batches", 64))
-    sae.calibrate(x.to(device) * m.scale for x in itertools.islice(batches, n_calibration))
+    sae.calibrate(x.to(device) * m.scale for x in itertools.islice(buffer.epoch(0), n_calibration))
     sae.fold_input_scale(m.scale)
     sae.eval()
     results = evaluate(sae, eval_store, adapter, eval_tokens, layer, int(cfg.seed), int(tc.eval_max_cells))
-    (m.run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    atomic_write_json(m.run_dir / "eval.json", results)
     # cfg.json is written last: a run dir counts as finished only once it exists
     sae.save(m.run_dir, {
         "input_scaling": {"factor": m.scale, "folded": True},
