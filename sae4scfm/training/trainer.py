@@ -33,7 +33,7 @@ from sae4scfm import __version__
 from sae4scfm.atomic import atomic_write_json, atomic_write_text
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, new_run_dir, resolve_checkpointed_run
-from sae4scfm.saes import SAE, build_sae
+from sae4scfm.saes import SAE, build_sae, check_hyperparams
 from sae4scfm.scfm import ScFMAdapter
 from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
 from sae4scfm.scfm.tokens import TokenizedCells
@@ -252,6 +252,8 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         sweep = [("", cfg)]
     else:
         sweep = sweep_configs(cfg)
+    for _, member in sweep:  # bad hyperparameters stop before the model and data are loaded
+        check_hyperparams(member.sae.architecture, OmegaConf.to_container(member.sae.hyperparams, resolve=True))
     device = pick_device(cfg.device)
     adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
     _check_splits(cfg, adata, tokens)
