@@ -34,14 +34,15 @@ from sae4scfm.analysis.labels import INDEX_NAME, label_auroc, label_scoring
 from sae4scfm.analysis.report import write_figures, write_summary
 from sae4scfm.analysis.results import labelled, read_results, update_results, write_feature_annotations
 from sae4scfm.analysis.run_data import (
-           GENE_NAME,
-           RunData,
-           collection_name,
-           load_run_data,
-           marker_set_for,
-           need_tokens,
-           read_run_features,
+    GENE_NAME,
+    RunData,
+    collection_name,
+    load_run_data,
+    marker_set_for,
+    need_tokens,
+    read_run_features,
 )
+from sae4scfm.atomic import atomic_write, atomic_write_text
 from sae4scfm.errors import InputError
 from sae4scfm.runs import resolve_run_dir
 
@@ -134,7 +135,7 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     cols: dict[str, object] = {}
     if run.tokens is not None:
         table = token_gene_scores(run.tokens, gene_key=GENE_NAME)
-        table.to_parquet(run.out_dir / "gene_scores.parquet")
+        atomic_write(run.out_dir / "gene_scores.parquet", table.to_parquet)
         freq = table[table["n_fire"] >= int(a.min_gene_tokens)].sort_values(["feature_id", "freq"],
                                                                             ascending=[True, False])
         best = freq.groupby("feature_id").head(int(a.top_genes)).groupby("feature_id")["gene"]
@@ -180,7 +181,7 @@ def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
                                          .reindex(range(n)).fillna(0).astype(int).to_numpy())
         significant.append(t[t["fdr"] < float(a.max_fdr)].assign(collection=coll))
     sig = pd.concat(significant, ignore_index=True) if significant else pd.DataFrame(columns=["collection"])
-    sig.to_csv(run.out_dir / "enrichment.csv", index=False)
+    atomic_write(run.out_dir / "enrichment.csv", lambda tmp: sig.to_csv(tmp, index=False))
     if a.run_gsea:
         run_prerank(run, a)
     return labelled(_frame(cols, n), keys)
@@ -207,7 +208,7 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
                                seed=int(run.run_cfg.seed))
             rows.append(res.assign(feature_id=f, collection=collection_name(name)))
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    out.to_csv(run.out_dir / "gsea.csv", index=False)
+    atomic_write(run.out_dir / "gsea.csv", lambda tmp: out.to_csv(tmp, index=False))
     print(f"prerank GSEA of {len(chosen)} features: {run.out_dir / 'gsea.csv'}")
     return out
 
@@ -298,11 +299,11 @@ def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
     W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
     cos = (W @ pcs["axes"].T).abs().max(1).values.numpy()
     aligned = float((cos > float(a.svd_cos_threshold)).mean())
-    (run.out_dir / "pca_comparison.json").write_text(json.dumps({
+    atomic_write_text(run.out_dir / "pca_comparison.json", json.dumps({
         "n_features": run.n_features, "n_pca_directions": len(names), "n_svd_axes": int(pcs["axes"].shape[0]),
         "svd_cos_threshold": float(a.svd_cos_threshold), "svd_aligned_fraction": aligned,
         "n_enriched": enriched}, indent=1))
-    pd.DataFrame(rows).to_csv(run.out_dir / "pca_comparison.csv", index=False)
+    atomic_write(run.out_dir / "pca_comparison.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     print(f"SAE decoder directions aligned with a top-{pcs['axes'].shape[0]} SVD axis "
           f"(|cos| > {a.svd_cos_threshold}): {aligned:.1%}")
     return _frame({"max_svd_cos": cos}, run.n_features)
@@ -322,7 +323,7 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
 
     X = need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
     pairs = significant_pairs(X, min_count=int(a.coactivation_min_count), max_fdr=float(a.max_fdr))
-    pairs.to_csv(run.out_dir / "coactivation_pairs.csv", index=False)
+    atomic_write(run.out_dir / "coactivation_pairs.csv", lambda tmp: pairs.to_csv(tmp, index=False))
     module = coactivation_modules(pairs, run.n_features, resolution=float(a.leiden_resolution),
                                   seed=int(run.run_cfg.seed))
     results = read_results(run.out_dir) if (run.out_dir / "results.parquet").is_file() else pd.DataFrame()
@@ -343,7 +344,7 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
                 vals = vals[results.loc[members, (analysis, f"best_auroc:{run.cell_type_key}")] >= float(a.auroc_threshold)]
             row[f"label:{metric.split(':', 1)[1]}"] = vals.mode().iloc[0] if len(vals) else ""
         rows.append(row)
-    pd.DataFrame(rows).to_csv(run.out_dir / "modules.csv", index=False)
+    atomic_write(run.out_dir / "modules.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     degree = np.bincount(np.concatenate([pairs["i"], pairs["j"]]).astype(np.int64), minlength=run.n_features)
     print(f"co-activation: {len(pairs)} significant pairs, {module.max() + 1} modules")
     return _frame({"module": module, "n_partners": degree[: run.n_features]}, run.n_features)
@@ -387,7 +388,7 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
                      "decoder_persistence": persistence(dec, float(a.cross_layer_cosine)),
                      "cofiring_persistence": persistence(fire.reset_index(), float(a.cross_layer_jaccard))})
     table = pd.DataFrame(rows)
-    table.to_csv(run.out_dir / "cross_layer.csv", index=False)
+    atomic_write(run.out_dir / "cross_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
     print(table.to_string(index=False))
     return labelled(_frame(cols, run.n_features), keys)
 

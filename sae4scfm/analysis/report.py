@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from sae4scfm.analysis.labels import label_auroc
 from sae4scfm.analysis.run_data import RunData, collection_name, marker_set_for, read_table
+from sae4scfm.atomic import atomic_write_text
 
 
 def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
@@ -170,7 +171,7 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
     path = run.out_dir / "summary.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

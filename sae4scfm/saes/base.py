@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sae4scfm.atomic import make_shareable
+from sae4scfm.atomic import atomic_write, atomic_write_json
 from sae4scfm.errors import InputError
 from sae4scfm.saes.config import SAEConfig
 
@@ -136,11 +136,11 @@ class SAE(nn.Module):
 
     def save(self, run_dir: str | Path, cfg: dict) -> None:
         run_dir = Path(run_dir)
-        save_file(self.state_tensors(), run_dir / "sae.safetensors")
-        make_shareable(run_dir / "sae.safetensors")
+        tensors = self.state_tensors()
+        atomic_write(run_dir / "sae.safetensors", lambda tmp: save_file(tensors, tmp))
         meta = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                 "hyperparams": self.hyperparams, **cfg}
-        (run_dir / "cfg.json").write_text(json.dumps(meta, indent=1, default=str))
+        atomic_write_json(run_dir / "cfg.json", meta, default=str)  # last: a run with cfg.json is finished
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], hyperparams: dict, source: str) -> SAE:
