@@ -2,13 +2,22 @@
 
 The demo model is built once into the cache ($SAE4SCFM_CACHE, else the user cache
 dir) and reused across sessions; everything else is written under pytest's tmp dirs.
+Each test runs in an empty working directory of its own, so a test that reads or writes
+a path relative to the working directory fails everywhere, not only outside the repo:
+use ``REPO_ROOT`` (or the ``repo_root`` fixture) for files of the repository. A skip for
+a missing module fails the run (``tests/skip_guard.py``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import sae4scfm
+from tests.skip_guard import MissingModuleSkips
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: scripts/, benchmarks/, README.md
 
 # The README's example configuration (small enough for 2 CPU cores).
 SMALL_RUN = [
@@ -16,6 +25,21 @@ SMALL_RUN = [
     "sae.hyperparams.k=16", "sae.hyperparams.lr=3e-4", "seed=0", "data.n_cells=500",
     "data.preprocess.split=0.2", "data.preprocess.subset_hvg=true", "wandb.mode=disabled",
 ]
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(MissingModuleSkips(), "sae4scfm-missing-module-skips")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _cwd_is_empty_tmp_dir(tmp_path_factory, monkeypatch):
+    """Each test runs in a fresh empty directory (not ``tmp_path``, which stays the test's own)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,27 @@ cache dir), keyed by a hash of its config, and written in scGPT's official
 checkpoint layout (``best_model.pt``, ``vocab.json``, ``args.json``) so that it
 loads through the real scGPT adapter. ``pretrain_report.json`` beside them holds
 the held-out masked-value error against the per-gene-mean baseline.
+
+The build is deterministic for a seed: one thread, deterministic algorithms, every
+random draw from a seeded generator. Float results still depend on which CPU kernels
+run (ATen dispatches AVX-512 or AVX2 code, MKL picks its GEMM by CPU and vendor), so
+``demo_checkpoint`` builds in a child process with those pinned (``BUILD_ENV``): the
+same bits on every x86-64 machine with AVX2 and the same torch/MKL versions. Other
+CPUs (ARM) get a model from the same recipe that differs in the last bits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,12 +36,17 @@ from tqdm.auto import tqdm
 
 from sae4scfm.data import load_pbmc, split_cells
 from sae4scfm.scfm.scgpt import ScGPTAdapter, ScGPTConfig, ScGPTModel, masked_value_loss, random_value_mask
+from sae4scfm.scfm.scgpt.model import SPECIAL_TOKENS
 from sae4scfm.scfm.tokens import TokenizedCells
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
-PRETRAIN_VERSION = 2  # bump when the pretraining recipe changes, so caches are rebuilt
+PRETRAIN_VERSION = 3  # bump when the pretraining recipe changes, so caches are rebuilt
+BUILD_THREADS = 1  # torch threads during the build: results depend on the count; 1 is also fastest on shared cores
+# The child process's CPU kernels on x86-64: ATen's vectorised kernels at AVX2 (AVX-512 machines would
+# otherwise sum in other orders), MKL in its reproducible SSE2 branch (the one branch MKL keeps the same on
+# Intel and AMD; about 2x slower GEMMs). Read once at start-up, hence a child process.
+BUILD_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
 def cache_root() -> Path:
@@ -47,7 +63,7 @@ def demo_checkpoint(cfg: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     try:
-        pretrain_demo(cfg, tmp)
+        build_demo(cfg, tmp)
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first: keep theirs
@@ -57,10 +73,50 @@ def demo_checkpoint(cfg: dict) -> Path:
     return out
 
 
-def pretrain_demo(cfg: dict, out_dir: Path) -> dict:
-    """Pretrain with scGPT's masked-value objective (value + GEPC heads); returns the report."""
+def build_demo(cfg: dict, out_dir: Path) -> dict:
+    """``pretrain_demo(cfg, out_dir)`` in a child process with the CPU kernels pinned (``BUILD_ENV``)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env.update(BUILD_ENV)
+    code = ("import json, sys; from sae4scfm.scfm.demo import pretrain_demo; "
+            "pretrain_demo(json.loads(sys.argv[1]), sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(out_dir)], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the demo scGPT failed (exit {done.returncode}); its error is printed above.")
+    return json.loads((Path(out_dir) / "pretrain_report.json").read_text())
+
+
+@contextlib.contextmanager
+def deterministic_torch(seed: int, threads: int = BUILD_THREADS):
+    """Within: ``threads`` torch threads, deterministic algorithms, the global torch RNG seeded with ``seed``
+    (model init, dropout). All three are restored on exit."""
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        torch.set_num_threads(threads_before)
+
+
+def pretrain_demo(cfg: dict, out_dir: Path | str) -> dict:
+    """Pretrain with scGPT's masked-value objective (value + GEPC heads) into ``out_dir``; returns the report.
+
+    In this process, under ``deterministic_torch``: bit-identical for a seed on one machine, whatever
+    the caller's thread count (``build_demo`` also pins the CPU kernels).
+    """
+    with deterministic_torch(int(cfg["seed"])):
+        return _pretrain(cfg, Path(out_dir))
+
+
+def _pretrain(cfg: dict, out_dir: Path) -> dict:
     seed = int(cfg["seed"])
-    torch.manual_seed(seed)
     adata = load_pbmc()
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *adata.var_names])}
     mcfg = ScGPTConfig(n_tokens=len(vocab), d_model=cfg["d_model"], n_heads=cfg["n_heads"],
@@ -101,7 +157,9 @@ def pretrain_demo(cfg: dict, out_dir: Path) -> dict:
     model.eval()
 
     report = evaluate_masked_values(model, train, test, cfg["mask_ratio"], seed)
-    report.update(n_train_cells=len(train), n_test_cells=len(test), steps=total)
+    report.update(n_train_cells=len(train), n_test_cells=len(test), steps=total,
+                  build={"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                         "mkl_cbwr": os.environ.get("MKL_CBWR", ""), "threads": torch.get_num_threads()})
     print(f"demo scGPT held-out masked-value MSE {report['model_mse']:.3f} vs per-gene-mean baseline "
           f"{report['baseline_mse']:.3f} ({report['model_mse'] / report['baseline_mse']:.2f}x)")
     torch.save(model.state_dict(), out_dir / "best_model.pt")
