@@ -40,14 +40,14 @@ def _geneformer(tmp_path, genes):
     dicts = write_dictionaries(tmp_path / "dicts", "V2", genes)
     ckpt = write_checkpoint(hf_bert("V2", 4 + len(genes[0]), layers=2, d=32, heads=4), tmp_path / "ckpt", "safetensors")
     return ["scfm=geneformer_v2_104m", f"scfm.checkpoint_dir={ckpt}", *[f"scfm.{k}={v}" for k, v in dicts.items()],
-            "scfm.n_layers=null", "scfm.d_model=null", "data.n_cells=60"]
+            "scfm.n_layers=null", "scfm.d_model=null", "scfm.n_heads=null", "scfm.d_mlp=null", "data.n_cells=60"]
 
 
 def _scfoundation(tmp_path, _genes):
     from tests.test_scfoundation import write_models_ckpt
 
     write_models_ckpt(tmp_path / "ckpt")
-    return ["scfm=scfoundation", f"scfm.checkpoint_dir={tmp_path / 'ckpt'}", "data.n_cells=60"]
+    return ["scfm=scfoundation", f"scfm.checkpoint_dir={tmp_path / 'ckpt'}", "scfm.architecture=null", "data.n_cells=60"]
 
 
 def _aido_cell(tmp_path, _genes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +38,17 @@ def train_cfg(tmp_path, *overrides):
 
 
 def test_missing_file_cli(tmp_path):
-    """From the command line: exit status 2, one line naming the field and file, no traceback."""
-    missing = tmp_path / "nope.h5ad"
+    """From the command line: exit status 2, one line naming the field and file, no traceback; the
+    data file is checked before any model is loaded, so an empty cache builds no demo first."""
+    missing, cache = tmp_path / "nope.h5ad", tmp_path / "empty_cache"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_sae.py"), "data=h5ad",
                            f"data.path={missing}", "wandb.mode=disabled", f"runs_dir={tmp_path / 'runs'}"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "SAE4SCFM_CACHE": str(cache)})
     assert proc.returncode == 2
     assert "error: data.path" in proc.stderr and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (cache / "demo_scgpt").exists()
 
 
 def test_no_genes_in_vocab(tmp_path):

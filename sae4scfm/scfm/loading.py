@@ -37,8 +37,8 @@ def split_tokens(tokens: TokenizedCells, adata: ad.AnnData, split: str) -> Token
 
 
 def load_model_and_data(cfg: DictConfig, device: str) -> tuple[ScFMAdapter, ad.AnnData, TokenizedCells]:
+    adata = load_dataset(cfg.data)  # first: a bad data file is reported before a model is loaded (or built)
     torch.manual_seed(int(cfg.seed))  # random_init models are reproducible
     adapter = load_scfm(cfg.scfm, device)
     adapter.check_layer(cfg.sae.target_layer)
-    adata = load_dataset(cfg.data)
     return adapter, adata, tokenize_dataset(adapter, adata, cfg.data)
