@@ -102,10 +102,10 @@ def geneformer_dictionaries() -> dict[str, str]:
 def build_scgpt(root: Path, size: dict, genes: list[str]) -> tuple[dict, str]:
     import torch
 
-    from sae4scfm.scfm.scgpt import ScGPTConfig, ScGPTModel
+    from sae4scfm.scfm.scgpt import SPECIAL_TOKENS, ScGPTConfig, ScGPTModel
 
     torch.manual_seed(0)
-    vocab = {t: i for i, t in enumerate(["<pad>", "<cls>", "<eoc>", *genes])}
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *genes])}
     cfg = ScGPTConfig(n_tokens=len(vocab), d_model=size["d_model"], n_heads=size["n_heads"], d_hid=size["d_model"],
                       n_layers=size["n_layers"], dropout=0.0, max_seq_len=1200)
     model = ScGPTModel(cfg, pad_id=0)

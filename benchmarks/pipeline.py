@@ -6,7 +6,9 @@ forward, same run) and TopK SAE training steps. Prints figures; asserts nothing.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ import torch
 import sae4scfm
 from sae4scfm.saes import TopKSAE
 from sae4scfm.scfm.loading import load_model_and_data
+from sae4scfm.training.trainer import Member, train_step
 
 
 def cells_per_second(adapter, tokens, batch_size: int, n_cells: int) -> float:
@@ -36,18 +39,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     sae = TopKSAE(128, 512, k=16)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=True)
     x = torch.randn(1024, 128)
-    for _ in range(5):
-        sae.loss(x)["loss"].backward()
     n = 100
-    start = time.perf_counter()
-    for _ in range(n):
-        opt.zero_grad()
-        sae.loss(x)["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
+    step_cfg = sae4scfm.compose("train", ["train.log_every=1000000000", "train.checkpoint_every=1000000000"])
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's own step; total n + 6: no checkpoint inside
+        m = Member(step_cfg, Path(tmp), sae, opt, torch.zeros(512, dtype=torch.long), 0, 1.0, None)
+        for step in range(1, 6):
+            train_step(m, x, step, n + 6, 1, 0)
+        start = time.perf_counter()
+        for step in range(6, n + 6):
+            train_step(m, x, step, n + 6, 1, 0)
     dt = (time.perf_counter() - start) / n
     print(f"TopK SAE step (d_in 128, d_sae 512, k 16, batch 1024): {1 / dt:.0f} steps/s, {1024 / dt:.0f} tokens/s")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 
 from sae4scfm.errors import InputError
 from sae4scfm.saes import ARCHITECTURES, build_sae, load_sae
@@ -336,60 +335,6 @@ def test_anneal_state_is_saved(arch, tmp_path):
     for k, v in state.items():
         assert torch.equal(loaded.state_dict()[k], v), k
     torch.testing.assert_close(loaded.loss(x)["loss"], sae.loss(x)["loss"])
-
-
-def _train(sae, opt, steps, total, state=None):
-    """The trainer's step contract (loss, backward, decoder-gradient projection, clip, Adam,
-    renormalisation, ``after_step`` with Adam reset of resampled latents) for ``steps`` steps."""
-    start, since = (0, torch.zeros(D_SAE, dtype=torch.long)) if state is None else state
-    gen = torch.Generator().manual_seed(5)
-    for step in range(1, steps + 1):
-        x = torch.randn(32, D_IN, generator=gen) * 2
-        if step <= start:
-            continue
-        out = sae.loss(x, dead=since >= 64)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.normalize_decoder()
-        since += len(x)
-        since[out["fired"]] = 0
-        resampled = sae.after_step(step, total, since >= 64, x)
-        if resampled is not None and len(resampled):
-            for p in sae.parameters():  # as the trainer's reset_adam_rows
-                for t in (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
-                    if p is sae.W_enc:
-                        t[:, resampled] = 0
-                    elif p.shape[0] == D_SAE:
-                        t[resampled] = 0
-            since[resampled] = 0
-    return since
-
-
-@pytest.mark.parametrize("arch", ["p_anneal", "gated_anneal"])
-def test_interrupted_training_resumes_identically(arch, tmp_path):
-    """Annealing, coefficient rescaling and resampling continue from saved tensors (the SAE's
-    ``state_tensors``, as written to checkpoints and sae.safetensors) exactly as uninterrupted."""
-    def fresh(seed=0):
-        sae = make(arch, seed=seed, l1_coeff=3.0, resample_every=10)
-        return sae, torch.optim.Adam(sae.parameters(), lr=3e-3)
-
-    ref, opt = fresh()
-    _train(ref, opt, 60, 60)
-    assert int(ref.p_stage) == ref.n_p_updates and int(ref.n_resampled) > 0 and float(ref.sparsity_coeff) != 3.0
-    cut, opt = fresh()
-    since = _train(cut, opt, 40, 60)
-    assert 0 < int(cut.p_stage) < cut.n_p_updates
-    save_file(cut.state_tensors(), tmp_path / "sae.safetensors")
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    resumed, opt = fresh(seed=1)  # different init: everything must come from the saved state
-    resumed.load_state_dict(load_file(tmp_path / "sae.safetensors"))
-    opt.load_state_dict(torch.load(tmp_path / "opt.pt"))
-    _train(resumed, opt, 60, 60, state=(40, since))
-    for k, v in ref.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
 
 
 # --- end to end ----------------------------------------------------------------------------

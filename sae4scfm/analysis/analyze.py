@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae4scfm.analysis.labels import INDEX_NAME, label_auroc, label_scoring
+from sae4scfm.analysis.primitives import fire_counts
 from sae4scfm.analysis.report import write_figures, write_summary
 from sae4scfm.analysis.results import labelled, read_results, update_results, write_feature_annotations
 from sae4scfm.analysis.run_data import (
@@ -197,7 +198,7 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
         ranked = label_auroc(run.features.X, run.features.obs[run.cell_type_key], min_cells=int(a.min_cells))
         chosen = sorted({int(ranked[c].idxmax()) for c in ranked.columns})
     else:
-        density = np.asarray((run.features.X > 0).sum(0)).ravel()
+        density = fire_counts(run.features.X)
         chosen = np.argsort(-density)[: int(a.gsea_features)].tolist()
     rows = []
     for name in a.gsea_gene_sets:
@@ -391,9 +392,6 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
     atomic_write(run.out_dir / "cross_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
     print(table.to_string(index=False))
     return labelled(_frame(cols, run.n_features), keys)
-
-
-# --------------------------------------------------------------------------- figures and summary
 
 
 # --------------------------------------------------------------------------- entry point

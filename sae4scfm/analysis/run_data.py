@@ -91,7 +91,7 @@ def read_run_features(run_dir: Path, name: str = "features.h5ad") -> ad.AnnData:
         raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
                          "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
     features = ad.read_h5ad(path)
-    check_run_features(run_dir, features)
+    check_run_features(run_dir, features, name=name)
     return features
 
 

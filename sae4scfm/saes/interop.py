@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae4scfm.atomic import atomic_write, atomic_write_json
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import ARCHITECTURES, SAE, fold_b_dec_into_b_enc, load_sae
 
@@ -145,8 +146,8 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path) -> Path:
            "reshape_activations": "none", **extra,
            "metadata": {k: v for k, v in metadata.items() if v is not None}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / SAELENS_WEIGHTS)
-    (out_dir / SAELENS_CFG).write_text(json.dumps(cfg, indent=1, default=str))
+    atomic_write(out_dir / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(out_dir / SAELENS_CFG, cfg, default=str)
     return out_dir
 
 

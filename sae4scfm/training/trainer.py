@@ -208,7 +208,7 @@ def train_step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, e
     sae, opt, dead_after = m.sae, m.opt, int(tc.dead_after_tokens)
     for group in opt.param_groups:
         group["lr"] = base_lr(hp, sae.d_sae) * lr_factor(step - 1, total, warmup, float(tc.lr_decay_frac))
-    sparsity_warmup = int(float(tc.get("sparsity_warmup_frac", 0.0)) * total)
+    sparsity_warmup = int(float(tc.sparsity_warmup_frac) * total)
     sae.sparsity_scale = min(1.0, step / sparsity_warmup) if sparsity_warmup > 0 else 1.0
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and tc.autocast == "bf16"):
         out = sae.loss(x, dead=m.since_fired >= dead_after)  # parameters stay float32 (master weights)
@@ -308,7 +308,7 @@ def _check_splits(cfg: DictConfig, adata, tokens: TokenizedCells) -> None:
     bs = int(cfg.train.batch_size)
     for split in ("train", "eval"):
         t = split_tokens(tokens, adata, split)
-        n = len(t.gene_ids) if cfg.buffer.include_special else t.n_gene_tokens
+        n = int(t.lengths.sum()) if cfg.buffer.include_special else t.n_gene_tokens
         fix = "raise data.n_cells" + (" or data.preprocess.split" if split == "eval" else "")
         if n == 0:
             raise InputError(f"the {split} split is empty ({len(t)} cells, no tokens; data.n_cells="
@@ -326,7 +326,7 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
     tc, hp = cfg.train, cfg.sae.hyperparams
     train_store = buffer.store
     device = next(sae.parameters()).device
-    n_calibration = int(tc.get("calibration_batches", 64))
+    n_calibration = int(tc.calibration_batches)
     sae.calibrate(x.to(device) * m.scale for x in itertools.islice(buffer.epoch(0), n_calibration))
     sae.fold_input_scale(m.scale)
     sae.eval()
