@@ -490,3 +490,17 @@ def test_pipeline_and_steering(tmp_path, pbmc_genes):
     assert torch.equal(clean["cell_emb"], steered["cell_emb"])
     same, unchanged = steer(adapter, sae, 1, batch, {})
     assert torch.equal(same["logits"], unchanged["logits"]) and torch.equal(same["cell_emb"], unchanged["cell_emb"])
+
+
+def test_token_gene_names_are_symbols_on_symbol_and_on_ensembl_data(tmp_path, pbmc_genes):
+    """Gene-level analyses name a token's gene by symbol whether the data is keyed by symbols (the
+    dataset's own name) or by Ensembl IDs (the model's gene-name dictionary, inverted)."""
+    from sae4scfm.features.generate import vocab_gene_names
+
+    symbols, ensembl = pbmc_genes
+    adapter, _, _ = tiny_adapter(tmp_path, "V2", pbmc_genes)
+    want = dict(zip(ensembl, symbols))
+    assert vocab_gene_names(adapter, np.asarray(symbols)) == want
+    assert vocab_gene_names(adapter, np.asarray(ensembl)) == want
+    assert vocab_gene_names(adapter, np.asarray(["NOT_A_GENE", *symbols[:3]])) == {
+        e: s for e, s in zip(ensembl[:3], symbols[:3])}

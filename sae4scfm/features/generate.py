@@ -41,10 +41,15 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> None:
 
 
 def vocab_gene_names(adapter, identifiers: np.ndarray) -> dict[str, str]:
-    """{vocabulary gene: the dataset's identifier of it} (first in data order when several map to
-    one), through ``adapter.vocab_genes`` (Geneformer: symbols -> Ensembl IDs; else the identity)."""
+    """{vocabulary gene: its name for gene-level analyses}: the dataset's identifier of it (first in
+    data order when several map to one, through ``adapter.vocab_genes``: Geneformer maps symbols to
+    Ensembl IDs), or the model's symbol for it (``adapter.gene_symbols``) where the dataset's
+    identifier is the vocabulary's own ID (Geneformer on Ensembl-keyed data)."""
+    symbols = adapter.gene_symbols()
     names: dict[str, str] = {}
     for ident, gene in zip(identifiers, adapter.vocab_genes(identifiers)):
+        if gene and ident == gene and gene in symbols:
+            ident = symbols[gene]
         if gene and gene not in names:
             names[str(gene)] = str(ident)
     return names

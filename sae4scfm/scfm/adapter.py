@@ -145,6 +145,11 @@ class ScFMAdapter:
         symbols to its Ensembl IDs."""
         return np.asarray(identifiers, dtype=object)
 
+    def gene_symbols(self) -> dict[str, str]:
+        """{vocabulary gene: its symbol} for vocabularies of gene IDs with a gene-name dictionary
+        (Geneformer); empty where the vocabulary is keyed by the dataset's own names."""
+        return {}
+
     def cells_per_batch(self, batch_size: int) -> int:
         """Cells per forward for a requested ``batch_size`` (families with long sequences cap it)."""
         return batch_size

@@ -147,6 +147,13 @@ class GeneformerAdapter(ScFMAdapter):
         """Symbols or Ensembl IDs -> the vocabulary's Ensembl IDs ('' where none), as the tokenizer maps them."""
         return self.tokenizer.ensembl_ids(identifiers)
 
+    def gene_symbols(self) -> dict[str, str]:
+        """{Ensembl ID: symbol} from the gene-name dictionary (the first symbol of an ID with several)."""
+        symbols: dict[str, str] = {}
+        for symbol, ensembl in (self.tokenizer.gene_names or {}).items():
+            symbols.setdefault(ensembl, symbol)
+        return symbols
+
     def tokenize(self, adata: ad.AnnData, *, gene_key: str | None = None, input_kind: str = "counts",
                  normalize_total: float | None = 1e4, log1p: bool = True, subset_hvg: bool = False,
                  n_hvg: int = 1200, seed: int = 0, source: str = "data") -> TokenizedCells:
