@@ -258,8 +258,8 @@ def test_token_pooling_scores_tokens_labelled_by_their_cell(analysed, tmp_path):
 def test_default_run_at_the_last_layer_interprets_most_cell_types(tmp_path):
     """The issue's bar on the built-in data with the demo model: the main job's defaults (all 700
     PBMC cells, TopK k=16, 4x dictionary), SAE on the demo's last layer; most cell types with a
-    marker set (5 of 6 on the deterministic recipe-3 demo: B, CD14 monocytes, cDC, NK, CD8 T at 0.903;
-    CD4 T 0.894; with this test's analyses 4 of 6 have been seen, CD8 T just below 0.9)."""
+    marker set (5 of 6 on the deterministic recipe-3 demo: B, CD14 monocytes, cDC, NK, and CD8 T at
+    AUROC 0.903; CD4 T 0.894 stays below 0.9)."""
     runs = tmp_path / "runs"
     run_dir = sae4scfm.train(sae4scfm.compose("train", [
         f"runs_dir={runs}", "experiment=default", "sae.target_layer=4", "wandb.mode=disabled"]))
