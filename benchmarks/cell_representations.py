@@ -119,7 +119,7 @@ def main() -> None:
     for name, by_model in results.items():
         for model, r in by_model.items():
             print(f"| {name:<22} | {model:<11} | {r['fire_per_cell']:>7.1f} / {r['d_sae']:<3} | "
-                  f"{r['eval_auroc_mean']:>10.3f} | {r['n_types_ge_0.9']:>5} of {r['n_types']:<3} |")
+                  f"{r['eval_auroc_mean']:>10.3f} | {r['n_types_ge_0.9']:>4} of {r['n_types']:<3} |")
     if args.out:
         args.out.write_text(json.dumps({"scfm": args.scfm, "data": args.data, "layer": layer, "results": results},
                                        indent=1))
