@@ -1,14 +1,18 @@
-"""The sharded on-disk store of one layer's token activations (written by ``store.extract``,
+"""The sharded on-disk store of one layer's activations (written by ``store.extract``,
 streamed into training by ``store.buffer``).
 
 Store format (one folder per layer)::
 
     meta.json                    {"format": 1, "layer", "d_model", "dtype", "n_tokens",
-                                  "n_cells", "include_special", "shards": [{"file", "n_tokens"}]}
+                                  "n_cells", "include_special", "rows", "shards": [{"file", "n_tokens"}]}
     shard_00000.safetensors      acts    [n, d_model] float16|float32
                                  cell    [n] int64   row of the token's cell in the AnnData
-                                 gene    [n] int64   vocabulary id of the token's gene
+                                 gene    [n] int64   vocabulary id of the token's gene (-1: a cell row)
                                  special [n] uint8   1 for special tokens (stored only on request)
+
+``rows``: ``tokens`` (one row per token; absent in stores written before it existed) or a
+cell-level hook point (``cell_mean`` | ``cls``: one row per cell, ``store.extract.cell_vectors``);
+``n_tokens`` counts rows either way.
 
 A store is written into ``<folder>.partial`` and renamed when complete, so an
 interrupted extraction never leaves a store that looks finished. Cells are written in
@@ -33,7 +37,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.
 
 
 class ActivationStore:
-    """A finished store of one layer's token activations."""
+    """A finished store of one layer's activations (rows: tokens, or one per cell)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -45,6 +49,11 @@ class ActivationStore:
     @property
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
+
+    @property
+    def rows(self) -> str:
+        """``tokens`` or the cell-level hook point whose vectors the rows are."""
+        return str(self.meta.get("rows", "tokens"))
 
     @property
     def d_model(self) -> int:
@@ -75,11 +84,12 @@ class ActivationStore:
 
 
 class _ShardWriter:
-    def __init__(self, root: Path, layer: int, d_model: int, dtype: str, shard_tokens: int, include_special: bool):
+    def __init__(self, root: Path, layer: int, d_model: int, dtype: str, shard_tokens: int, include_special: bool,
+                 rows: str = "tokens"):
         self.root, self.shard_tokens = root, shard_tokens
         self.dtype = DTYPES[dtype]
         self.meta = {"format": 1, "layer": layer, "d_model": d_model, "dtype": dtype, "n_tokens": 0,
-                     "include_special": include_special, "shards": []}
+                     "include_special": include_special, "rows": rows, "shards": []}
         self.parts: list[dict[str, torch.Tensor]] = []
         self.pending = 0
         root.mkdir(parents=True)

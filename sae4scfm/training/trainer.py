@@ -12,7 +12,10 @@ constant (or, with ``lr_decay_frac`` > 0, decays linearly to zero over that last
 A latent is dead once it has not fired for ``dead_after_tokens`` training tokens (AuxK
 revives those). Batches come from ``store.buffer.ShufflingBuffer``: uniform samples of the
 training store in an order that is a pure function of (seed, epoch), so dead-latent counts see
-every kind of cell and resume is exact. After the last step ``SAE.calibrate`` sets inference
+every kind of cell and resume is exact. ``sae.hook_point`` picks the rows: gene tokens (``tokens``,
+the default) or one vector per cell (``cell_mean``, ``cls``; ``store.extract.cell_vectors``), for which
+batch sizes and ``dead_after_tokens`` count cells and the model-loss splice is not evaluated (NaN in
+eval.json: a per-cell code has no place in the forward). After the last step ``SAE.calibrate`` sets inference
 statistics at the final weights from ``calibration_batches`` such batches (BatchTopK's threshold).
 """
 
@@ -38,7 +41,7 @@ from sae4scfm.scfm import ScFMAdapter
 from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
 from sae4scfm.scfm.tokens import TokenizedCells
 from sae4scfm.store.buffer import ShufflingBuffer
-from sae4scfm.store.extract import activation_stores
+from sae4scfm.store.extract import CELL_HOOK_POINTS, activation_stores, cls_token_id, sae_hook_point
 from sae4scfm.store.shards import ActivationStore
 from sae4scfm.training.checkpoint import load_checkpoint, save_checkpoint
 from sae4scfm.training.evaluation import evaluate
@@ -254,8 +257,11 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         sweep = sweep_configs(cfg)
     for _, member in sweep:  # bad hyperparameters stop before the model and data are loaded
         check_hyperparams(member.sae.architecture, OmegaConf.to_container(member.sae.hyperparams, resolve=True))
+    hook = sae_hook_point(cfg.sae)
     device = pick_device(cfg.device)
     adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
+    if hook == "cls":
+        cls_token_id(adapter, tokens)
     _check_splits(cfg, adata, tokens)
     if resuming:
         plan = [(run_dir, cfg)]
@@ -303,18 +309,22 @@ def train(cfg: DictConfig) -> Path | list[Path]:
 
 
 def _check_splits(cfg: DictConfig, adata, tokens: TokenizedCells) -> None:
-    """Before any run dir exists: the eval split has tokens to evaluate on and the train split at
-    least one batch (tokens are what the store will hold: gene tokens, plus specials on request)."""
-    bs = int(cfg.train.batch_size)
+    """Before any run dir exists: the eval split has rows to evaluate on and the train split at
+    least one batch (rows are what the store will hold: gene tokens, plus specials on request,
+    or one per cell for a cell-level ``sae.hook_point``)."""
+    bs, per_cell = int(cfg.train.batch_size), sae_hook_point(cfg.sae) in CELL_HOOK_POINTS
+    rows = "cells" if per_cell else "tokens"
     for split in ("train", "eval"):
         t = split_tokens(tokens, adata, split)
-        n = int(t.lengths.sum()) if cfg.buffer.include_special else t.n_gene_tokens
+        n = len(t) if per_cell else int(t.lengths.sum()) if cfg.buffer.include_special else t.n_gene_tokens
         fix = "raise data.n_cells" + (" or data.preprocess.split" if split == "eval" else "")
         if n == 0:
-            raise InputError(f"the {split} split is empty ({len(t)} cells, no tokens; data.n_cells="
+            raise InputError(f"the {split} split is empty ({len(t)} cells, no {rows}; data.n_cells="
                              f"{cfg.data.get('n_cells')}, data.preprocess.split={cfg.data.preprocess.split}); {fix}.")
         if split == "train" and n < bs:
-            raise InputError(f"train.batch_size={bs} exceeds the {n} training tokens; lower it or {fix}.")
+            raise InputError(f"train.batch_size={bs} exceeds the {n} training {rows}"
+                             f"{' (sae.hook_point=' + cfg.sae.hook_point + ': one row per cell)' if per_cell else ''}"
+                             f"; lower it or {fix}.")
 
 
 def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_tokens: TokenizedCells,
@@ -330,13 +340,20 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
     sae.calibrate(x.to(device) * m.scale for x in itertools.islice(buffer.epoch(0), n_calibration))
     sae.fold_input_scale(m.scale)
     sae.eval()
-    results = evaluate(sae, eval_store, adapter, eval_tokens, layer, int(cfg.seed), int(tc.eval_max_cells))
+    hook = sae_hook_point(cfg.sae)
+    per_cell = hook in CELL_HOOK_POINTS  # a per-cell code has no place in the model's forward: no splice
+    results = evaluate(sae, eval_store, adapter, eval_tokens, layer, int(cfg.seed),
+                       0 if per_cell else int(tc.eval_max_cells))
+    if per_cell:
+        results.update({k: float("nan") for k in ("loss_clean", "loss_spliced", "loss_mean_ablated", "loss_delta",
+                                                   "loss_recovered")})
     atomic_write_json(m.run_dir / "eval.json", results)
     # cfg.json is written last: a run dir counts as finished only once it exists
     sae.save(m.run_dir, {
         "input_scaling": {"factor": m.scale, "folded": True},
         "model": OmegaConf.to_container(cfg.scfm, resolve=True), "model_family": adapter.family,
-        "layer": layer, "hook_point": f"hook_resid.{layer}", "d_model": adapter.d_model,
+        "layer": layer, "hook_point": f"hook_resid.{layer}" + (f".{hook}" if per_cell else ""),
+        "sae_hook_point": hook, "d_model": adapter.d_model,
         "dataset": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed),
         "n_train_tokens": train_store.n_tokens, "steps": total, "sae4scfm_version": __version__,
         "training": {"lr": base_lr(hp, sae.d_sae), "batch_size": int(tc.batch_size), "n_epochs": int(tc.n_epochs),
@@ -345,6 +362,7 @@ def _finish(m: Member, adapter: ScFMAdapter, eval_store: ActivationStore, eval_t
     m.log.close(results)
     print(f"{m.run_dir.name} held-out: FVU {results['fvu']:.4f}  explained variance "
           f"{results['explained_variance']:.4f}  L0 {results['l0']:.2f}  dead fraction {results['dead_fraction']:.4f}  "
-          f"model loss clean {results['loss_clean']:.3f} -> spliced {results['loss_spliced']:.3f} "
-          f"(recovered {results['loss_recovered']:.3f})")
+          + (f"(per {hook} vector; no model-loss splice for a cell-level SAE)" if per_cell else
+             f"model loss clean {results['loss_clean']:.3f} -> spliced {results['loss_spliced']:.3f} "
+             f"(recovered {results['loss_recovered']:.3f})"))
     print(f"run: sae_checkpoint.experiment={cfg.experiment} sae_checkpoint.timestamp={m.run_dir.name}")
