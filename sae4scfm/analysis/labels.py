@@ -418,7 +418,7 @@ def select_on_train(X, labels, is_train, *, min_cells: int = 1, top_n: int = 1,
     ``top_n`` features ranked by train AUROC (ties: lower feature id). With ``prefer`` =
     {value: Series [n_features], lower = better} (e.g. a BH FDR, already corrected over all
     features), the features with train AUROC >= ``min_train_auroc`` come first, ordered by
-    (prefer, -train AUROC). Returns rows ``label, rank (0 = best), feature_id, train_auroc,
+    (prefer, -train AUROC), then the others by train AUROC. Returns rows ``label, rank (0 = best), feature_id, train_auroc,
     eval_auroc, n_train, n_eval``; eval_auroc is the held-out number to report.
     """
     lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
@@ -432,7 +432,7 @@ def select_on_train(X, labels, is_train, *, min_cells: int = 1, top_n: int = 1,
         if prefer is not None and value in prefer:
             pref = np.nan_to_num(np.asarray(prefer[value], dtype=np.float64), nan=np.inf)
             ok = score >= (-np.inf if min_train_auroc is None else min_train_auroc)
-            order = np.lexsort((-score, pref, ~ok))  # last key first: eligible, then prefer, then AUROC
+            order = np.lexsort((-score, np.where(ok, pref, np.inf), ~ok))  # last key first: eligible, then prefer, then AUROC
         n_train, n_eval = int((lab[is_train] == value).sum()), int((lab[~is_train] == value).sum())
         for rank, f in enumerate(order[:top_n]):
             rows.append({"label": value, "rank": rank, "feature_id": int(f), "train_auroc": float(auc[f]),
