@@ -403,8 +403,15 @@ def held_out_auroc(X, labels, is_train, *, min_cells: int = 1) -> tuple[pd.DataF
     lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
     is_train = np.asarray(is_train, dtype=bool)
     X = _as_csc(X)
-    train = label_auroc(X, lab.where(is_train), min_cells=min_cells)
-    held = label_auroc(X, lab.where(~is_train), min_cells=min_cells)
+    frames = []
+    for name, cells in (("train", is_train), ("eval", ~is_train)):
+        try:
+            frames.append(label_auroc(X, lab.where(cells), min_cells=min_cells))
+        except InputError as err:
+            raise InputError(f"held-out selection (choose on train cells, report on eval cells): the {name} cells "
+                             f"give no one-vs-rest AUROC ({err}); use more cells or a larger data.preprocess.split."
+                             ) from None
+    train, held = frames
     both = [v for v in train.columns if v in set(held.columns)]
     return train[both], held[both]
 
