@@ -17,13 +17,9 @@ from sae4scfm.analysis.analyze import activation_pcs, candidate_top_genes, featu
 from sae4scfm.analysis.labels import train_mask
 from sae4scfm.analysis.run_data import load_run_data
 from sae4scfm.errors import InputError
+from tests.test_interpretation import _address
 
 SEEDS = 2
-
-
-def _address(runs_dir, run_dir):
-    return [f"runs_dir={runs_dir}", f"sae_checkpoint.experiment={run_dir.parent.name}",
-            f"sae_checkpoint.timestamp={run_dir.name}"]
 
 
 @pytest.fixture(scope="module")
