@@ -139,7 +139,8 @@ def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.Da
         row.update(_enriched_sets(enr, best, a))
         row["interpreted"] = bool(row["eval_auroc"] >= float(a.auroc_threshold) and fdr < float(a.max_fdr))
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    return out[[c for c in out.columns if c != "interpreted"] + ["interpreted"]] if len(out) else out
 
 
 def _enriched_sets(enr: pd.DataFrame | None, feature: int, a: DictConfig, skip_markers: bool = True) -> dict:
