@@ -30,9 +30,9 @@ import scipy.sparse as sp
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.analysis.labels import INDEX_NAME, label_auroc, label_scoring
+from sae4scfm.analysis.labels import INDEX_NAME, label_scoring, select_on_train, train_mask
 from sae4scfm.analysis.primitives import fire_counts
-from sae4scfm.analysis.report import write_figures, write_summary
+from sae4scfm.analysis.report import pooled_rows, write_figures, write_summary
 from sae4scfm.analysis.results import labelled, read_results, update_results, write_feature_annotations
 from sae4scfm.analysis.run_data import (
     GENE_NAME,
@@ -62,30 +62,30 @@ def _frame(columns: dict, n: int) -> pd.DataFrame:
 
 
 def run_label_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
-    """AUROC / best-threshold F1 / AMI per feature x label; ``pooling`` max | mean (per cell) or token."""
+    """AUROC / best-threshold F1 / AMI per feature x label; ``pooling`` max | mean (per cell) or token.
+
+    Per-feature columns are on all cells; ``best:{key}`` is chosen on the train cells and
+    ``best_eval_auroc:{key}`` is on the eval cells (``labels.select_on_train``)."""
     data_cfg = run.run_cfg.data
-    keys = list(a.label_keys) if a.label_keys else [k for k in (data_cfg.cell_type_key, data_cfg.batch_key) if k]
+    keys = label_keys(run, a)
     if not keys:
         raise InputError("analysis.label_keys is not set and the run's dataset names no cell_type_key; "
                          "set analysis.label_keys=[<obs column>].")
-    if a.pooling == "token":
-        tokens = need_tokens(run, "analysis.pooling=token")
-        X, obs = tokens.X, run.features.obs.iloc[tokens.obs["cell_index"].to_numpy()].reset_index(drop=True)
-    elif a.pooling in ("max", "mean"):
-        X, obs = (run.features.X if a.pooling == "max" else run.features.layers["mean"]), run.features.obs
-    else:
-        raise InputError(f"analysis.pooling={a.pooling!r}: use max, mean or token.")
+    X, obs = pooled_rows(run, a)
+    is_train = train_mask(obs, f"{run.run_dir}/features/features.h5ad")
     batch_key = data_cfg.batch_key if a.batch_flag else None
     scores = label_scoring(X, obs, keys, min_cells=int(a.min_cells), metrics=list(a.label_metrics),
                            batch_key=batch_key, cell_type_key=data_cfg.cell_type_key,
-                           batch_auroc_threshold=float(a.batch_auroc_threshold))
+                           batch_auroc_threshold=float(a.batch_auroc_threshold), is_train=is_train)
     for key in keys:
-        print(f"top features by AUROC for {key}:")
-        for col in (c for c in scores.columns if c.startswith(f"auroc:{key}=")):
-            top = scores[col].nlargest(int(a.top_n))
-            print(f"  {col.split('=', 1)[1]:<32s} " + ", ".join(f"{i} ({v:.3f})" for i, v in top.items()))
+        print(f"top features for {key} (ranked by train-cell AUROC; eval-cell AUROC shown, "
+              f"{int((~is_train).sum())} eval cells):")
+        top = select_on_train(X, obs[key], is_train, min_cells=int(a.min_cells), top_n=int(a.top_n))
+        for value, rows in top.groupby("label", sort=False):
+            print(f"  {str(value):<32s} " + ", ".join(f"{r.feature_id} ({r.eval_auroc:.3f})" for r in rows.itertuples()))
     if "batch_associated" in scores:
-        print(f"batch-associated features ({batch_key}): {int(scores['batch_associated'].sum())} of {len(scores)}")
+        print(f"batch-associated features ({batch_key}, all cells): "
+              f"{int(scores['batch_associated'].sum())} of {len(scores)}")
     return scores
 
 
@@ -189,14 +189,16 @@ def run_enrichment(run: RunData, a: DictConfig) -> pd.DataFrame:
 
 
 def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
-    """Prerank GSEA (blitzgsea) of the gene scores of the best feature per cell type (or the
-    ``gsea_features`` most active features when the run has no cell-type labels)."""
+    """Prerank GSEA (blitzgsea) of the gene scores of the best feature per cell type, chosen on
+    the train cells (``select_on_train``; or the ``gsea_features`` most active features when the run
+    has no cell-type labels)."""
     from sae4scfm.analysis.enrichment import load_gene_sets, prerank_gsea
 
     scores, genes = feature_gene_scores(run, a)
     if run.cell_type_key and run.cell_type_key in run.features.obs:
-        ranked = label_auroc(run.features.X, run.features.obs[run.cell_type_key], min_cells=int(a.min_cells))
-        chosen = sorted({int(ranked[c].idxmax()) for c in ranked.columns})
+        X, obs = pooled_rows(run, a)
+        best = select_on_train(X, obs[run.cell_type_key], train_mask(obs), min_cells=int(a.min_cells))
+        chosen = sorted(set(best["feature_id"].astype(int)))
     else:
         density = fire_counts(run.features.X)
         chosen = np.argsort(-density)[: int(a.gsea_features)].tolist()
@@ -238,83 +240,84 @@ def run_density(run: RunData, a: DictConfig) -> pd.DataFrame:
 
 
 def activation_pcs(run: RunData, a: DictConfig) -> dict:
-    """PCA of the run's token activations at its layer (train store sample, centred):
-    ``axes`` [n_axes, d] (top right singular vectors), ``cell_scores`` [cells, n_pcs] (mean over
-    each cell's gene tokens of the projection on the top ``n_pcs`` axes)."""
+    """PCA of the run's token activations at its layer (train store sample, centred) and the
+    matched baseline candidates, pooled per cell exactly as the SAE features (``analysis.pooling``
+    max | mean over the cell's gene tokens):
+
+    - ``axes`` [n_svd_axes, d]: top right singular vectors;
+    - ``pca`` [cells, 2 n_pcs]: pooled signed projection on axis k, PCk+ (+v_k) then PCk- (-v_k);
+      ``n_pcs`` null = every axis (min(d, sample) of them);
+    - ``neurons`` [cells, 2 d]: pooled signed residual coordinates, n+ (+e_n) then n- (-e_n);
+    - ``pca_names`` / ``neuron_names``: the candidates' names, in column order.
+    """
     from sae4scfm.scfm.loading import load_model_and_data
     from sae4scfm.store.extract import activation_stores
 
+    pooling = _baseline_pooling(a)
     layer = int(run.sae_cfg["layer"])
     adapter, adata, tokens = load_model_and_data(run.run_cfg, "cpu")
     stores = activation_stores(run.run_cfg, adapter, adata, tokens, [layer])
     sample = stores["train"][layer].sample(int(a.pca_max_tokens), seed=int(run.run_cfg.seed)).double()
     mean = sample.mean(0)
     _, _, Vh = torch.linalg.svd(sample - mean, full_matrices=False)
-    n_pcs = min(int(a.n_pcs), Vh.shape[0])
-    sums = torch.zeros(adata.n_obs, n_pcs, dtype=torch.float64)
+    n_pcs = Vh.shape[0] if a.n_pcs is None else min(int(a.n_pcs), Vh.shape[0])
+    d = Vh.shape[1]
+    width = 2 * n_pcs + 2 * d
+    init = -torch.inf if pooling == "max" else 0.0
+    pooled = torch.full((adata.n_obs, width), init, dtype=torch.float64)
     counts = torch.zeros(adata.n_obs, dtype=torch.float64)
     for split in ("train", "eval"):
         for shard in stores[split][layer].iter_shards():
-            proj = (shard["acts"].double() - mean) @ Vh[:n_pcs].T
-            sums.index_add_(0, shard["cell"], proj)
-            counts.index_add_(0, shard["cell"], torch.ones(len(proj), dtype=torch.float64))
-    return {"axes": Vh[: int(a.n_svd_axes)].float(), "cell_scores": (sums / counts.clamp(min=1)[:, None]).numpy()}
+            genes = shard["special"] == 0 if "special" in shard else slice(None)
+            h, cell = shard["acts"][genes].double(), shard["cell"][genes].long()
+            proj = (h - mean) @ Vh[:n_pcs].T
+            cand = torch.cat([proj, -proj, h, -h], dim=1)  # [tokens, width]
+            if pooling == "max":
+                pooled.scatter_reduce_(0, cell[:, None].expand_as(cand), cand, "amax")
+            else:
+                pooled.index_add_(0, cell, cand)
+            counts.index_add_(0, cell, torch.ones(len(cell), dtype=torch.float64))
+    if pooling == "mean":
+        pooled /= counts.clamp(min=1)[:, None]
+    pooled[counts == 0] = 0.0  # cells without gene tokens, as the SAE features
+    pooled = pooled.numpy()
+    return {"axes": Vh[: int(a.n_svd_axes)].float(), "pca": pooled[:, : 2 * n_pcs], "neurons": pooled[:, 2 * n_pcs :],
+            "pca_names": [f"PC{i + 1}{s}" for s in "+-" for i in range(n_pcs)],
+            "neuron_names": [f"n{i}{s}" for s in "+-" for i in range(d)]}
 
 
 def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
-    """Label AUROC and marker enrichment of PCA directions (PCk+ and PCk−) beside the SAE's, and
-    each decoder direction's best |cos| with the top SVD axes of the same activations."""
-    from sae4scfm.analysis.gene_scoring import cell_gene_correlation, top_genes
+    """Matched baselines: SAE features vs PCA directions vs raw residual neurons, each candidate
+    pooled per cell as the SAE features, scored by the same rules (``baseline_table``), plus each
+    decoder direction's best |cos| with the top SVD axes of the same activations.
+
+    Writes ``baselines.csv`` (per method), ``pca_comparison.csv`` (per cell type) and
+    ``pca_comparison.json`` (SVD alignment and the matching)."""
     from sae4scfm.saes.base import load_sae
 
     pcs = activation_pcs(run, a)
-    P = pcs["cell_scores"]
-    directions = np.concatenate([P, -P], axis=1)
-    names = [f"PC{i + 1}+" for i in range(P.shape[1])] + [f"PC{i + 1}-" for i in range(P.shape[1])]
-    rows = []
-    if run.cell_type_key:
-        labels = run.features.obs[run.cell_type_key]
-        sae_auc = label_auroc(run.features.X, labels, min_cells=int(a.min_cells))
-        pc_auc = label_auroc(directions, labels, min_cells=int(a.min_cells))
-        expr, genes = run.expression()
-        corr = cell_gene_correlation(sp.csr_matrix(P), expr)  # [n_pcs, genes]
-        pc_top = top_genes(np.concatenate([corr, -corr]), genes, n=int(a.top_genes), adaptive=True)
-        pc_top = {names[i]: g for i, g in pc_top.items()}
-        pc_enr = enrichment_tables(run, a, pc_top)
-        sae_enr = enrichment_tables(run, a, feature_top_genes(run, a))
-        marker_coll = collection_name(a.marker_collection)
-        for value in sae_auc.columns:
-            marker_set = marker_set_for(run, value)
-            r = {"label": value, "sae_best_feature": int(sae_auc[value].idxmax()),
-                 "sae_best_auroc": float(sae_auc[value].max()),
-                 "pca_best_direction": names[int(pc_auc[value].to_numpy().argmax())],
-                 "pca_best_auroc": float(pc_auc[value].max()), "marker_set": marker_set}
-            if marker_set and marker_coll in pc_enr:
-                r["sae_marker_fdr"] = _pair_fdr(sae_enr.get(marker_coll), r["sae_best_feature"], marker_set)
-                r["pca_marker_fdr"] = _pair_fdr(pc_enr[marker_coll], r["pca_best_direction"], marker_set)
-            rows.append(r)
-        enriched = {coll: {"sae": int(t.loc[t["fdr"] < float(a.max_fdr), "feature_id"].nunique()),
-                           "pca": int(pc_enr[coll].loc[pc_enr[coll]["fdr"] < float(a.max_fdr), "feature_id"].nunique())}
-                    for coll, t in sae_enr.items()}
+    X, _ = pooled_rows(run, a)
+    methods = {"sae": (X, [str(i) for i in range(run.n_features)]), "pca": (pcs["pca"], pcs["pca_names"]),
+               "neurons": (pcs["neurons"], pcs["neuron_names"])}
+    per_method, per_label = baseline_table(run, a, methods)
     sae, _ = load_sae(run.run_dir)
     W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
     cos = (W @ pcs["axes"].T).abs().max(1).values.numpy()
     aligned = float((cos > float(a.svd_cos_threshold)).mean())
     atomic_write_text(run.out_dir / "pca_comparison.json", json.dumps({
-        "n_features": run.n_features, "n_pca_directions": len(names), "n_svd_axes": int(pcs["axes"].shape[0]),
-        "svd_cos_threshold": float(a.svd_cos_threshold), "svd_aligned_fraction": aligned,
-        "n_enriched": enriched}, indent=1))
-    atomic_write(run.out_dir / "pca_comparison.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+        "n_features": run.n_features, "n_pca_directions": len(pcs["pca_names"]),
+        "n_neuron_directions": len(pcs["neuron_names"]), "pooling": a.pooling,
+        "n_svd_axes": int(pcs["axes"].shape[0]), "svd_cos_threshold": float(a.svd_cos_threshold),
+        "svd_aligned_fraction": aligned, "baseline_seeds": int(a.baseline_seeds)}, indent=1))
+    atomic_write(run.out_dir / "baselines.csv", lambda tmp: per_method.to_csv(tmp, index=False))
+    atomic_write(run.out_dir / "pca_comparison.csv", lambda tmp: per_label.to_csv(tmp, index=False))
+    shown = [c for c in per_method.columns if c in ("method", "seed", "n_candidates", "mean_eval_auroc")
+             or c.startswith("enriched_fraction:")]
+    print(f"matched baselines ({a.pooling}-pooled; best per cell type chosen on train cells, AUROC on eval cells):")
+    print(per_method[shown].to_string(index=False))
     print(f"SAE decoder directions aligned with a top-{pcs['axes'].shape[0]} SVD axis "
           f"(|cos| > {a.svd_cos_threshold}): {aligned:.1%}")
     return _frame({"max_svd_cos": cos}, run.n_features)
-
-
-def _pair_fdr(table: pd.DataFrame | None, feature, gene_set: str) -> float:
-    if table is None:
-        return float("nan")
-    hit = table[(table["feature_id"] == feature) & (table["gene_set"] == gene_set)]
-    return float(hit["fdr"].iloc[0]) if len(hit) else 1.0
 
 
 def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
@@ -392,6 +395,101 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
     atomic_write(run.out_dir / "cross_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
     print(table.to_string(index=False))
     return labelled(_frame(cols, run.n_features), keys)
+
+
+def label_keys(run: RunData, a: DictConfig) -> list[str]:
+    """The obs columns label scoring scores: ``analysis.label_keys``, else the dataset's
+    cell_type_key, batch_key and condition_key (those it names)."""
+    data_cfg = run.run_cfg.data
+    if a.label_keys:
+        return list(a.label_keys)
+    return [k for k in (data_cfg.get("cell_type_key"), data_cfg.get("batch_key"), data_cfg.get("condition_key")) if k]
+
+
+def _baseline_pooling(a: DictConfig) -> str:
+    if a.pooling not in ("max", "mean"):
+        raise InputError(f"analysis.run_pca_comparison pools its PCA and neuron candidates per cell as the SAE "
+                         f"features; analysis.pooling={a.pooling!r} is not a cell pooling: use max or mean.")
+    return str(a.pooling)
+
+
+def candidate_top_genes(run: RunData, a: DictConfig, M) -> dict[int, list[str]]:
+    """Adaptive top genes of each candidate (column of M [cells, candidates]): Pearson r with
+    log1p CP10k expression over cells, cut by participation ratio (at most ``top_genes``)."""
+    from sae4scfm.analysis.gene_scoring import cell_gene_correlation, top_genes
+
+    expr, genes = run.expression()
+    return top_genes(cell_gene_correlation(sp.csr_matrix(M), expr), genes, n=int(a.top_genes), adaptive=True)
+
+
+def _score_candidates(run: RunData, a: DictConfig, M, names: list[str], columns=None) -> tuple[dict, pd.DataFrame | None, dict]:
+    """One method's numbers: ({metric: value}, train-selected best per cell type, {coll: table}) of the
+    candidates ``columns`` (default all) of M [cells, candidates] (ids in the tables = column positions)."""
+    cols = np.arange(M.shape[1]) if columns is None else np.asarray(columns)
+    sub = M[:, cols]
+    top = candidate_top_genes(run, a, sub)
+    tables = enrichment_tables(run, a, top)
+    row = {"n_candidates": len(cols)}
+    best = None
+    if run.cell_type_key and run.cell_type_key in run.features.obs:
+        obs = run.features.obs
+        best = select_on_train(sub, obs[run.cell_type_key], train_mask(obs), min_cells=int(a.min_cells))
+        best["candidate"] = [names[cols[f]] for f in best["feature_id"]]
+        row["mean_eval_auroc"] = float(best["eval_auroc"].mean())
+        row.update({f"eval_auroc:{v}": x for v, x in zip(best["label"], best["eval_auroc"])})
+        marker_coll = collection_name(a.marker_collection)
+        if marker_coll in tables:
+            t = tables[marker_coll]
+            best["marker_set"] = [marker_set_for(run, str(v)) or "" for v in best["label"]]
+            best["marker_fdr"] = [_pair_fdr(t, f, m) if m else np.nan for f, m in zip(best["feature_id"], best["marker_set"])]
+    for coll, t in tables.items():
+        row[f"enriched_fraction:{coll}"] = t.loc[t["fdr"] < float(a.max_fdr), "feature_id"].nunique() / len(cols)
+    return row, best, tables
+
+
+def _pair_fdr(table: pd.DataFrame | None, feature, gene_set: str) -> float:
+    if table is None:
+        return float("nan")
+    hit = table[(table["feature_id"] == feature) & (table["gene_set"] == gene_set)]
+    return float(hit["fdr"].iloc[0]) if len(hit) else 1.0
+
+
+def baseline_table(run: RunData, a: DictConfig, methods: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Matched comparison of candidate sets {method: (M [cells, candidates], names)} ("sae" first).
+
+    Every method: the same cells and pooling (its M), the same selection (``select_on_train`` on the
+    cell-type labels: chosen on train cells, eval AUROC reported), the same gene scoring
+    (``candidate_top_genes``) and enrichment (``enrichment_tables``; BH within the method's
+    candidates). When the SAE has more candidates than the smallest baseline, it is also scored at
+    ``baseline_seeds`` random subsets of that size (method ``sae_subset``, one row per seed): the
+    count-matched numbers. Returns (per method: method, seed, n_candidates, mean_eval_auroc,
+    eval_auroc:<type>, enriched_fraction:<collection>; per cell type: label, n_train, n_eval and
+    per method <method>_candidate / _train_auroc / _eval_auroc / _marker_fdr; sae_subset: mean eval AUROC).
+    """
+    rows, per_label = [], None
+    for method, (M, names) in methods.items():
+        row, best, _ = _score_candidates(run, a, M, names)
+        rows.append({"method": method, "seed": np.nan, **row})
+        if best is not None:
+            part = best.set_index("label")[["candidate", "train_auroc", "eval_auroc"]
+                                           + (["marker_fdr"] if "marker_fdr" in best else [])].add_prefix(f"{method}_")
+            per_label = (best.set_index("label")[["n_train", "n_eval"]
+                                                 + (["marker_set"] if "marker_set" in best else [])].join(part)
+                         if per_label is None else per_label.join(part))
+    M, names = methods["sae"]
+    n_match = min(m.shape[1] for k, (m, _) in methods.items() if k != "sae")
+    if M.shape[1] > n_match:
+        subset_auc = []
+        for s in range(int(a.baseline_seeds)):
+            cols = np.sort(np.random.default_rng([int(run.run_cfg.seed), s]).choice(M.shape[1], n_match, replace=False))
+            row, best, _ = _score_candidates(run, a, M, names, cols)
+            rows.append({"method": "sae_subset", "seed": s, **row})
+            if best is not None:
+                subset_auc.append(best.set_index("label")["eval_auroc"])
+        if subset_auc and per_label is not None:
+            per_label["sae_subset_eval_auroc"] = pd.concat(subset_auc, axis=1).mean(axis=1)
+    per_label = per_label.reset_index() if per_label is not None else pd.DataFrame()
+    return pd.DataFrame(rows), per_label
 
 
 # --------------------------------------------------------------------------- entry point

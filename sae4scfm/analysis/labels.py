@@ -379,6 +379,74 @@ def label_ami(X, labels) -> pd.Series:
     return pd.Series(ami, index=pd.RangeIndex(X.shape[1], name=INDEX_NAME), name="ami")
 
 
+# --------------------------------------------------------------------------- held-out selection
+
+
+def train_mask(obs: pd.DataFrame, where: str = "features.h5ad") -> np.ndarray:
+    """bool [n_cells]: the train cells of ``obs["split"]`` (train/eval, written by the data stage).
+
+    InputError unless the column exists and holds both train and eval cells."""
+    if "split" not in obs:
+        raise InputError(f"{where} obs has no 'split' column (train/eval); regenerate the features with "
+                         "scripts/generate_features.py, which copies the run's split.")
+    split = obs["split"].astype(str).to_numpy()
+    is_train = split == "train"
+    if is_train.all() or not (is_train | (split == "eval")).all() or not is_train.any():
+        raise InputError(f"{where} obs 'split' must hold train and eval cells (found {sorted(set(split))}); "
+                         "held-out selection needs data.preprocess.split > 0 when the run is trained.")
+    return is_train
+
+
+def held_out_auroc(X, labels, is_train, *, min_cells: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, eval) one-vs-rest AUROC [n_features, values]: ``label_auroc`` on the train cells
+    and on the eval cells alone, for the values with >= ``min_cells`` cells in both (same columns)."""
+    lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    is_train = np.asarray(is_train, dtype=bool)
+    X = _as_csc(X)
+    frames = []
+    for name, cells in (("train", is_train), ("eval", ~is_train)):
+        try:
+            frames.append(label_auroc(X, lab.where(cells), min_cells=min_cells))
+        except InputError as err:
+            raise InputError(f"held-out selection (choose on train cells, report on eval cells): the {name} cells "
+                             f"give no one-vs-rest AUROC ({err}); use more cells or a larger data.preprocess.split."
+                             ) from None
+    train, held = frames
+    both = [v for v in train.columns if v in set(held.columns)]
+    return train[both], held[both]
+
+
+def select_on_train(X, labels, is_train, *, min_cells: int = 1, top_n: int = 1,
+                    min_train_auroc: float | None = None, prefer: dict | None = None) -> pd.DataFrame:
+    """The one selection rule of every "best feature for a label": chosen on train cells, reported on eval.
+
+    X: [n_cells, n_features] (SAE features or any candidate directions); labels [n_cells];
+    is_train: bool [n_cells]. Per label value (>= min_cells cells in train and in eval) the
+    ``top_n`` features ranked by train AUROC (ties: lower feature id). With ``prefer`` =
+    {value: Series [n_features], lower = better} (e.g. a BH FDR, already corrected over all
+    features), the features with train AUROC >= ``min_train_auroc`` come first, ordered by
+    (prefer, -train AUROC), then the others by train AUROC. Returns rows ``label, rank (0 = best), feature_id, train_auroc,
+    eval_auroc, n_train, n_eval``; eval_auroc is the held-out number to report.
+    """
+    lab = labels.reset_index(drop=True) if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    is_train = np.asarray(is_train, dtype=bool)
+    train, held = held_out_auroc(X, lab, is_train, min_cells=min_cells)
+    rows = []
+    for value in train.columns:
+        auc = train[value].to_numpy(dtype=np.float64)
+        score = np.nan_to_num(auc, nan=-np.inf)
+        order = np.argsort(-score, kind="stable")
+        if prefer is not None and value in prefer:
+            pref = np.nan_to_num(np.asarray(prefer[value], dtype=np.float64), nan=np.inf)
+            ok = score >= (-np.inf if min_train_auroc is None else min_train_auroc)
+            order = np.lexsort((-score, np.where(ok, pref, np.inf), ~ok))  # last key first: eligible, then prefer, then AUROC
+        n_train, n_eval = int((lab[is_train] == value).sum()), int((lab[~is_train] == value).sum())
+        for rank, f in enumerate(order[:top_n]):
+            rows.append({"label": value, "rank": rank, "feature_id": int(f), "train_auroc": float(auc[f]),
+                         "eval_auroc": float(held[value].iloc[f]), "n_train": n_train, "n_eval": n_eval})
+    return pd.DataFrame(rows, columns=["label", "rank", "feature_id", "train_auroc", "eval_auroc", "n_train", "n_eval"])
+
+
 def label_scoring(
     features_X,
     obs: pd.DataFrame,
@@ -389,6 +457,7 @@ def label_scoring(
     batch_key: str | None = None,
     cell_type_key: str | None = None,
     batch_auroc_threshold: float = 0.7,
+    is_train: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Label score table for several ``obs`` columns.
 
@@ -397,6 +466,11 @@ def label_scoring(
     ``auroc:{key}={value}`` (one-vs-rest, values with >= min_cells cells), ``best:{key}``
     (str, value of max AUROC) and ``best_auroc:{key}``; ``f1:{key}={value}`` (F1 of the
     best threshold, same values); ``ami:{key}`` (AMI of the label and activation > 0).
+    All on every (non-missing) cell given: descriptive per-feature numbers.
+
+    is_train: bool [n_cells] (the run's split): then ``best:{key}`` is the value of max AUROC on
+    the train cells and ``best_eval_auroc:{key}`` (instead of ``best_auroc:{key}``) the feature's
+    AUROC for that value on the eval cells (values with >= min_cells cells in both; NaN when none).
 
     batch_key: when given, adds ``batch_associated`` (bool): the feature's max AUROC over the
     batch values (>= min_cells cells) is > ``batch_auroc_threshold`` AND > its max AUROC over
@@ -451,12 +525,17 @@ def label_scoring(
             continue
         part = {}
         if "auroc" in metrics:
-            best = np.argmax(auc, axis=1)
             part.update({f"auroc:{key}={v}": auc[:, j] for j, v in enumerate(values)})
             keys.update({f"auroc:{key}={v}": (key, v, "auroc") for v in values})
-            part[f"best:{key}"] = np.asarray(values, dtype=object)[best]
-            part[f"best_auroc:{key}"] = auc[np.arange(m), best]
-            keys.update({f"best:{key}": (key, None, "best"), f"best_auroc:{key}": (key, None, "best_auroc")})
+            if is_train is None:
+                best = np.argmax(auc, axis=1)
+                part[f"best:{key}"] = np.asarray(values, dtype=object)[best]
+                part[f"best_auroc:{key}"] = auc[np.arange(m), best]
+                keys.update({f"best:{key}": (key, None, "best"), f"best_auroc:{key}": (key, None, "best_auroc")})
+            else:
+                part.update(_best_held_out(X, obs[key], is_train, min_cells, key))
+                keys.update({f"best:{key}": (key, None, "best"),
+                             f"best_eval_auroc:{key}": (key, None, "best_eval_auroc")})
         if "f1" in metrics:
             part.update({f"f1:{key}={v}": st["f1"][j] for j, v in enumerate(values)})
             keys.update({f"f1:{key}={v}": (key, v, "f1") for v in values})
@@ -475,3 +554,17 @@ def label_scoring(
     out.index = pd.RangeIndex(m, name=INDEX_NAME)
     out.attrs["tidy"] = keys  # the long results table's label_key / label / metric of each column
     return out
+
+
+def _best_held_out(X, labels, is_train, min_cells: int, key: str) -> dict:
+    """Per feature: the label value of max train AUROC and the feature's eval AUROC for it."""
+    try:
+        train, held = held_out_auroc(X, labels, is_train, min_cells=min_cells)
+    except InputError:  # fewer than 2 values among the train or the eval cells
+        train = held = pd.DataFrame(index=pd.RangeIndex(X.shape[1]))
+    if train.shape[1] == 0:
+        return {f"best:{key}": np.full(X.shape[1], "", dtype=object),
+                f"best_eval_auroc:{key}": np.full(X.shape[1], np.nan)}
+    best = np.argmax(np.nan_to_num(train.to_numpy(), nan=-np.inf), axis=1)
+    return {f"best:{key}": np.asarray([str(v) for v in train.columns], dtype=object)[best],
+            f"best_eval_auroc:{key}": held.to_numpy()[np.arange(X.shape[1]), best]}

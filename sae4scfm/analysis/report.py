@@ -1,4 +1,8 @@
-"""The analyze stage's report: figures (``analysis/figures/*.png``) and ``analysis/summary.md``."""
+"""The analyze stage's report: figures (``analysis/figures/*.png``), ``analysis/summary.md`` and
+``analysis/condition_features.csv``.
+
+Every "best feature for a label" here is chosen on the run's train cells and its AUROC reported
+on the eval cells (``sae4scfm.analysis.labels.select_on_train``)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,21 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from sae4scfm.analysis.labels import label_auroc
-from sae4scfm.analysis.run_data import RunData, collection_name, marker_set_for, read_table
-from sae4scfm.atomic import atomic_write_text
+from sae4scfm.analysis.labels import label_f1, select_on_train, train_mask
+from sae4scfm.analysis.run_data import RunData, collection_name, marker_set_for, need_tokens, read_table
+from sae4scfm.atomic import atomic_write, atomic_write_text
+from sae4scfm.errors import InputError
+
+
+def pooled_rows(run: RunData, a: DictConfig) -> tuple:
+    """(X [rows, features], obs [rows]) scored by ``analysis.pooling``: max | mean per cell
+    (rows = cells), token (rows = tokens, labelled with their cell's obs, split included)."""
+    if a.pooling == "token":
+        tokens = need_tokens(run, "analysis.pooling=token")
+        return tokens.X, run.features.obs.iloc[tokens.obs["cell_index"].to_numpy()].reset_index(drop=True)
+    if a.pooling in ("max", "mean"):
+        return (run.features.X if a.pooling == "max" else run.features.layers["mean"]), run.features.obs
+    raise InputError(f"analysis.pooling={a.pooling!r}: use max, mean or token.")
 
 
 def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
@@ -30,13 +46,15 @@ def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
     if auroc_cols:
         auc = table["label_scoring"][auroc_cols].astype(float)
         auc.columns = [c.split("=", 1)[1] for c in auroc_cols]
-        best = list(dict.fromkeys(int(auc[c].idxmax()) for c in auc.columns))
+        obs = run.features.obs
+        chosen = select_on_train(run.features.X, obs[key], train_mask(obs), min_cells=1)
+        best = list(dict.fromkeys(chosen["feature_id"].astype(int)))
         fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(best), 1.2 + 0.4 * len(auc.columns)))
         im = ax.imshow(auc.loc[best].T.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(best)), [str(b) for b in best], rotation=90)
         ax.set_yticks(range(len(auc.columns)), auc.columns)
-        ax.set_xlabel("feature (best per cell type)")
-        fig.colorbar(im, ax=ax, label="AUROC")
+        ax.set_xlabel("feature (best per cell type on train cells)")
+        fig.colorbar(im, ax=ax, label="AUROC (all cells)")
         written.append(_save(fig, fig_dir / "label_auroc.png"))
     if "density" in groups:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -49,15 +67,17 @@ def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
         ax.legend()
         written.append(_save(fig, fig_dir / "density.png"))
     pca = read_table(run, "pca_comparison.csv") if "pca_comparison" in groups else None
-    if pca is not None and len(pca):
-        fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(pca), 3.5))
-        x = np.arange(len(pca))
-        ax.bar(x - 0.2, pca["sae_best_auroc"], 0.4, label="SAE feature")
-        ax.bar(x + 0.2, pca["pca_best_auroc"], 0.4, label="PCA direction")
+    methods = [m for m in ("sae", "sae_subset", "pca", "neurons") if pca is not None and f"{m}_eval_auroc" in pca]
+    if methods and len(pca):
+        fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(pca), 3.5))
+        x, w = np.arange(len(pca)), 0.8 / len(methods)
+        names = {"sae": "SAE feature", "sae_subset": "SAE, matched count", "pca": "PCA direction", "neurons": "neuron"}
+        for i, m in enumerate(methods):
+            ax.bar(x - 0.4 + w * (i + 0.5), pca[f"{m}_eval_auroc"], w, label=names[m])
         ax.set_xticks(x, pca["label"], rotation=60, ha="right")
         ax.set_ylim(0.5, 1)
-        ax.set_ylabel("best AUROC")
-        ax.legend()
+        ax.set_ylabel("eval AUROC (chosen on train)")
+        ax.legend(fontsize=7)
         written.append(_save(fig, fig_dir / "sae_vs_pca.png"))
     return written
 
@@ -73,51 +93,91 @@ def _save(fig, path: Path) -> Path:
 
 def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
     """Per cell type at the resolution of the marker sets (labels mapped to the same marker set by
-    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay):
-    among features whose AUROC (max-pooled per cell, one group vs the rest) is >= ``auroc_threshold``,
-    the one whose top genes are most enriched for the group's marker set, else the best-AUROC
-    feature; its AUROC, F1, top genes, marker-set FDR (NaN = not significant) and best enriched
-    set of the other collections."""
-    from sae4scfm.analysis.labels import label_f1
-
+    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay),
+    one feature chosen on the train cells (``select_on_train``): among features whose train AUROC
+    (one group vs the rest, ``analysis.pooling``) is >= ``auroc_threshold``, the one whose top genes
+    are most enriched for the group's marker set (a BH FDR, corrected over all features x sets),
+    else the best train-AUROC feature. Reported on the eval cells: ``eval_auroc`` and ``eval_f1``;
+    also train_auroc, top genes, marker-set FDR (NaN = not significant) and the best enriched set of
+    the other collections. ``interpreted``: eval AUROC >= auroc_threshold and marker FDR < max_fdr."""
     key = run.cell_type_key
     groups = set(table.columns.get_level_values(0))
     if not key or key not in run.features.obs or "gene_scoring" not in groups:
         return pd.DataFrame()
-    labels = run.features.obs[key].astype("string")
+    X, obs = pooled_rows(run, a)
+    is_train = train_mask(obs)
+    labels = obs[key].astype("string").reset_index(drop=True)
     group_of = {v: marker_set_for(run, v) or v for v in labels.dropna().unique()}
     grouped = labels.map(group_of)
-    auc_all = label_auroc(run.features.X, grouped, min_cells=int(a.min_cells))
-    f1_all = label_f1(run.features.X, grouped, min_cells=int(a.min_cells))
     enr = table["enrichment"] if "enrichment" in groups else None
     genes = table["gene_scoring"]["top_genes"]
     sig = read_table(run, "enrichment.csv") if enr is not None else None
     markers = sig[sig["collection"] == collection_name(a.marker_collection)] if sig is not None else None
-    counts = grouped.value_counts()
-    rows = []
-    for group in auc_all.columns:
-        auc = auc_all[group].astype(float)
-        members = sorted(v for v, g in group_of.items() if g == group)
-        marker_set = group if any(marker_set_for(run, v) == group for v in members) else None
-        fdr = pd.Series(np.nan, index=auc.index)
+    marker_of = {g: (g if any(marker_set_for(run, v) == g for v, gg in group_of.items() if gg == g) else None)
+                 for g in set(group_of.values())}
+    prefer = {}
+    for group, marker_set in marker_of.items():
+        fdr = pd.Series(np.nan, index=range(X.shape[1]))
         if markers is not None and marker_set:
             hits = markers[markers["gene_set"] == marker_set].set_index("feature_id")["fdr"]
             fdr.loc[hits.index.astype(int)] = hits.to_numpy()
-        candidates = auc.index[auc >= float(a.auroc_threshold)]
-        best = (min(candidates, key=lambda f: (np.nan_to_num(fdr[f], nan=1.0), -auc[f])) if len(candidates)
-                else int(auc.idxmax()))
+        prefer[group] = fdr
+    chosen = select_on_train(X, grouped, is_train, min_cells=int(a.min_cells),
+                             min_train_auroc=float(a.auroc_threshold), prefer=prefer)
+    f1 = label_f1(X, grouped.where(~is_train), min_cells=int(a.min_cells))
+    counts = grouped.value_counts()
+    rows = []
+    for c in chosen.itertuples():
+        group, best = c.label, int(c.feature_id)
+        members = sorted(v for v, g in group_of.items() if g == group)
+        fdr = float(prefer[group][best])
         row = {"cell_type": group, "labels": "; ".join(members), "n_cells": int(counts.get(group, 0)),
-               "feature": int(best), "auroc": float(auc[best]), "f1": float(f1_all[group][best]),
-               "marker_set": marker_set or "", "marker_fdr": float(fdr[best]),
+               "n_eval": c.n_eval, "feature": best, "train_auroc": c.train_auroc, "eval_auroc": c.eval_auroc,
+               "eval_f1": float(f1[group][best]) if group in f1 else float("nan"),
+               "marker_set": marker_of[group] or "", "marker_fdr": fdr,
                "top_genes": ";".join(str(genes[best]).split(";")[:8])}
-        if enr is not None:
-            for m in (m for m in enr.columns if m.startswith("best_set:")):
-                coll = m.split(":", 1)[1]
-                if coll != collection_name(a.marker_collection) and enr.loc[best, f"fdr:{coll}"] < float(a.max_fdr):
-                    row[f"top_set:{coll}"] = enr.loc[best, m]
-        row["interpreted"] = bool(row["auroc"] >= float(a.auroc_threshold) and row["marker_fdr"] < float(a.max_fdr))
+        row.update(_enriched_sets(enr, best, a))
+        row["interpreted"] = bool(row["eval_auroc"] >= float(a.auroc_threshold) and fdr < float(a.max_fdr))
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    return out[[c for c in out.columns if c != "interpreted"] + ["interpreted"]] if len(out) else out
+
+
+def _enriched_sets(enr: pd.DataFrame | None, feature: int, a: DictConfig, skip_markers: bool = True) -> dict:
+    """{top_set:<collection>: best set} of a feature, for the collections where it is enriched (FDR < max_fdr)."""
+    out = {}
+    for m in (m for m in (enr.columns if enr is not None else []) if m.startswith("best_set:")):
+        coll = m.split(":", 1)[1]
+        if skip_markers and coll == collection_name(a.marker_collection):
+            continue
+        if enr.loc[feature, f"fdr:{coll}"] < float(a.max_fdr):
+            out[f"top_set:{coll}"] = enr.loc[feature, m]
+    return out
+
+
+def condition_features(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
+    """Per value of the dataset's ``condition_key`` (e.g. stim = CTRL/STIM), the ``top_n`` features
+    ranked by train-cell AUROC (one value vs the rest, ``select_on_train``) with their eval-cell
+    AUROC, top genes and best enriched set per collection (when those analyses ran). Empty when the
+    dataset names no condition_key."""
+    key = run.run_cfg.data.get("condition_key")
+    if not key:
+        return pd.DataFrame()
+    if key not in run.features.obs:
+        raise InputError(f"data.condition_key={key!r} is not an obs column of {run.run_dir}/features/features.h5ad "
+                         f"(columns: {', '.join(map(str, run.features.obs.columns))}); fix data.condition_key.")
+    X, obs = pooled_rows(run, a)
+    chosen = select_on_train(X, obs[key], train_mask(obs), min_cells=int(a.min_cells), top_n=int(a.top_n))
+    chosen = chosen.rename(columns={"label": "condition"})
+    groups = set(table.columns.get_level_values(0))
+    if "gene_scoring" in groups:
+        genes = table["gene_scoring"]["top_genes"].fillna("")
+        chosen["top_genes"] = [";".join(str(genes[f]).split(";")[:8]) for f in chosen["feature_id"]]
+    enr = table["enrichment"] if "enrichment" in groups else None
+    if enr is not None:
+        sets = [_enriched_sets(enr, int(f), a, skip_markers=False) for f in chosen["feature_id"]]
+        chosen = pd.concat([chosen, pd.DataFrame(sets, index=chosen.index)], axis=1)
+    return chosen
 
 
 def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: list[Path]) -> Path:
@@ -126,14 +186,27 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
     lines = [f"# Feature summary: {run.run_dir.parent.name}/{run.run_dir.name}", "",
              f"Model {run.run_cfg.scfm.family}, layer {run.sae_cfg['layer']}, {run.sae_cfg['architecture']} SAE "
              f"with {run.n_features} features, {run.features.n_obs} cells.", ""]
+    if "split" in run.features.obs:
+        split = run.features.obs["split"].astype(str)
+        lines += [f"Selection: every best feature per label below is chosen on the {int((split == 'train').sum())} "
+                  f"train cells and its AUROC reported on the {int((split == 'eval').sum())} eval cells "
+                  f"(analysis.pooling={a.pooling}); per-feature AUROC columns of results.csv are on all cells.", ""]
     cells = cell_type_summary(run, table, a)
     if len(cells):
         n_ok, n_marker = int(cells["interpreted"].sum()), int((cells["marker_set"] != "").sum())
         lines += ["## Cell types", "",
-                  f"{n_ok} of {n_marker} cell types with a marker set have a feature with AUROC >= "
-                  f"{a.auroc_threshold} whose top genes are enriched (FDR < {a.max_fdr}) for that marker set "
-                  f"(labels of {run.cell_type_key} mapped to one marker set by data.marker_sets are one cell "
-                  "type here; marker_fdr empty = not enriched).", "", _markdown(cells), ""]
+                  f"{n_ok} of {n_marker} cell types with a marker set have a feature with eval AUROC >= "
+                  f"{a.auroc_threshold} (chosen on train cells) whose top genes are enriched (FDR < {a.max_fdr}) "
+                  f"for that marker set (labels of {run.cell_type_key} mapped to one marker set by data.marker_sets "
+                  "are one cell type here; marker_fdr empty = not enriched).", "", _markdown(cells), ""]
+    cond = condition_features(run, table, a)
+    if len(cond):
+        key = run.run_cfg.data.get("condition_key")
+        atomic_write(run.out_dir / "condition_features.csv", lambda tmp: cond.to_csv(tmp, index=False))
+        lines += [f"## Condition features: {key}", "",
+                  f"Per value of {key}, the {a.top_n} features of highest train-cell AUROC (one value vs the rest) "
+                  "with their eval-cell AUROC, top genes and enriched sets (condition_features.csv).", "",
+                  _markdown(cond), ""]
     sig = read_table(run, "enrichment.csv") if "enrichment" in groups else None
     for coll, t in (sig.groupby("collection") if sig is not None and len(sig) else []):
         best = t.sort_values("p_value").groupby("gene_set").agg(
@@ -142,15 +215,22 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
         lines += [f"## Gene sets: {coll}", "", f"Top {len(best)} of {t['gene_set'].nunique()} sets enriched "
                   f"(FDR < {a.max_fdr}) in some feature's top genes.", "", _markdown(best.reset_index()), ""]
     info = run.out_dir / "pca_comparison.json"
-    if "pca_comparison" in groups and info.is_file():
+    base = read_table(run, "baselines.csv") if "pca_comparison" in groups else None
+    if base is not None and info.is_file():
         pca = json.loads(info.read_text())
-        lines += ["## SAE vs PCA", "", f"SAE decoder directions aligned with a top-{pca['n_svd_axes']} SVD axis "
+        lines += ["## SAE vs PCA and raw neurons (matched baselines)", "",
+                  f"Each candidate (SAE feature; PCA direction and residual coordinate, each in both signs) is "
+                  f"{pca['pooling']}-pooled over a cell's gene tokens, its top genes are the adaptive cut of its "
+                  "correlation with expression, and the best one per cell type is chosen on train cells with its "
+                  f"AUROC on eval cells. sae_subset: the SAE at {pca['baseline_seeds']} random subsets of the "
+                  "smallest baseline's candidate count (mean over seeds). enriched_fraction: candidates with a set "
+                  f"at FDR < {a.max_fdr} (BH within the method). baselines.csv has every seed.", "",
+                  _markdown(baseline_summary(base)), "",
+                  f"SAE decoder directions aligned with a top-{pca['n_svd_axes']} SVD axis "
                   f"(|cos| > {pca['svd_cos_threshold']}): {pca['svd_aligned_fraction']:.1%}.", ""]
-        lines += [f"- {coll}: {n['sae']} of {pca['n_features']} SAE features vs {n['pca']} of "
-                  f"{pca['n_pca_directions']} PCA directions have an enriched set (FDR < {a.max_fdr})."
-                  for coll, n in pca["n_enriched"].items()]
-        table_pca = read_table(run, "pca_comparison.csv")
-        lines += ["", _markdown(table_pca) if table_pca is not None and len(table_pca) else "", ""]
+        per_label = read_table(run, "pca_comparison.csv")
+        if per_label is not None and len(per_label):
+            lines += [_markdown(per_label), ""]
     if "density" in groups:
         d = table["density"]
         lines += ["## Density", "", f"Median fraction of cells a feature fires in: "
@@ -173,6 +253,14 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
     path = run.out_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def baseline_summary(base: pd.DataFrame) -> pd.DataFrame:
+    """baselines.csv with the sae_subset seeds averaged: one row per method (``seeds`` = rows averaged)."""
+    numeric = [c for c in base.columns if c not in ("method", "seed")]
+    out = base.groupby("method", sort=False)[numeric].mean()
+    out.insert(0, "seeds", base.groupby("method", sort=False).size())
+    return out.reset_index()
 
 
 def _markdown(df: pd.DataFrame) -> str:
