@@ -317,13 +317,24 @@ def _pair_fdr(table: pd.DataFrame | None, feature, gene_set: str) -> float:
     return float(hit["fdr"].iloc[0]) if len(hit) else 1.0
 
 
+def _coactivation_rows(run: RunData, a: DictConfig):
+    """The rows co-firing is counted on (``analysis.coactivation_rows``): cells [cells, features]
+    (max-pooled features.h5ad, the default) or tokens [tokens, features]."""
+    rows = a.get("coactivation_rows", "cells")
+    if rows == "tokens":
+        return need_tokens(run, "analysis.coactivation_rows=tokens").X
+    if rows == "cells":
+        return run.features.X
+    raise InputError(f"analysis.coactivation_rows={rows!r}: use cells (default) or tokens.")
+
+
 def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
-    """Significant co-firing pairs (hypergeometric, BH), PMI, and Leiden modules labelled by the
-    most common best gene set (and cell type) of their member features."""
+    """Significant co-firing pairs (hypergeometric, BH over all feature pairs), PMI, and Leiden modules
+    labelled by the most common best gene set (and cell type) of their member features."""
     from sae4scfm.analysis.coactivation import coactivation_modules, significant_pairs
 
-    X = need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
-    pairs = significant_pairs(X, min_count=int(a.coactivation_min_count), max_fdr=float(a.max_fdr))
+    pairs = significant_pairs(_coactivation_rows(run, a), min_count=int(a.coactivation_min_count),
+                              max_fdr=float(a.max_fdr))
     atomic_write(run.out_dir / "coactivation_pairs.csv", lambda tmp: pairs.to_csv(tmp, index=False))
     module = coactivation_modules(pairs, run.n_features, resolution=float(a.leiden_resolution),
                                   seed=int(run.run_cfg.seed))
@@ -347,7 +358,8 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
         rows.append(row)
     atomic_write(run.out_dir / "modules.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     degree = np.bincount(np.concatenate([pairs["i"], pairs["j"]]).astype(np.int64), minlength=run.n_features)
-    print(f"co-activation: {len(pairs)} significant pairs, {module.max() + 1} modules")
+    print(f"co-activation on {a.get('coactivation_rows', 'cells')}: {len(pairs)} significant pairs of "
+          f"{pairs.attrs['n_tests']} tested (BH over all pairs), {module.max() + 1} modules")
     return _frame({"module": module, "n_partners": degree[: run.n_features]}, run.n_features)
 
 

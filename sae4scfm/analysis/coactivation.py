@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import hypergeom
 
+from sae4scfm.analysis.enrichment import hypergeom_sf
 from sae4scfm.analysis.primitives import as_dense, bh_fdr, firing
 from sae4scfm.errors import InputError
 
@@ -100,37 +100,44 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
 
 
 def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
-    """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR.
+    """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR over all pairs.
 
-    Tests every pair ``i < j`` with co-firing count ``>= min_count`` (pairs below it
-    are not tested and do not enter the FDR correction). The p-value is
-    ``P(K >= count)`` for ``K ~ Hypergeom(N, n_i, n_j)``, i.e. the one-sided Fisher
-    exact test (``alternative='greater'``) on the 2x2 firing table. ``fdr`` is the
-    Benjamini-Hochberg adjustment over all tested pairs; the rows returned are those
-    with ``fdr <= max_fdr`` (``max_fdr=1.0`` returns every tested pair).
+    Every pair ``i < j`` of the ``F`` features is a test: ``F (F - 1) / 2`` tests. The p-value
+    is ``P(K >= count)`` for ``K ~ Hypergeom(N, n_i, n_j)`` (``N`` rows, ``n_i`` rows where
+    ``i`` fires), i.e. the one-sided Fisher exact test (``alternative='greater'``) on the 2x2
+    firing table; a pair that never co-fires has p = 1 exactly and enters the correction
+    without being computed. ``fdr`` is the Benjamini-Hochberg adjustment over all the pairs
+    (= statsmodels ``multipletests(p_all_pairs, method="fdr_bh")``); the p-values are one
+    vectorised ``scipy.stats.hypergeom.sf`` call, never a Python loop over pairs.
 
-    Returns a DataFrame with columns ``i, j, count, pmi, p_value, fdr``, sorted by
-    ``(i, j)``.
+    ``min_count`` only filters the rows returned (a pair co-firing on fewer rows is still a
+    test), as does ``max_fdr`` (rows with ``fdr <= max_fdr``; ``max_fdr=1.0, min_count=1``
+    returns every pair that co-fires). Returns a DataFrame with columns
+    ``i, j, count, pmi, p_value, fdr``, sorted by ``(i, j)``; ``attrs["n_tests"]`` = the number
+    of pairs tested.
     """
     min_count = _check_min_count(min_count)
     if not (0.0 <= float(max_fdr) <= 1.0):
         raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
     B = firing(X, dtype=np.int32)
-    n_rows = B.shape[0]
+    n_rows, n_feat = B.shape
+    n_tests = n_feat * (n_feat - 1) // 2
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
     C = _cooccurrence(B, B)
-    keep = (C.row < C.col) & (C.data >= min_count)
+    keep = C.row < C.col
     i, j, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
     del C
     order = np.lexsort((j, i))
     i, j, cnt = i[order], j[order], cnt[order]
     n_i, n_j = n_fire[i], n_fire[j]
-    pmi = _pmi_values(cnt, n_i, n_j, n_rows)
-    p = hypergeom.sf(cnt - 1, n_rows, n_i, n_j) if cnt.size else np.empty(0)
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    fdr = bh_fdr(p)
+    p = hypergeom_sf(cnt, n_rows, n_i, n_j)
+    fdr = bh_fdr(p, n_tests=n_tests)  # the pairs that never co-fire: p = 1, counted in n_tests
+    report = (cnt >= min_count) & (fdr <= max_fdr)
+    i, j, cnt, p, fdr = i[report], j[report], cnt[report], p[report], fdr[report]
+    pmi = _pmi_values(cnt, n_fire[i], n_fire[j], n_rows)
     df = pd.DataFrame({"i": i, "j": j, "count": cnt, "pmi": pmi, "p_value": p, "fdr": fdr})
-    return df.loc[df["fdr"] <= max_fdr].reset_index(drop=True)
+    df.attrs["n_tests"] = n_tests
+    return df
 
 
 # --------------------------------------------------------------------------- modules

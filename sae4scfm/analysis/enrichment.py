@@ -179,17 +179,16 @@ def _no_overlap_error(gene_sets: Mapping[str, Sequence[str]], universe: Sequence
     )
 
 
-def _hypergeom_sf(k: np.ndarray, N: int, K: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """P(X >= k) for X ~ Hypergeom(N, K, n), elementwise; evaluated once per distinct (k, K, n)
-    (scipy's sf costs ~35 us per element, and a table has few distinct triples)."""
-    k, K, n = (np.asarray(a, dtype=np.int64) for a in (k, K, n))
+def hypergeom_sf(k, N: int, K, n) -> np.ndarray:
+    """One-sided (greater) hypergeometric p-values ``P(X >= k)``, X ~ Hypergeom(N, K, n), elementwise
+    over int arrays ``k, K, n`` (same shape, float64 out, clipped to [0, 1]). One vectorised
+    ``scipy.stats.hypergeom.sf`` call over the distinct ``(k, K, n)`` triples (it costs ~40 us per
+    element, and enrichment tables repeat triples often)."""
+    k, K, n = (np.asarray(a, dtype=np.int64).ravel() for a in (k, K, n))
     if len(k) == 0:
         return np.zeros(0)
-    base = N + 1  # all of k, K, n lie in 0..N: one int64 key per triple (exact while N < 2e6)
-    uniq, inv = np.unique((k * base + K) * base + n, return_inverse=True)
-    uk, rest = np.divmod(uniq, base * base)
-    uK, un = np.divmod(rest, base)
-    p = hypergeom.sf(uk - 1, N, uK, un)
+    uniq, inv = np.unique(np.stack([k, K, n], axis=1), axis=0, return_inverse=True)
+    p = hypergeom.sf(uniq[:, 0] - 1, N, uniq[:, 1], uniq[:, 2])
     return np.clip(p, 0.0, 1.0)[inv.ravel()]
 
 
@@ -280,7 +279,7 @@ def fisher_enrichment(
         dense[r, c] = k
         r, c = (a.ravel() for a in np.indices(dense.shape))
         k = dense.ravel()
-    p = _hypergeom_sf(k, N, K[c], n[r])
+    p = hypergeom_sf(k, N, K[c], n[r])
     fdr = bh_fdr(p, n_tests=n_tests) if min_overlap > 0 else bh_fdr(p)
 
     keep = k >= max(min_overlap, 0)
