@@ -19,8 +19,11 @@ from sae4scfm.analysis.gene_scoring import (
     gene_family_scores,
     gene_score_matrix,
     participation_ratio,
+    tail_participation_ratio,
+    tail_threshold,
     token_gene_scores,
     top_genes,
+    top_genes_k_summary,
 )
 from sae4scfm.errors import InputError
 
@@ -146,6 +149,60 @@ def test_top_genes_fixed_and_adaptive():
     with pytest.raises(InputError):
         top_genes(s, genes[:3])
 
+
+
+def _dominant_rows(n_genes, ms, seed=0):
+    """One row per m in ``ms``: m dominant genes (scores spread over 0.55..0.85, at random columns) over a
+    bulk of unrelated genes scoring N(0, 0.05) (like Pearson r of an unrelated gene). Returns (scores, dominant)."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0.0, 0.05, (len(ms), n_genes))
+    dominant = []
+    for r, m in enumerate(ms):
+        cols = rng.choice(n_genes, m, replace=False)
+        s[r, cols] = np.linspace(0.85, 0.55, m) if m > 1 else 0.8
+        dominant.append(set(cols.tolist()))
+    return s, dominant
+
+
+@pytest.mark.parametrize("n_genes", [700, 5000])
+def test_adaptive_k_follows_the_number_of_dominant_genes(n_genes):
+    """The cut is the PR of the positive tail: k ~ m for m dominant genes whatever the gene count. The PR of all
+    positive scores (the old rule) sees the ~n_genes/2 positive noise genes and always hits the cap of 20."""
+    ms = [1, 2, 3, 5, 8, 12]
+    s, dominant = _dominant_rows(n_genes, ms)
+    genes = [f"g{i}" for i in range(n_genes)]
+    top = top_genes(s, genes, n=20)
+    k = np.array([len(top[r]) for r in range(len(ms))])
+    assert np.all(np.abs(k - np.array(ms)) <= 1), k
+    assert len(set(k.tolist())) == len(ms)  # the cut adapts: a different k for every m
+    for r, m in enumerate(ms):  # the genes kept are the dominant ones, best first
+        kept = {int(g[1:]) for g in top[r]}
+        assert kept <= dominant[r] or (len(kept) == m + 1 and len(kept - dominant[r]) == 1)
+    assert (np.floor(participation_ratio(s) + 0.5) > 20).all()  # the old rule: k = 20 for every row
+    np.testing.assert_allclose(tail_threshold(s), 3 * 0.05, rtol=0.15)  # sigma0 from the negative scores
+
+
+def test_tail_participation_ratio_hand_examples():
+    # negatives -1, -1 -> sigma0 = 1, tail starts at z * 1 = 2; excess over 2 of (4, 4, 3) = (2, 2, 1): PR 25/9
+    s = np.array([[4.0, 4.0, 3.0, 1.5, -1.0, -1.0, np.nan]])
+    assert tail_threshold(s)[0] == pytest.approx(3.0)
+    assert tail_threshold(s, z=2.0)[0] == pytest.approx(2.0)
+    assert tail_participation_ratio(s, z=2.0)[0] == pytest.approx(25 / 9)
+    assert top_genes(s, list("abcdefg"), n=20, tail_z=2.0)[0] == ["a", "b", "c"]  # round(2.78) = 3
+    # no negative score: the tail is every positive score, PR as before
+    assert tail_participation_ratio(np.array([[1, 1, 1, 0]]))[0] == pytest.approx(3)
+    # nothing above the tail threshold: no top genes (nothing stands out of the noise)
+    flat = np.array([[0.1, 0.05, -0.1, -0.1]])
+    assert top_genes(flat, list("abcd"), n=20)[0] == [] and top_genes(flat, list("abcd"), adaptive=False)[0] == ["a", "b"]
+
+
+def test_top_genes_k_summary():
+    out = top_genes_k_summary([0, 1, 2, 3, 4, 5, 6, 7, 8, 20])
+    assert out["n_features"] == 10 and out["n_empty"] == 1 and out["mean"] == pytest.approx(5.6)
+    assert (out["min"], out["median"], out["max"]) == (0.0, 4.5, 20.0)
+    assert out["q25"] == pytest.approx(np.quantile(np.r_[0:9, 20], 0.25))
+    with pytest.raises(InputError):
+        top_genes_k_summary([])
 
 POSITIVE = {
     "ribosomal": ["RPL13A", "RPS27A", "RPLP0", "RPS4X", "RPL10"],

@@ -119,18 +119,26 @@ def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
 
 
 def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
-    """Each feature's top genes (adaptive cut by participation ratio, at most ``top_genes``)."""
+    """Each feature's top genes: the adaptive cut (participation ratio of the positive tail above
+    ``top_genes_tail_z`` noise sigmas, at most ``top_genes``; ``gene_scoring.top_genes``)."""
     from sae4scfm.analysis.gene_scoring import top_genes
 
     if "top" not in run.cache:
         scores, genes = feature_gene_scores(run, a)
-        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True)
+        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True,
+                                     tail_z=float(a.top_genes_tail_z))
     return run.cache["top"]
 
 
 def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Per-token (frequency, mean activation, specificity per gene) and per-cell (Pearson r) gene scores."""
-    from sae4scfm.analysis.gene_scoring import participation_ratio, token_gene_scores, top_genes
+    from sae4scfm.analysis.gene_scoring import (
+        tail_participation_ratio,
+        tail_threshold,
+        token_gene_scores,
+        top_genes,
+        top_genes_k_summary,
+    )
 
     n = run.n_features
     cols: dict[str, object] = {}
@@ -148,7 +156,12 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     cols["top_genes"] = [";".join(adaptive.get(i, [])) for i in range(n)]
     cols["n_top_genes"] = [len(adaptive.get(i, [])) for i in range(n)]
     cols["top_genes_fixed"] = [";".join(fixed.get(i, [])) for i in range(n)]
-    cols["participation_ratio"] = participation_ratio(scores)
+    cols["participation_ratio"] = tail_participation_ratio(scores, float(a.top_genes_tail_z))
+    cols["tail_threshold"] = tail_threshold(scores, float(a.top_genes_tail_z))
+    k = top_genes_k_summary(cols["n_top_genes"])
+    print(f"adaptive top genes per feature (k, at most {int(a.top_genes)}): "
+          + ", ".join(f"{q} {k[q]:g}" for q in ("min", "q10", "q25", "median", "q75", "q90", "max"))
+          + f"; {k['n_empty']} of {k['n_features']} features without a tail (no top genes)")
     with np.errstate(invalid="ignore"):
         cols["max_gene_corr"] = np.where(np.isnan(corr).all(1), np.nan, np.nanmax(np.nan_to_num(corr, nan=-2), 1))
     return _frame(cols, n)
