@@ -131,24 +131,25 @@ def test_participation_ratio_hand_examples():
 
 
 def test_top_genes_fixed_and_adaptive():
-    genes = list("abcdef")
+    genes = list("abcdefghij")
+    bulk = [0.0, 0.01, -0.01, 0.0, 0.02, -0.02]  # unrelated genes: median 0, MAD 0.01
     s = np.array([
-        [1, 1, 1, 0, 0, 0],          # uniform over 3 -> PR 3
-        [10, 0.1, 0.1, 0.1, 0, 0],   # one dominant -> PR ~1.06 -> 1
-        [0, -1, np.nan, 0, 0, 0],    # nothing positive
-        [1, 2, 3, 4, 5, 6],          # PR = 441/91 = 4.85 -> 5
+        [1, 1, 1, 0, *bulk],             # three equal outliers -> PR 3
+        [10, 0.1, 0, 0, *bulk],          # one dominant (0.1 is an outlier too, but small) -> PR ~1.0 -> 1
+        [0, -1, np.nan, 0, 0, 0, 0, 0, 0, 0],  # nothing positive
+        [0.9, 0.3, 0.2, 0.1, *bulk],     # tail from 0.148 (median 0.015 + 3 * 1.4826 * MAD 0.03): excess
+                                         # (0.752, 0.152, 0.052) -> PR 1.54 -> 2
     ])
     fixed = top_genes(s, genes, n=2, adaptive=False)
-    assert fixed == {0: ["a", "b"], 1: ["a", "b"], 2: [], 3: ["f", "e"]}
+    assert fixed == {0: ["a", "b"], 1: ["a", "b"], 2: [], 3: ["a", "b"]}
     adapt = top_genes(s, genes, n=20)
     assert adapt[0] == ["a", "b", "c"]
     assert adapt[1] == ["a"]
     assert adapt[2] == []
-    assert adapt[3] == ["f", "e", "d", "c", "b"]
-    assert top_genes(s, genes, n=4)[3] == ["f", "e", "d", "c"]  # capped by n
+    assert adapt[3] == ["a", "b"]
+    assert top_genes(s, genes, n=1)[3] == ["a"]  # capped by n
     with pytest.raises(InputError):
         top_genes(s, genes[:3])
-
 
 
 def _dominant_rows(n_genes, ms, seed=0):
@@ -179,20 +180,22 @@ def test_adaptive_k_follows_the_number_of_dominant_genes(n_genes):
         kept = {int(g[1:]) for g in top[r]}
         assert kept <= dominant[r] or (len(kept) == m + 1 and len(kept - dominant[r]) == 1)
     assert (np.floor(participation_ratio(s) + 0.5) > 20).all()  # the old rule: k = 20 for every row
-    np.testing.assert_allclose(tail_threshold(s), 3 * 0.05, rtol=0.15)  # sigma0 from the negative scores
+    np.testing.assert_allclose(tail_threshold(s), 3 * 0.05, rtol=0.15)  # median + 3 robust sigmas of the bulk
 
 
 def test_tail_participation_ratio_hand_examples():
-    # negatives -1, -1 -> sigma0 = 1, tail starts at z * 1 = 2; excess over 2 of (4, 4, 3) = (2, 2, 1): PR 25/9
-    s = np.array([[4.0, 4.0, 3.0, 1.5, -1.0, -1.0, np.nan]])
-    assert tail_threshold(s)[0] == pytest.approx(3.0)
-    assert tail_threshold(s, z=2.0)[0] == pytest.approx(2.0)
-    assert tail_participation_ratio(s, z=2.0)[0] == pytest.approx(25 / 9)
-    assert top_genes(s, list("abcdefg"), n=20, tail_z=2.0)[0] == ["a", "b", "c"]  # round(2.78) = 3
-    # no negative score: the tail is every positive score, PR as before
-    assert tail_participation_ratio(np.array([[1, 1, 1, 0]]))[0] == pytest.approx(3)
-    # nothing above the tail threshold: no top genes (nothing stands out of the noise)
-    flat = np.array([[0.1, 0.05, -0.1, -0.1]])
+    # finite scores (5, 4, 0, 0, 0, 0, 0.1, -0.1): median 0, MAD 0.05 -> tail from 3 * 1.4826 * 0.05 = 0.2224
+    s = np.array([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.1, -0.1, np.nan]])
+    t = 3 * 1.4826 * 0.05
+    assert tail_threshold(s)[0] == pytest.approx(t)
+    assert tail_threshold(s, z=1.0)[0] == pytest.approx(t / 3)
+    assert tail_participation_ratio(s)[0] == pytest.approx((9 - 2 * t) ** 2 / ((5 - t) ** 2 + (4 - t) ** 2))
+    assert top_genes(s, list("abcdefghi"), n=20)[0] == ["a", "b"]  # round(1.97) = 2
+    # the threshold is never below 0 (a positive tail), and a row without finite scores has none
+    assert tail_threshold(np.array([[-5.0, -4.0, -4.0, -3.0]]))[0] == 0.0
+    assert tail_threshold(np.array([[np.nan, np.inf]]))[0] == np.inf
+    # nothing above the tail threshold: no top genes (nothing stands out of the bulk)
+    flat = np.array([[0.1, 0.05, -0.1, -0.05]])
     assert top_genes(flat, list("abcd"), n=20)[0] == [] and top_genes(flat, list("abcd"), adaptive=False)[0] == ["a", "b"]
 
 

@@ -209,27 +209,27 @@ def participation_ratio(scores: np.ndarray) -> np.ndarray:
 
 
 def tail_threshold(scores: np.ndarray, z: float = 3.0) -> np.ndarray:
-    """Per row of ``scores [features, genes]``: where the positive tail starts, ``z * sigma0``.
-
-    Gene scores are centred at 0 for a gene unrelated to the feature (Pearson r, log2
-    enrichment), and most genes are unrelated to any one feature, so the negative scores mirror
-    the null: ``sigma0 = sqrt(mean(s^2 | s < 0))`` (NaN ignored). 0 for a row without negative
-    scores (then every positive score is in the tail).
+    """Per row of ``scores [features, genes]``: where the positive tail starts,
+    ``max(0, median + z * 1.4826 * MAD)`` over the row's finite scores (the robust outlier rule:
+    most genes are unrelated to any one feature, so the median and MAD describe that bulk;
+    1.4826 * MAD = sigma for a normal bulk). ``inf`` for a row without finite scores.
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    neg = np.isfinite(s) & (s < 0)
-    n_neg = neg.sum(axis=1)
-    sq = np.where(neg, s, 0.0) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sigma0 = np.where(n_neg > 0, np.sqrt(sq.sum(axis=1) / n_neg), 0.0)
-    return float(z) * sigma0
+    s = np.where(np.isfinite(s), s, np.nan)
+    out = np.full(s.shape[0], np.inf)
+    ok = ~np.isnan(s).all(axis=1)
+    if ok.any():
+        med = np.nanmedian(s[ok], axis=1)
+        mad = np.nanmedian(np.abs(s[ok] - med[:, None]), axis=1)
+        out[ok] = np.maximum(med + float(z) * 1.4826 * mad, 0.0)
+    return out
 
 
 def tail_participation_ratio(scores: np.ndarray, z: float = 3.0) -> np.ndarray:
     """PR of each row's positive tail: :func:`participation_ratio` of the excess ``s - t`` over the
     genes with ``s > t``, ``t`` = :func:`tail_threshold`. ~m for a row with m dominant genes of
-    similar score above a noise bulk of any size (the PR of all positive scores instead grows with
-    the number of genes: ~half of an unrelated bulk is positive)."""
+    similar score above a bulk of unrelated genes of any size (the PR of all positive scores instead
+    grows with the number of genes: ~half of an unrelated bulk is positive)."""
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     t = tail_threshold(s, z)[:, None]
     with np.errstate(invalid="ignore"):
@@ -242,7 +242,7 @@ def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive
 
     Only positive, finite scores count (a gene scoring <= 0 or NaN is never a top gene).
     ``adaptive=False``: the n best. ``adaptive=True``: the k best of the row's positive tail
-    (scores above :func:`tail_threshold` ``z * sigma0``, z = ``tail_z``) with
+    (scores above :func:`tail_threshold`, ``median + tail_z * 1.4826 * MAD`` of the row) with
     ``k = min(n, |tail|, max(1, round(PR)))``, PR the :func:`tail_participation_ratio` – the
     "effective number" of genes standing out of the noise (m dominant genes -> ~m); a feature
     whose scores have no tail gets ``[]``. Ties keep gene order. A feature without positive
