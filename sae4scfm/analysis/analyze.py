@@ -48,7 +48,7 @@ from sae4scfm.errors import InputError
 from sae4scfm.runs import resolve_run_dir
 
 ANALYSES = ("label_scoring", "gene_scoring", "enrichment", "gene_families", "density",
-            "pca_comparison", "coactivation", "cross_layer")
+            "pca_comparison", "coactivation", "unannotated", "cross_layer")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -419,6 +419,49 @@ def run_cross_layer(run: RunData, a: DictConfig, runs_dir) -> pd.DataFrame:
     return labelled(_frame(cols, run.n_features), keys)
 
 
+def annotated_features(run: RunData, a: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """From the run's enrichment results: bool [features] (an enriched term, FDR < ``max_fdr``, in any
+    collection) and the best term of each (``<collection>:<set>`` of the smallest FDR; "" if none)."""
+    results = read_results(run.out_dir) if (run.out_dir / "results.parquet").is_file() else pd.DataFrame()
+    fdr_cols = [m for (an, m) in results.columns if an == "enrichment" and m.startswith("fdr:")]
+    if not fdr_cols:
+        raise InputError(f"analysis.run_unannotated needs the enrichment results of {run.run_dir}: set "
+                         "analysis.run_enrichment=true (in the same call or an earlier one).")
+    fdr = np.column_stack([results[("enrichment", m)].to_numpy(dtype=np.float64) for m in fdr_cols])
+    sets = np.column_stack([results[("enrichment", m.replace("fdr:", "best_set:", 1))].astype(str).to_numpy()
+                            for m in fdr_cols])
+    best = np.argmin(fdr, axis=1)
+    rows = np.arange(len(fdr))
+    annotated = fdr[rows, best] < float(a.max_fdr)
+    colls = np.asarray([m.split(":", 1)[1] for m in fdr_cols], dtype=object)
+    terms = np.where(annotated, colls[best] + ":" + sets[rows, best].astype(object), "")
+    return annotated, terms
+
+
+def run_unannotated(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Features with no enriched term in any collection, characterised by their best co-firing annotated
+    partner (Jaccard, PMI; rows = ``coactivation_rows``) and their closest annotated decoder direction,
+    with the partners' best terms: ``analysis/unannotated.csv`` (``coactivation.guilt_by_association``)."""
+    from sae4scfm.analysis.coactivation import guilt_by_association, unannotated_summary
+    from sae4scfm.saes.base import load_sae
+
+    annotated, terms = annotated_features(run, a)
+    sae, _ = load_sae(run.run_dir)
+    table = guilt_by_association(_coactivation_rows(run, a), sae.W_dec.detach(), annotated, terms)
+    atomic_write(run.out_dir / "unannotated.csv", lambda tmp: table.to_csv(tmp, index=False))
+    s = unannotated_summary(table, run.n_features, min_jaccard=float(a.unannotated_min_jaccard),
+                            min_cosine=float(a.unannotated_min_cosine))
+    print(f"unannotated features: {s['n_unannotated']} of {s['n_features']} ({s['fraction_unannotated']:.1%}; "
+          f"{s['n_never_fire']} never fire); co-firing partner with Jaccard >= {s['min_jaccard']}: "
+          f"{s['n_cofiring_partner']}, decoder partner with |cos| >= {s['min_cosine']}: {s['n_decoder_partner']}")
+    per_feature = table.set_index("feature_id").drop(columns=["n_fire"]).reindex(range(run.n_features))
+    out = _frame({"annotated": annotated.astype(np.int64), "term": terms.astype(str)}, run.n_features)
+    for col in per_feature.columns:
+        vals = per_feature[col]
+        out[col] = vals.fillna("").astype(str).to_numpy() if col.endswith("_term") else vals.to_numpy()
+    return out
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -433,7 +476,7 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
     run = load_run_data(cfg)
     steps = {"label_scoring": run_label_scoring, "gene_scoring": run_gene_scoring, "enrichment": run_enrichment,
              "gene_families": run_gene_families, "density": run_density, "pca_comparison": run_pca_comparison,
-             "coactivation": run_coactivation,
+             "coactivation": run_coactivation, "unannotated": run_unannotated,
              "cross_layer": lambda r, c: run_cross_layer(r, c, cfg.runs_dir)}
     table = None
     params = OmegaConf.to_container(a, resolve=True)

@@ -30,6 +30,8 @@ __all__ = [
     "match_by_decoder",
     "match_by_cofiring",
     "persistence",
+    "guilt_by_association",
+    "unannotated_summary",
 ]
 
 
@@ -308,3 +310,84 @@ def persistence(match_df: pd.DataFrame, threshold: float, *, column: str | None 
     if "best_b" in match_df.columns:
         ok &= match_df["best_b"].to_numpy() >= 0
     return float(np.mean(ok))
+
+
+# --------------------------------------------------------------------------- unannotated features
+
+UNANNOTATED_COLUMNS = ["feature_id", "n_fire", "cofiring_partner", "cofiring_jaccard", "cofiring_pmi", "cofiring_count",
+                       "cofiring_partner_term", "decoder_partner", "decoder_cosine", "decoder_partner_term"]
+
+
+def guilt_by_association(X, W_dec, annotated, terms) -> pd.DataFrame:
+    """Characterise the unannotated features by the annotated ones they resemble (guilt by association).
+
+    ``X [rows, F]`` activations (cells or tokens; fires = ``> 0``), ``W_dec [F, d]`` decoder directions,
+    ``annotated`` bool ``[F]`` (the feature has an enriched term), ``terms`` ``[F]`` the best term of
+    each annotated feature. For every feature with ``annotated == False``, one row: ``n_fire`` (rows
+    where it fires); its best co-firing annotated partner by Jaccard of the firing sets
+    (:func:`match_by_cofiring`), that pair's ``cofiring_pmi`` (natural log) and ``cofiring_count``;
+    the annotated feature with the closest decoder direction by ``|cos|`` (:func:`match_by_decoder`);
+    and each partner's term. No partner: ``-1``, Jaccard 0, PMI NaN, term ``""`` (a feature that never
+    fires has no co-firing partner; with no annotated feature at all there is no partner of either kind).
+    Columns :data:`UNANNOTATED_COLUMNS`, sorted by decreasing ``cofiring_jaccard`` then ``feature_id``.
+    """
+    B = firing(X, dtype=np.int32).tocsc()
+    W = as_dense(W_dec, "W_dec")
+    annotated = np.asarray(annotated, dtype=bool).ravel()
+    terms = np.asarray(terms, dtype=object).ravel()
+    n_rows, n_feat = B.shape
+    if not (W.shape[0] == annotated.size == terms.size == n_feat):
+        raise InputError(f"guilt_by_association: X has {n_feat} features but W_dec has {W.shape[0]} rows, "
+                         f"annotated {annotated.size} and terms {terms.size} entries; pass them for the same SAE.")
+    un, ann = np.flatnonzero(~annotated), np.flatnonzero(annotated)
+    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
+    out = pd.DataFrame({"feature_id": un, "n_fire": n_fire[un], "cofiring_partner": -1, "cofiring_jaccard": 0.0,
+                        "cofiring_pmi": np.nan, "cofiring_count": 0, "cofiring_partner_term": "",
+                        "decoder_partner": -1, "decoder_cosine": np.nan, "decoder_partner_term": ""},
+                       columns=UNANNOTATED_COLUMNS)
+    if un.size and ann.size:
+        fire = match_by_cofiring(B[:, un], B[:, ann], metric="jaccard")
+        hit = fire["best_b"].to_numpy() >= 0
+        partner = np.where(hit, ann[np.maximum(fire["best_b"].to_numpy(), 0)], -1)
+        cnt = fire["count"].to_numpy()
+        out["cofiring_partner"] = partner
+        out["cofiring_jaccard"] = fire["jaccard"].to_numpy()
+        out["cofiring_count"] = cnt
+        with np.errstate(divide="ignore"):
+            out["cofiring_pmi"] = np.where(hit, _pmi_values(np.maximum(cnt, 1), n_fire[un], np.maximum(
+                n_fire[np.maximum(partner, 0)], 1), n_rows), np.nan)
+        out["cofiring_partner_term"] = np.where(hit, terms[np.maximum(partner, 0)], "")
+        dec = match_by_decoder(W[un], W[ann])
+        out["decoder_partner"] = ann[dec["best_b"].to_numpy()]
+        out["decoder_cosine"] = dec["cosine"].to_numpy()
+        out["decoder_partner_term"] = terms[out["decoder_partner"].to_numpy()]
+    out = out.sort_values(["cofiring_jaccard", "feature_id"], ascending=[False, True], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def unannotated_summary(table: pd.DataFrame, n_features: int, *, min_jaccard: float = 0.3,
+                        min_cosine: float = 0.5, top: int = 10) -> dict:
+    """Summary-ready numbers of a :func:`guilt_by_association` table: ``n_features``,
+    ``n_unannotated``, ``fraction_unannotated``, ``n_never_fire``, ``n_cofiring_partner`` (best
+    co-firing partner with Jaccard >= ``min_jaccard``), ``n_decoder_partner`` (|cos| >= ``min_cosine``),
+    median Jaccard / |cos| over the unannotated features that fire, and ``top``: the ``top`` rows with the
+    highest Jaccard as dicts (feature_id, partner, jaccard, pmi, term, decoder partner, cosine, term)."""
+    if n_features < 1:
+        raise InputError(f"unannotated_summary: n_features must be >= 1, got {n_features}")
+    fires = table["n_fire"].to_numpy() > 0
+    jac = table["cofiring_jaccard"].to_numpy(dtype=np.float64)
+    cos = table["decoder_cosine"].to_numpy(dtype=np.float64)
+    rows = table.sort_values(["cofiring_jaccard", "feature_id"], ascending=[False, True], kind="stable").head(int(top))
+    return {
+        "n_features": int(n_features),
+        "n_unannotated": int(len(table)),
+        "fraction_unannotated": len(table) / n_features,
+        "n_never_fire": int((~fires).sum()),
+        "n_cofiring_partner": int((jac >= min_jaccard).sum()),
+        "n_decoder_partner": int((np.nan_to_num(cos, nan=0.0) >= min_cosine).sum()),
+        "median_jaccard": float(np.median(jac[fires])) if fires.any() else float("nan"),
+        "median_decoder_cosine": float(np.nanmedian(cos[fires])) if fires.any() and np.isfinite(cos[fires]).any()
+        else float("nan"),
+        "min_jaccard": float(min_jaccard), "min_cosine": float(min_cosine),
+        "top": rows.to_dict("records"),
+    }
