@@ -347,16 +347,15 @@ def guilt_by_association(X, W_dec, annotated, terms) -> pd.DataFrame:
                        columns=UNANNOTATED_COLUMNS)
     if un.size and ann.size:
         fire = match_by_cofiring(B[:, un], B[:, ann], metric="jaccard")
-        hit = fire["best_b"].to_numpy() >= 0
-        partner = np.where(hit, ann[np.maximum(fire["best_b"].to_numpy(), 0)], -1)
+        best = fire["best_b"].to_numpy()
+        hit = np.flatnonzero(best >= 0)
+        partner = ann[best[hit]]
         cnt = fire["count"].to_numpy()
-        out["cofiring_partner"] = partner
         out["cofiring_jaccard"] = fire["jaccard"].to_numpy()
         out["cofiring_count"] = cnt
-        with np.errstate(divide="ignore"):
-            out["cofiring_pmi"] = np.where(hit, _pmi_values(np.maximum(cnt, 1), n_fire[un], np.maximum(
-                n_fire[np.maximum(partner, 0)], 1), n_rows), np.nan)
-        out["cofiring_partner_term"] = np.where(hit, terms[np.maximum(partner, 0)], "")
+        out.loc[hit, "cofiring_partner"] = partner
+        out.loc[hit, "cofiring_pmi"] = _pmi_values(cnt[hit], n_fire[un[hit]], n_fire[partner], n_rows)
+        out.loc[hit, "cofiring_partner_term"] = terms[partner]
         dec = match_by_decoder(W[un], W[ann])
         out["decoder_partner"] = ann[dec["best_b"].to_numpy()]
         out["decoder_cosine"] = dec["cosine"].to_numpy()
