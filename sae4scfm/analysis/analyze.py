@@ -369,7 +369,8 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
                 vals = vals[results.loc[members, (analysis, f"best_auroc:{run.cell_type_key}")] >= float(a.auroc_threshold)]
             row[f"label:{metric.split(':', 1)[1]}"] = vals.mode().iloc[0] if len(vals) else ""
         rows.append(row)
-    atomic_write(run.out_dir / "modules.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    modules = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["module", "size", "features"])
+    atomic_write(run.out_dir / "modules.csv", lambda tmp: modules.to_csv(tmp, index=False))
     degree = np.bincount(np.concatenate([pairs["i"], pairs["j"]]).astype(np.int64), minlength=run.n_features)
     print(f"co-activation on {a.get('coactivation_rows', 'cells')}: {len(pairs)} significant pairs of "
           f"{pairs.attrs['n_tests']} tested (BH over all pairs), {module.max() + 1} modules")
