@@ -194,9 +194,10 @@ def test_tail_participation_ratio_hand_examples():
     # the threshold is never below 0 (a positive tail), and a row without finite scores has none
     assert tail_threshold(np.array([[-5.0, -4.0, -4.0, -3.0]]))[0] == 0.0
     assert tail_threshold(np.array([[np.nan, np.inf]]))[0] == np.inf
-    # nothing above the tail threshold: no top genes (nothing stands out of the bulk)
+    # nothing above the tail threshold (nothing stands out of the bulk): the best positive gene only
     flat = np.array([[0.1, 0.05, -0.1, -0.05]])
-    assert top_genes(flat, list("abcd"), n=20)[0] == [] and top_genes(flat, list("abcd"), adaptive=False)[0] == ["a", "b"]
+    assert tail_participation_ratio(flat)[0] == 0
+    assert top_genes(flat, list("abcd"), n=20)[0] == ["a"] and top_genes(flat, list("abcd"), adaptive=False)[0] == ["a", "b"]
 
 
 def test_top_genes_k_summary():

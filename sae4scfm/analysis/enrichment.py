@@ -324,7 +324,7 @@ def fisher_enrichment(
 
     feat_ids = list(top_genes)
     top_lists = [[g for g in dict.fromkeys(map(str, top_genes[f])) if g in index] for f in feat_ids]
-    if feat_ids and not any(top_lists):
+    if any(len(top_genes[f]) for f in feat_ids) and not any(top_lists):  # a namespace mismatch, not empty lists
         examples = [g for f in feat_ids for g in top_genes[f]][:4]
         raise InputError(f"fisher_enrichment: none of the features' top genes is in the gene universe "
                          f"({N} genes); top genes look like {examples}, universe genes like {universe[:4]}. "

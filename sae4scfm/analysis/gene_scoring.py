@@ -243,10 +243,10 @@ def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive
     Only positive, finite scores count (a gene scoring <= 0 or NaN is never a top gene).
     ``adaptive=False``: the n best. ``adaptive=True``: the k best of the row's positive tail
     (scores above :func:`tail_threshold`, ``median + tail_z * 1.4826 * MAD`` of the row) with
-    ``k = min(n, |tail|, max(1, round(PR)))``, PR the :func:`tail_participation_ratio` – the
-    "effective number" of genes standing out of the noise (m dominant genes -> ~m); a feature
-    whose scores have no tail gets ``[]``. Ties keep gene order. A feature without positive
-    scores gets ``[]``.
+    ``k = min(n, max(1, round(PR)))``, PR the :func:`tail_participation_ratio` – the
+    "effective number" of genes standing out of the bulk (m dominant genes -> ~m; PR <= |tail|);
+    a feature with positive scores but no tail keeps its best gene. Ties keep gene order. A
+    feature without positive scores gets ``[]``.
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     genes = np.asarray(list(genes), dtype=object)
@@ -257,9 +257,8 @@ def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive
     pos = np.isfinite(s) & (s > 0)
     k = np.minimum(n, pos.sum(axis=1))
     if adaptive:
-        n_tail = (pos & (s > tail_threshold(s, tail_z)[:, None])).sum(axis=1)
         pr = np.floor(tail_participation_ratio(s, tail_z) + 0.5).astype(np.int64)
-        k = np.where(n_tail > 0, np.minimum(np.minimum(k, n_tail), np.maximum(1, pr)), 0)
+        k = np.minimum(k, np.maximum(1, pr))
     order = np.argsort(np.where(pos, -s, np.inf), axis=1, kind="stable")[:, :n]
     return {i: genes[order[i, : k[i]]].tolist() for i in range(s.shape[0])}
 
