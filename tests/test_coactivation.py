@@ -114,13 +114,20 @@ def test_pmi_stays_sparse_on_large_input():
 # ----------------------------------------------------------------------------- significance
 
 
-def test_significant_pairs_pvalues_match_fisher_and_bh():
-    import statsmodels.stats.multitest as sm
-    rng = np.random.default_rng(3)
-    N, F = 400, 12
+def _planted_cofiring(seed=3, N=400, F=12):
+    """N rows x F features: f1 follows f0, f5 follows f4; f8..f11 fire rarely and f10/f11 are disjoint
+    (pairs that never co-fire, and pairs co-firing on fewer than 5 rows)."""
+    rng = np.random.default_rng(seed)
     X = (rng.random((N, F)) < 0.2).astype(float)
-    X[:, 1] = np.where(rng.random(N) < 0.8, X[:, 0], X[:, 1])  # f1 follows f0
-    X[:, 5] = np.where(rng.random(N) < 0.7, X[:, 4], X[:, 5])  # f5 follows f4
+    X[:, 1] = np.where(rng.random(N) < 0.8, X[:, 0], X[:, 1])
+    X[:, 5] = np.where(rng.random(N) < 0.7, X[:, 4], X[:, 5])
+    X[:, 8:] = (rng.random((N, 4)) < 0.02).astype(float)
+    X[:, 10] = np.where(X[:, 11] > 0, 0.0, X[:, 10])
+    return X
+
+
+def test_significant_pairs_pvalues_match_fisher_and_bh():
+    X = _planted_cofiring()
     df = significant_pairs(sp.csr_matrix(X), min_count=5, max_fdr=1.0)
     assert list(df.columns) == ["i", "j", "count", "pmi", "p_value", "fdr"]
     assert (df["i"] < df["j"]).all() and (df["count"] >= 5).all()
@@ -134,12 +141,37 @@ def test_significant_pairs_pvalues_match_fisher_and_bh():
         assert row["count"] == a
         _, p = fisher_exact([[a, b], [c, d]], alternative="greater")
         assert row.p_value == pytest.approx(p, rel=1e-9, abs=1e-300)
-    _, fdr_ref, _, _ = sm.multipletests(df["p_value"].to_numpy(), method="fdr_bh")
-    np.testing.assert_allclose(df["fdr"].to_numpy(), fdr_ref, rtol=1e-12)
     sig = significant_pairs(sp.csr_matrix(X), min_count=5, max_fdr=0.01)
     pairs = set(zip(sig["i"], sig["j"]))
     assert (0, 1) in pairs and (4, 5) in pairs
     assert (sig["fdr"] <= 0.01).all()
+
+
+def test_significant_pairs_fdr_is_bh_over_all_pairs():
+    """Every pair i < j is a test (never co-firing pairs and pairs below min_count included): the FDR
+    equals statsmodels' BH over the p-values of all F(F-1)/2 pairs, each from scipy.stats.hypergeom."""
+    import statsmodels.stats.multitest as sm
+    from scipy.stats import hypergeom
+
+    X = _planted_cofiring()
+    B = X > 0
+    N, F = B.shape
+    ii, jj = np.triu_indices(F, k=1)
+    count = np.array([int((B[:, i] & B[:, j]).sum()) for i, j in zip(ii, jj)])
+    p_ref = np.array([hypergeom.sf(c - 1, N, B[:, i].sum(), B[:, j].sum()) for c, i, j in zip(count, ii, jj)])
+    assert (count == 0).sum() >= 1 and ((count > 0) & (count < 5)).sum() >= 3  # the example has both kinds
+    fdr_ref = sm.multipletests(p_ref, method="fdr_bh")[1]
+    everything = significant_pairs(sp.csr_matrix(X), min_count=1, max_fdr=1.0)
+    assert everything.attrs["n_tests"] == F * (F - 1) // 2 == 66
+    assert len(everything) == int((count > 0).sum())
+    ref = pd.DataFrame({"i": ii, "j": jj, "count": count, "p": p_ref, "fdr": fdr_ref}).query("count > 0")
+    np.testing.assert_array_equal(everything[["i", "j", "count"]].to_numpy(), ref[["i", "j", "count"]].to_numpy())
+    np.testing.assert_allclose(everything["p_value"], ref["p"], rtol=1e-9)
+    np.testing.assert_allclose(everything["fdr"], ref["fdr"], rtol=1e-9)
+    # min_count filters what is reported, not what is tested: the reported FDRs stay BH over all pairs
+    reported = significant_pairs(sp.csr_matrix(X), min_count=5, max_fdr=1.0)
+    ref5 = ref.query("count >= 5")
+    np.testing.assert_allclose(reported["fdr"], ref5["fdr"], rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- modules

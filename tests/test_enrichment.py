@@ -179,6 +179,9 @@ def test_min_size_filter_and_empty_results():
     assert res.loc[0, "overlap_genes"] == "G0;G1;G2;G3;G4"
     empty = fisher_enrichment({7: universe[:5]}, sets, universe, min_size=20)
     assert list(empty.columns) == FISHER_COLUMNS and empty.empty
+    # features without any top gene (e.g. no positive gene score) are no namespace error: nothing is enriched
+    none = fisher_enrichment({0: [], 1: []}, sets, universe, min_size=5)
+    assert list(none.columns) == FISHER_COLUMNS and none.empty
 
 
 def test_no_overlap_with_universe_names_file_and_both_namespaces(tmp_path):

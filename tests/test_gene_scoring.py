@@ -19,8 +19,11 @@ from sae4scfm.analysis.gene_scoring import (
     gene_family_scores,
     gene_score_matrix,
     participation_ratio,
+    tail_participation_ratio,
+    tail_threshold,
     token_gene_scores,
     top_genes,
+    top_genes_k_summary,
 )
 from sae4scfm.errors import InputError
 
@@ -128,24 +131,82 @@ def test_participation_ratio_hand_examples():
 
 
 def test_top_genes_fixed_and_adaptive():
-    genes = list("abcdef")
+    genes = list("abcdefghij")
+    bulk = [0.0, 0.01, -0.01, 0.0, 0.02, -0.02]  # unrelated genes: median 0, MAD 0.01
     s = np.array([
-        [1, 1, 1, 0, 0, 0],          # uniform over 3 -> PR 3
-        [10, 0.1, 0.1, 0.1, 0, 0],   # one dominant -> PR ~1.06 -> 1
-        [0, -1, np.nan, 0, 0, 0],    # nothing positive
-        [1, 2, 3, 4, 5, 6],          # PR = 441/91 = 4.85 -> 5
+        [1, 1, 1, 0, *bulk],             # three equal outliers -> PR 3
+        [10, 0.1, 0, 0, *bulk],          # one dominant (0.1 is an outlier too, but small) -> PR ~1.0 -> 1
+        [0, -1, np.nan, 0, 0, 0, 0, 0, 0, 0],  # nothing positive
+        [0.9, 0.3, 0.2, 0.1, *bulk],     # tail from 0.148 (median 0.015 + 3 * 1.4826 * MAD 0.03): excess
+                                         # (0.752, 0.152, 0.052) -> PR 1.54 -> 2
     ])
     fixed = top_genes(s, genes, n=2, adaptive=False)
-    assert fixed == {0: ["a", "b"], 1: ["a", "b"], 2: [], 3: ["f", "e"]}
+    assert fixed == {0: ["a", "b"], 1: ["a", "b"], 2: [], 3: ["a", "b"]}
     adapt = top_genes(s, genes, n=20)
     assert adapt[0] == ["a", "b", "c"]
     assert adapt[1] == ["a"]
     assert adapt[2] == []
-    assert adapt[3] == ["f", "e", "d", "c", "b"]
-    assert top_genes(s, genes, n=4)[3] == ["f", "e", "d", "c"]  # capped by n
+    assert adapt[3] == ["a", "b"]
+    assert top_genes(s, genes, n=1)[3] == ["a"]  # capped by n
     with pytest.raises(InputError):
         top_genes(s, genes[:3])
 
+
+def _dominant_rows(n_genes, ms, seed=0):
+    """One row per m in ``ms``: m dominant genes (scores spread over 0.55..0.85, at random columns) over a
+    bulk of unrelated genes scoring N(0, 0.05) (like Pearson r of an unrelated gene). Returns (scores, dominant)."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0.0, 0.05, (len(ms), n_genes))
+    dominant = []
+    for r, m in enumerate(ms):
+        cols = rng.choice(n_genes, m, replace=False)
+        s[r, cols] = np.linspace(0.85, 0.55, m) if m > 1 else 0.8
+        dominant.append(set(cols.tolist()))
+    return s, dominant
+
+
+@pytest.mark.parametrize("n_genes", [700, 5000])
+def test_adaptive_k_follows_the_number_of_dominant_genes(n_genes):
+    """The cut is the PR of the positive tail: k ~ m for m dominant genes whatever the gene count. The PR of all
+    positive scores (the old rule) sees the ~n_genes/2 positive noise genes and always hits the cap of 20."""
+    ms = [1, 2, 3, 5, 8, 12]
+    s, dominant = _dominant_rows(n_genes, ms)
+    genes = [f"g{i}" for i in range(n_genes)]
+    top = top_genes(s, genes, n=20)
+    k = np.array([len(top[r]) for r in range(len(ms))])
+    assert np.all(np.abs(k - np.array(ms)) <= 1), k
+    assert len(set(k.tolist())) == len(ms)  # the cut adapts: a different k for every m
+    for r, m in enumerate(ms):  # the genes kept are the dominant ones, best first
+        kept = {int(g[1:]) for g in top[r]}
+        assert kept <= dominant[r] or (len(kept) == m + 1 and len(kept - dominant[r]) == 1)
+    assert (np.floor(participation_ratio(s) + 0.5) > 20).all()  # the old rule: k = 20 for every row
+    np.testing.assert_allclose(tail_threshold(s), 3 * 0.05, rtol=0.15)  # median + 3 robust sigmas of the bulk
+
+
+def test_tail_participation_ratio_hand_examples():
+    # finite scores (5, 4, 0, 0, 0, 0, 0.1, -0.1): median 0, MAD 0.05 -> tail from 3 * 1.4826 * 0.05 = 0.2224
+    s = np.array([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.1, -0.1, np.nan]])
+    t = 3 * 1.4826 * 0.05
+    assert tail_threshold(s)[0] == pytest.approx(t)
+    assert tail_threshold(s, z=1.0)[0] == pytest.approx(t / 3)
+    assert tail_participation_ratio(s)[0] == pytest.approx((9 - 2 * t) ** 2 / ((5 - t) ** 2 + (4 - t) ** 2))
+    assert top_genes(s, list("abcdefghi"), n=20)[0] == ["a", "b"]  # round(1.97) = 2
+    # the threshold is never below 0 (a positive tail), and a row without finite scores has none
+    assert tail_threshold(np.array([[-5.0, -4.0, -4.0, -3.0]]))[0] == 0.0
+    assert tail_threshold(np.array([[np.nan, np.inf]]))[0] == np.inf
+    # nothing above the tail threshold (nothing stands out of the bulk): the best positive gene only
+    flat = np.array([[0.1, 0.05, -0.1, -0.05]])
+    assert tail_participation_ratio(flat)[0] == 0
+    assert top_genes(flat, list("abcd"), n=20)[0] == ["a"] and top_genes(flat, list("abcd"), adaptive=False)[0] == ["a", "b"]
+
+
+def test_top_genes_k_summary():
+    out = top_genes_k_summary([0, 1, 2, 3, 4, 5, 6, 7, 8, 20])
+    assert out["n_features"] == 10 and out["n_empty"] == 1 and out["mean"] == pytest.approx(5.6)
+    assert (out["min"], out["median"], out["max"]) == (0.0, 4.5, 20.0)
+    assert out["q25"] == pytest.approx(np.quantile(np.r_[0:9, 20], 0.25))
+    with pytest.raises(InputError):
+        top_genes_k_summary([])
 
 POSITIVE = {
     "ribosomal": ["RPL13A", "RPS27A", "RPLP0", "RPS4X", "RPL10"],

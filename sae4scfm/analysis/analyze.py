@@ -48,7 +48,7 @@ from sae4scfm.errors import InputError
 from sae4scfm.runs import resolve_run_dir
 
 ANALYSES = ("label_scoring", "gene_scoring", "enrichment", "gene_families", "density",
-            "pca_comparison", "coactivation", "cross_layer")
+            "pca_comparison", "coactivation", "unannotated", "cross_layer")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -119,18 +119,26 @@ def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
 
 
 def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
-    """Each feature's top genes (adaptive cut by participation ratio, at most ``top_genes``)."""
+    """Each feature's top genes: the adaptive cut (participation ratio of the positive tail above
+    ``top_genes_tail_z`` noise sigmas, at most ``top_genes``; ``gene_scoring.top_genes``)."""
     from sae4scfm.analysis.gene_scoring import top_genes
 
     if "top" not in run.cache:
         scores, genes = feature_gene_scores(run, a)
-        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True)
+        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True,
+                                     tail_z=float(a.top_genes_tail_z))
     return run.cache["top"]
 
 
 def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Per-token (frequency, mean activation, specificity per gene) and per-cell (Pearson r) gene scores."""
-    from sae4scfm.analysis.gene_scoring import participation_ratio, token_gene_scores, top_genes
+    from sae4scfm.analysis.gene_scoring import (
+        tail_participation_ratio,
+        tail_threshold,
+        token_gene_scores,
+        top_genes,
+        top_genes_k_summary,
+    )
 
     n = run.n_features
     cols: dict[str, object] = {}
@@ -148,7 +156,12 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     cols["top_genes"] = [";".join(adaptive.get(i, [])) for i in range(n)]
     cols["n_top_genes"] = [len(adaptive.get(i, [])) for i in range(n)]
     cols["top_genes_fixed"] = [";".join(fixed.get(i, [])) for i in range(n)]
-    cols["participation_ratio"] = participation_ratio(scores)
+    cols["participation_ratio"] = tail_participation_ratio(scores, float(a.top_genes_tail_z))
+    cols["tail_threshold"] = tail_threshold(scores, float(a.top_genes_tail_z))
+    k = top_genes_k_summary(cols["n_top_genes"])
+    print(f"adaptive top genes per feature (k, at most {int(a.top_genes)}): "
+          + ", ".join(f"{q} {k[q]:g}" for q in ("min", "q10", "q25", "median", "q75", "q90", "max"))
+          + f"; {k['n_empty']} of {k['n_features']} features without a tail (no top genes)")
     with np.errstate(invalid="ignore"):
         cols["max_gene_corr"] = np.where(np.isnan(corr).all(1), np.nan, np.nanmax(np.nan_to_num(corr, nan=-2), 1))
     return _frame(cols, n)
@@ -320,13 +333,24 @@ def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
     return _frame({"max_svd_cos": cos}, run.n_features)
 
 
+def _coactivation_rows(run: RunData, a: DictConfig):
+    """The rows co-firing is counted on (``analysis.coactivation_rows``): cells [cells, features]
+    (max-pooled features.h5ad, the default) or tokens [tokens, features]."""
+    rows = a.get("coactivation_rows", "cells")
+    if rows == "tokens":
+        return need_tokens(run, "analysis.coactivation_rows=tokens").X
+    if rows == "cells":
+        return run.features.X
+    raise InputError(f"analysis.coactivation_rows={rows!r}: use cells (default) or tokens.")
+
+
 def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
-    """Significant co-firing pairs (hypergeometric, BH), PMI, and Leiden modules labelled by the
-    most common best gene set (and cell type) of their member features."""
+    """Significant co-firing pairs (hypergeometric, BH over all feature pairs), PMI, and Leiden modules
+    labelled by the most common best gene set (and cell type) of their member features."""
     from sae4scfm.analysis.coactivation import coactivation_modules, significant_pairs
 
-    X = need_tokens(run, "analysis.coactivation_rows=tokens").X if a.coactivation_rows == "tokens" else run.features.X
-    pairs = significant_pairs(X, min_count=int(a.coactivation_min_count), max_fdr=float(a.max_fdr))
+    pairs = significant_pairs(_coactivation_rows(run, a), min_count=int(a.coactivation_min_count),
+                              max_fdr=float(a.max_fdr))
     atomic_write(run.out_dir / "coactivation_pairs.csv", lambda tmp: pairs.to_csv(tmp, index=False))
     module = coactivation_modules(pairs, run.n_features, resolution=float(a.leiden_resolution),
                                   seed=int(run.run_cfg.seed))
@@ -345,12 +369,14 @@ def run_coactivation(run: RunData, a: DictConfig) -> pd.DataFrame:
                 fdr = results.loc[members, (analysis, metric.replace("best_set:", "fdr:"))]
                 vals = vals[fdr < float(a.max_fdr)]
             else:
-                vals = vals[results.loc[members, (analysis, f"best_auroc:{run.cell_type_key}")] >= float(a.auroc_threshold)]
+                vals = vals[results.loc[members, (analysis, f"best_eval_auroc:{run.cell_type_key}")] >= float(a.auroc_threshold)]
             row[f"label:{metric.split(':', 1)[1]}"] = vals.mode().iloc[0] if len(vals) else ""
         rows.append(row)
-    atomic_write(run.out_dir / "modules.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+    modules = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["module", "size", "features"])
+    atomic_write(run.out_dir / "modules.csv", lambda tmp: modules.to_csv(tmp, index=False))
     degree = np.bincount(np.concatenate([pairs["i"], pairs["j"]]).astype(np.int64), minlength=run.n_features)
-    print(f"co-activation: {len(pairs)} significant pairs, {module.max() + 1} modules")
+    print(f"co-activation on {a.get('coactivation_rows', 'cells')}: {len(pairs)} significant pairs of "
+          f"{pairs.attrs['n_tests']} tested (BH over all pairs), {module.max() + 1} modules")
     return _frame({"module": module, "n_partners": degree[: run.n_features]}, run.n_features)
 
 
@@ -415,11 +441,12 @@ def _baseline_pooling(a: DictConfig) -> str:
 
 def candidate_top_genes(run: RunData, a: DictConfig, M) -> dict[int, list[str]]:
     """Adaptive top genes of each candidate (column of M [cells, candidates]): Pearson r with
-    log1p CP10k expression over cells, cut by participation ratio (at most ``top_genes``)."""
+    log1p CP10k expression over cells, cut as the SAE's (``top_genes_tail_z``, at most ``top_genes``)."""
     from sae4scfm.analysis.gene_scoring import cell_gene_correlation, top_genes
 
     expr, genes = run.expression()
-    return top_genes(cell_gene_correlation(sp.csr_matrix(M), expr), genes, n=int(a.top_genes), adaptive=True)
+    return top_genes(cell_gene_correlation(sp.csr_matrix(M), expr), genes, n=int(a.top_genes), adaptive=True,
+                     tail_z=float(a.top_genes_tail_z))
 
 
 def _score_candidates(run: RunData, a: DictConfig, M, names: list[str], columns=None) -> tuple[dict, pd.DataFrame | None, dict]:
@@ -492,6 +519,49 @@ def baseline_table(run: RunData, a: DictConfig, methods: dict) -> tuple[pd.DataF
     return pd.DataFrame(rows), per_label
 
 
+def annotated_features(run: RunData, a: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """From the run's enrichment results: bool [features] (an enriched term, FDR < ``max_fdr``, in any
+    collection) and the best term of each (``<collection>:<set>`` of the smallest FDR; "" if none)."""
+    results = read_results(run.out_dir) if (run.out_dir / "results.parquet").is_file() else pd.DataFrame()
+    fdr_cols = [m for (an, m) in results.columns if an == "enrichment" and m.startswith("fdr:")]
+    if not fdr_cols:
+        raise InputError(f"analysis.run_unannotated needs the enrichment results of {run.run_dir}: set "
+                         "analysis.run_enrichment=true (in the same call or an earlier one).")
+    fdr = np.column_stack([results[("enrichment", m)].to_numpy(dtype=np.float64) for m in fdr_cols])
+    sets = np.column_stack([results[("enrichment", m.replace("fdr:", "best_set:", 1))].astype(str).to_numpy()
+                            for m in fdr_cols])
+    best = np.argmin(fdr, axis=1)
+    rows = np.arange(len(fdr))
+    annotated = fdr[rows, best] < float(a.max_fdr)
+    colls = np.asarray([m.split(":", 1)[1] for m in fdr_cols], dtype=object)
+    terms = np.where(annotated, colls[best] + ":" + sets[rows, best].astype(object), "")
+    return annotated, terms
+
+
+def run_unannotated(run: RunData, a: DictConfig) -> pd.DataFrame:
+    """Features with no enriched term in any collection, characterised by their best co-firing annotated
+    partner (Jaccard, PMI; rows = ``coactivation_rows``) and their closest annotated decoder direction,
+    with the partners' best terms: ``analysis/unannotated.csv`` (``coactivation.guilt_by_association``)."""
+    from sae4scfm.analysis.coactivation import guilt_by_association, unannotated_summary
+    from sae4scfm.saes.base import load_sae
+
+    annotated, terms = annotated_features(run, a)
+    sae, _ = load_sae(run.run_dir)
+    table = guilt_by_association(_coactivation_rows(run, a), sae.W_dec.detach(), annotated, terms)
+    atomic_write(run.out_dir / "unannotated.csv", lambda tmp: table.to_csv(tmp, index=False))
+    s = unannotated_summary(table, run.n_features, min_jaccard=float(a.unannotated_min_jaccard),
+                            min_cosine=float(a.unannotated_min_cosine))
+    print(f"unannotated features: {s['n_unannotated']} of {s['n_features']} ({s['fraction_unannotated']:.1%}; "
+          f"{s['n_never_fire']} never fire); co-firing partner with Jaccard >= {s['min_jaccard']}: "
+          f"{s['n_cofiring_partner']}, decoder partner with |cos| >= {s['min_cosine']}: {s['n_decoder_partner']}")
+    per_feature = table.set_index("feature_id").drop(columns=["n_fire"]).reindex(range(run.n_features))
+    out = _frame({"annotated": annotated.astype(np.int64), "term": terms.astype(str)}, run.n_features)
+    for col in per_feature.columns:
+        vals = per_feature[col]
+        out[col] = vals.fillna("").astype(str).to_numpy() if col.endswith("_term") else vals.to_numpy()
+    return out
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -506,7 +576,7 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
     run = load_run_data(cfg)
     steps = {"label_scoring": run_label_scoring, "gene_scoring": run_gene_scoring, "enrichment": run_enrichment,
              "gene_families": run_gene_families, "density": run_density, "pca_comparison": run_pca_comparison,
-             "coactivation": run_coactivation,
+             "coactivation": run_coactivation, "unannotated": run_unannotated,
              "cross_layer": lambda r, c: run_cross_layer(r, c, cfg.runs_dir)}
     table = None
     params = OmegaConf.to_container(a, resolve=True)

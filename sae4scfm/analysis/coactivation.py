@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import hypergeom
 
+from sae4scfm.analysis.enrichment import hypergeom_sf
 from sae4scfm.analysis.primitives import as_dense, bh_fdr, firing
 from sae4scfm.errors import InputError
 
@@ -30,6 +30,8 @@ __all__ = [
     "match_by_decoder",
     "match_by_cofiring",
     "persistence",
+    "guilt_by_association",
+    "unannotated_summary",
 ]
 
 
@@ -100,37 +102,44 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
 
 
 def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
-    """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR.
+    """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR over all pairs.
 
-    Tests every pair ``i < j`` with co-firing count ``>= min_count`` (pairs below it
-    are not tested and do not enter the FDR correction). The p-value is
-    ``P(K >= count)`` for ``K ~ Hypergeom(N, n_i, n_j)``, i.e. the one-sided Fisher
-    exact test (``alternative='greater'``) on the 2x2 firing table. ``fdr`` is the
-    Benjamini-Hochberg adjustment over all tested pairs; the rows returned are those
-    with ``fdr <= max_fdr`` (``max_fdr=1.0`` returns every tested pair).
+    Every pair ``i < j`` of the ``F`` features is a test: ``F (F - 1) / 2`` tests. The p-value
+    is ``P(K >= count)`` for ``K ~ Hypergeom(N, n_i, n_j)`` (``N`` rows, ``n_i`` rows where
+    ``i`` fires), i.e. the one-sided Fisher exact test (``alternative='greater'``) on the 2x2
+    firing table; a pair that never co-fires has p = 1 exactly and enters the correction
+    without being computed. ``fdr`` is the Benjamini-Hochberg adjustment over all the pairs
+    (= statsmodels ``multipletests(p_all_pairs, method="fdr_bh")``); the p-values are one
+    vectorised ``scipy.stats.hypergeom.sf`` call, never a Python loop over pairs.
 
-    Returns a DataFrame with columns ``i, j, count, pmi, p_value, fdr``, sorted by
-    ``(i, j)``.
+    ``min_count`` only filters the rows returned (a pair co-firing on fewer rows is still a
+    test), as does ``max_fdr`` (rows with ``fdr <= max_fdr``; ``max_fdr=1.0, min_count=1``
+    returns every pair that co-fires). Returns a DataFrame with columns
+    ``i, j, count, pmi, p_value, fdr``, sorted by ``(i, j)``; ``attrs["n_tests"]`` = the number
+    of pairs tested.
     """
     min_count = _check_min_count(min_count)
     if not (0.0 <= float(max_fdr) <= 1.0):
         raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
     B = firing(X, dtype=np.int32)
-    n_rows = B.shape[0]
+    n_rows, n_feat = B.shape
+    n_tests = n_feat * (n_feat - 1) // 2
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
     C = _cooccurrence(B, B)
-    keep = (C.row < C.col) & (C.data >= min_count)
+    keep = C.row < C.col
     i, j, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
     del C
     order = np.lexsort((j, i))
     i, j, cnt = i[order], j[order], cnt[order]
     n_i, n_j = n_fire[i], n_fire[j]
-    pmi = _pmi_values(cnt, n_i, n_j, n_rows)
-    p = hypergeom.sf(cnt - 1, n_rows, n_i, n_j) if cnt.size else np.empty(0)
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    fdr = bh_fdr(p)
+    p = hypergeom_sf(cnt, n_rows, n_i, n_j)
+    fdr = bh_fdr(p, n_tests=n_tests)  # the pairs that never co-fire: p = 1, counted in n_tests
+    report = (cnt >= min_count) & (fdr <= max_fdr)
+    i, j, cnt, p, fdr = i[report], j[report], cnt[report], p[report], fdr[report]
+    pmi = _pmi_values(cnt, n_fire[i], n_fire[j], n_rows)
     df = pd.DataFrame({"i": i, "j": j, "count": cnt, "pmi": pmi, "p_value": p, "fdr": fdr})
-    return df.loc[df["fdr"] <= max_fdr].reset_index(drop=True)
+    df.attrs["n_tests"] = n_tests
+    return df
 
 
 # --------------------------------------------------------------------------- modules
@@ -301,3 +310,83 @@ def persistence(match_df: pd.DataFrame, threshold: float, *, column: str | None 
     if "best_b" in match_df.columns:
         ok &= match_df["best_b"].to_numpy() >= 0
     return float(np.mean(ok))
+
+
+# --------------------------------------------------------------------------- unannotated features
+
+UNANNOTATED_COLUMNS = ["feature_id", "n_fire", "cofiring_partner", "cofiring_jaccard", "cofiring_pmi", "cofiring_count",
+                       "cofiring_partner_term", "decoder_partner", "decoder_cosine", "decoder_partner_term"]
+
+
+def guilt_by_association(X, W_dec, annotated, terms) -> pd.DataFrame:
+    """Characterise the unannotated features by the annotated ones they resemble (guilt by association).
+
+    ``X [rows, F]`` activations (cells or tokens; fires = ``> 0``), ``W_dec [F, d]`` decoder directions,
+    ``annotated`` bool ``[F]`` (the feature has an enriched term), ``terms`` ``[F]`` the best term of
+    each annotated feature. For every feature with ``annotated == False``, one row: ``n_fire`` (rows
+    where it fires); its best co-firing annotated partner by Jaccard of the firing sets
+    (:func:`match_by_cofiring`), that pair's ``cofiring_pmi`` (natural log) and ``cofiring_count``;
+    the annotated feature with the closest decoder direction by ``|cos|`` (:func:`match_by_decoder`);
+    and each partner's term. No partner: ``-1``, Jaccard 0, PMI NaN, term ``""`` (a feature that never
+    fires has no co-firing partner; with no annotated feature at all there is no partner of either kind).
+    Columns :data:`UNANNOTATED_COLUMNS`, sorted by decreasing ``cofiring_jaccard`` then ``feature_id``.
+    """
+    B = firing(X, dtype=np.int32).tocsc()
+    W = as_dense(W_dec, "W_dec")
+    annotated = np.asarray(annotated, dtype=bool).ravel()
+    terms = np.asarray(terms, dtype=object).ravel()
+    n_rows, n_feat = B.shape
+    if not (W.shape[0] == annotated.size == terms.size == n_feat):
+        raise InputError(f"guilt_by_association: X has {n_feat} features but W_dec has {W.shape[0]} rows, "
+                         f"annotated {annotated.size} and terms {terms.size} entries; pass them for the same SAE.")
+    un, ann = np.flatnonzero(~annotated), np.flatnonzero(annotated)
+    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
+    out = pd.DataFrame({"feature_id": un, "n_fire": n_fire[un], "cofiring_partner": -1, "cofiring_jaccard": 0.0,
+                        "cofiring_pmi": np.nan, "cofiring_count": 0, "cofiring_partner_term": "",
+                        "decoder_partner": -1, "decoder_cosine": np.nan, "decoder_partner_term": ""},
+                       columns=UNANNOTATED_COLUMNS)
+    if un.size and ann.size:
+        fire = match_by_cofiring(B[:, un], B[:, ann], metric="jaccard")
+        best = fire["best_b"].to_numpy()
+        hit = np.flatnonzero(best >= 0)
+        partner = ann[best[hit]]
+        cnt = fire["count"].to_numpy()
+        out["cofiring_jaccard"] = fire["jaccard"].to_numpy()
+        out["cofiring_count"] = cnt
+        out.loc[hit, "cofiring_partner"] = partner
+        out.loc[hit, "cofiring_pmi"] = _pmi_values(cnt[hit], n_fire[un[hit]], n_fire[partner], n_rows)
+        out.loc[hit, "cofiring_partner_term"] = terms[partner]
+        dec = match_by_decoder(W[un], W[ann])
+        out["decoder_partner"] = ann[dec["best_b"].to_numpy()]
+        out["decoder_cosine"] = dec["cosine"].to_numpy()
+        out["decoder_partner_term"] = terms[out["decoder_partner"].to_numpy()]
+    out = out.sort_values(["cofiring_jaccard", "feature_id"], ascending=[False, True], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def unannotated_summary(table: pd.DataFrame, n_features: int, *, min_jaccard: float = 0.3,
+                        min_cosine: float = 0.5, top: int = 10) -> dict:
+    """Summary-ready numbers of a :func:`guilt_by_association` table: ``n_features``,
+    ``n_unannotated``, ``fraction_unannotated``, ``n_never_fire``, ``n_cofiring_partner`` (best
+    co-firing partner with Jaccard >= ``min_jaccard``), ``n_decoder_partner`` (|cos| >= ``min_cosine``),
+    median Jaccard / |cos| over the unannotated features that fire, and ``top``: the ``top`` rows with the
+    highest Jaccard as dicts (feature_id, partner, jaccard, pmi, term, decoder partner, cosine, term)."""
+    if n_features < 1:
+        raise InputError(f"unannotated_summary: n_features must be >= 1, got {n_features}")
+    fires = table["n_fire"].to_numpy() > 0
+    jac = table["cofiring_jaccard"].to_numpy(dtype=np.float64)
+    cos = table["decoder_cosine"].to_numpy(dtype=np.float64)
+    rows = table.sort_values(["cofiring_jaccard", "feature_id"], ascending=[False, True], kind="stable").head(int(top))
+    return {
+        "n_features": int(n_features),
+        "n_unannotated": int(len(table)),
+        "fraction_unannotated": len(table) / n_features,
+        "n_never_fire": int((~fires).sum()),
+        "n_cofiring_partner": int((jac >= min_jaccard).sum()),
+        "n_decoder_partner": int((np.nan_to_num(cos, nan=0.0) >= min_cosine).sum()),
+        "median_jaccard": float(np.median(jac[fires])) if fires.any() else float("nan"),
+        "median_decoder_cosine": float(np.nanmedian(cos[fires])) if fires.any() and np.isfinite(cos[fires]).any()
+        else float("nan"),
+        "min_jaccard": float(min_jaccard), "min_cosine": float(min_cosine),
+        "top": rows.to_dict("records"),
+    }

