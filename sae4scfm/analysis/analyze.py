@@ -266,7 +266,7 @@ def activation_pcs(run: RunData, a: DictConfig) -> dict:
     from sae4scfm.scfm.loading import load_model_and_data
     from sae4scfm.store.extract import activation_stores
 
-    pooling = _baseline_pooling(a)
+    pooling = _baseline_pooling(run, a)
     layer = int(run.sae_cfg["layer"])
     adapter, adata, tokens = load_model_and_data(run.run_cfg, "cpu")
     stores = activation_stores(run.run_cfg, adapter, adata, tokens, [layer])
@@ -319,14 +319,14 @@ def run_pca_comparison(run: RunData, a: DictConfig) -> pd.DataFrame:
     aligned = float((cos > float(a.svd_cos_threshold)).mean())
     atomic_write_text(run.out_dir / "pca_comparison.json", json.dumps({
         "n_features": run.n_features, "n_pca_directions": len(pcs["pca_names"]),
-        "n_neuron_directions": len(pcs["neuron_names"]), "pooling": a.pooling,
+        "n_neuron_directions": len(pcs["neuron_names"]), "pooling": _baseline_pooling(run, a),
         "n_svd_axes": int(pcs["axes"].shape[0]), "svd_cos_threshold": float(a.svd_cos_threshold),
         "svd_aligned_fraction": aligned, "baseline_seeds": int(a.baseline_seeds)}, indent=1))
     atomic_write(run.out_dir / "baselines.csv", lambda tmp: per_method.to_csv(tmp, index=False))
     atomic_write(run.out_dir / "pca_comparison.csv", lambda tmp: per_label.to_csv(tmp, index=False))
     shown = [c for c in per_method.columns if c in ("method", "seed", "n_candidates", "mean_eval_auroc")
              or c.startswith("enriched_fraction:")]
-    print(f"matched baselines ({a.pooling}-pooled; best per cell type chosen on train cells, AUROC on eval cells):")
+    print(f"matched baselines ({_baseline_pooling(run, a)}-pooled; best per cell type chosen on train cells, AUROC on eval cells):")
     print(per_method[shown].to_string(index=False))
     print(f"SAE decoder directions aligned with a top-{pcs['axes'].shape[0]} SVD axis "
           f"(|cos| > {a.svd_cos_threshold}): {aligned:.1%}")
@@ -432,11 +432,14 @@ def label_keys(run: RunData, a: DictConfig) -> list[str]:
     return [k for k in (data_cfg.get("cell_type_key"), data_cfg.get("batch_key"), data_cfg.get("condition_key")) if k]
 
 
-def _baseline_pooling(a: DictConfig) -> str:
-    if a.pooling not in ("max", "mean"):
-        raise InputError(f"analysis.run_pca_comparison pools its PCA and neuron candidates per cell as the SAE "
-                         f"features; analysis.pooling={a.pooling!r} is not a cell pooling: use max or mean.")
-    return str(a.pooling)
+def _baseline_pooling(run: RunData, a: DictConfig) -> str:
+    """How PCA and neuron candidates are pooled per cell to match the SAE's cell representation: max for
+    max, else mean (mean of token latents, SAE of the mean vector; cell-level SAEs read one row per cell)."""
+    if a.get("pooling") == "token":
+        raise InputError("analysis.run_pca_comparison pools its PCA and neuron candidates per cell as the SAE "
+                         "features; analysis.pooling='token' is not a cell representation: use null, max, mean, "
+                         "sae_of_mean or the cell-level SAE's hook point.")
+    return "max" if run.representation == "max" else "mean"
 
 
 def candidate_top_genes(run: RunData, a: DictConfig, M) -> dict[int, list[str]]:

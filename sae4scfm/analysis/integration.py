@@ -191,15 +191,11 @@ class RunFeatures:
 
 def read_pooled_features(run_dir: Path, pooling: str) -> RunFeatures:
     """The run's pooled SAE features (``sae4scfm.analysis.run_data.read_run_features``)."""
+    from sae4scfm.features.generate import cell_representation
+
     features = read_run_features(run_dir)
     path = run_dir / "features" / "features.h5ad"
-    if pooling == "max":
-        X = features.X
-    elif pooling in features.layers:
-        X = features.layers[pooling]
-    else:
-        raise InputError(f"integration.pooling={pooling!r}: {path} has X (max) and layers "
-                         f"{list(features.layers)}; use max or one of those.")
+    X = cell_representation(features, pooling, f"integration.pooling={pooling!r}: {path}")
     return RunFeatures(as_matrix(X, str(path), dtype=np.float32), features, path)
 
 

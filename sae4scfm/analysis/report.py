@@ -20,14 +20,12 @@ from sae4scfm.errors import InputError
 
 
 def pooled_rows(run: RunData, a: DictConfig) -> tuple:
-    """(X [rows, features], obs [rows]) scored by ``analysis.pooling``: max | mean per cell
-    (rows = cells), token (rows = tokens, labelled with their cell's obs, split included)."""
-    if a.pooling == "token":
+    """(X [rows, features], obs [rows]) scored by ``analysis.pooling``: a cell representation (rows =
+    cells, ``run.representation``), or token (rows = tokens, labelled with their cell's obs, split included)."""
+    if a.get("pooling") == "token":
         tokens = need_tokens(run, "analysis.pooling=token")
         return tokens.X, run.features.obs.iloc[tokens.obs["cell_index"].to_numpy()].reset_index(drop=True)
-    if a.pooling in ("max", "mean"):
-        return (run.features.X if a.pooling == "max" else run.features.layers["mean"]), run.features.obs
-    raise InputError(f"analysis.pooling={a.pooling!r}: use max, mean or token.")
+    return run.features.X, run.features.obs
 
 
 def write_figures(run: RunData, table: pd.DataFrame) -> list[Path]:
@@ -190,7 +188,7 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
         split = run.features.obs["split"].astype(str)
         lines += [f"Selection: every best feature per label below is chosen on the {int((split == 'train').sum())} "
                   f"train cells and its AUROC reported on the {int((split == 'eval').sum())} eval cells "
-                  f"(analysis.pooling={a.pooling}); per-feature AUROC columns of results.csv are on all cells.", ""]
+                  f"(cell representation: {run.representation}); per-feature AUROC columns of results.csv are on all cells.", ""]
     cells = cell_type_summary(run, table, a)
     if len(cells):
         n_ok, n_marker = int(cells["interpreted"].sum()), int((cells["marker_set"] != "").sum())

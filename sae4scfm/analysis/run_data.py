@@ -26,9 +26,10 @@ class RunData:
     out_dir: Path
     run_cfg: DictConfig
     sae_cfg: dict
-    features: ad.AnnData  # cells x features (X = max-pooled, layers["mean"])
+    features: ad.AnnData  # cells x features (X = the representation ``representation``; others in layers)
     tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written
     cache: dict = field(default_factory=dict)
+    representation: str = "max"  # the cell representation in features.X (analysis.pooling)
 
     @property
     def n_features(self) -> int:
@@ -117,13 +118,28 @@ def load_run_data(cfg: DictConfig) -> RunData:
     run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
     sae_cfg = json.loads((run_dir / "cfg.json").read_text())
     features = read_run_features(run_dir)
+    representation = choose_representation(features, cfg.analysis.get("pooling"), run_dir)
     tokens = (read_run_features(run_dir, "token_features.h5ad")
               if (run_dir / "features" / "token_features.h5ad").is_file() else None)
     if tokens is not None and GENE_NAME not in tokens.obs:  # written before gene_name existed
         tokens.obs[GENE_NAME] = tokens.obs["gene"]
     out_dir = run_dir / "analysis"
     out_dir.mkdir(exist_ok=True)
-    return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens)
+    return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens,
+                   representation=representation)
+
+
+def choose_representation(features: ad.AnnData, pooling: str | None, run_dir: Path) -> str:
+    """Put the cell representation ``analysis.pooling`` in ``features.X`` (in place) and return its name:
+    null = the file's X (``features.pooling`` at generation; a cell-level SAE's code), ``token`` = the
+    file's X for cell-level statistics, token rows where an analysis scores tokens."""
+    from sae4scfm.features.generate import cell_representation, x_representation
+
+    current = x_representation(features)
+    if pooling in (None, "token") or pooling == current:
+        return current
+    features.X = cell_representation(features, str(pooling), str(run_dir / "features" / "features.h5ad"))
+    return str(pooling)
 
 
 def need_tokens(run: RunData, what: str) -> ad.AnnData:
