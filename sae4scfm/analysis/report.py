@@ -229,6 +229,28 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
         per_label = read_table(run, "pca_comparison.csv")
         if per_label is not None and len(per_label):
             lines += [_markdown(per_label), ""]
+    if "gene_scoring" in groups:
+        from sae4scfm.analysis.gene_scoring import top_genes_k_summary
+
+        k = top_genes_k_summary(table["gene_scoring"]["n_top_genes"])
+        lines += ["## Top genes per feature", "", f"Adaptive cut (positive tail above median + "
+                  f"{a.top_genes_tail_z} x 1.4826 MAD; k = round(participation ratio of the excess), at most "
+                  f"{a.top_genes}): k min {k['min']:.0f}, q25 {k['q25']:.0f}, median {k['median']:.0f}, "
+                  f"q75 {k['q75']:.0f}, q90 {k['q90']:.0f}, max {k['max']:.0f}; {k['n_empty']} features have none.",
+                  ""]
+    unannotated = read_table(run, "unannotated.csv") if "unannotated" in groups else None
+    if unannotated is not None:
+        from sae4scfm.analysis.coactivation import unannotated_summary
+
+        u = unannotated_summary(unannotated, run.n_features, min_jaccard=float(a.unannotated_min_jaccard),
+                                min_cosine=float(a.unannotated_min_cosine), top=int(a.summary_top_sets))
+        lines += ["## Unannotated features", "",
+                  f"{u['n_unannotated']} of {u['n_features']} features ({u['fraction_unannotated']:.1%}) have no "
+                  f"enriched term (FDR < {a.max_fdr}); {u['n_never_fire']} never fire. Guilt by association: "
+                  f"{u['n_cofiring_partner']} co-fire with an annotated feature (Jaccard >= {a.unannotated_min_jaccard})"
+                  f", {u['n_decoder_partner']} have an annotated decoder neighbour (|cos| >= "
+                  f"{a.unannotated_min_cosine}); unannotated.csv has every one.", "",
+                  _markdown(pd.DataFrame(u["top"])) if u["top"] else "", ""]
     if "density" in groups:
         d = table["density"]
         lines += ["## Density", "", f"Median fraction of cells a feature fires in: "
