@@ -91,7 +91,8 @@ def _save(fig, path: Path) -> Path:
 
 def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.DataFrame:
     """Per cell type at the resolution of the marker sets (labels mapped to the same marker set by
-    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay),
+    ``data.marker_sets`` are merged, e.g. three CD4 T subsets -> ``CD4 T``; unmapped labels stay;
+    ``analysis.cell_type_groups=labels``: every label on its own, scored against its marker set),
     one feature chosen on the train cells (``select_on_train``): among features whose train AUROC
     (one group vs the rest, ``analysis.pooling``) is >= ``auroc_threshold``, the one whose top genes
     are most enriched for the group's marker set (a BH FDR, corrected over all features x sets),
@@ -105,14 +106,19 @@ def cell_type_summary(run: RunData, table: pd.DataFrame, a: DictConfig) -> pd.Da
     X, obs = pooled_rows(run, a)
     is_train = train_mask(obs)
     labels = obs[key].astype("string").reset_index(drop=True)
-    group_of = {v: marker_set_for(run, v) or v for v in labels.dropna().unique()}
+    merge = a.get("cell_type_groups", "marker_sets")
+    if merge not in ("marker_sets", "labels"):
+        raise InputError(f"analysis.cell_type_groups={merge!r}: use marker_sets (labels mapped to one marker set "
+                         "are one cell type) or labels (every label value on its own).")
+    group_of = {v: (marker_set_for(run, v) or v) if merge == "marker_sets" else v for v in labels.dropna().unique()}
     grouped = labels.map(group_of)
     enr = table["enrichment"] if "enrichment" in groups else None
     genes = table["gene_scoring"]["top_genes"]
     sig = read_table(run, "enrichment.csv") if enr is not None else None
     markers = sig[sig["collection"] == collection_name(a.marker_collection)] if sig is not None else None
-    marker_of = {g: (g if any(marker_set_for(run, v) == g for v, gg in group_of.items() if gg == g) else None)
-                 for g in set(group_of.values())}
+    marker_of: dict[str, str | None] = {}  # group -> its marker set (None: no built-in set)
+    for v, g in group_of.items():
+        marker_of.setdefault(g, marker_set_for(run, v))
     prefer = {}
     for group, marker_set in marker_of.items():
         fdr = pd.Series(np.nan, index=range(X.shape[1]))
