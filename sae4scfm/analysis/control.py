@@ -196,4 +196,4 @@ def control_markdown(table: pd.DataFrame) -> str:
 def read_control_comparison(run_dir: Path) -> pd.DataFrame | None:
     """``<run>/analysis/control_comparison.csv`` if written (for the summary), else None."""
     path = Path(run_dir) / "analysis" / COMPARISON_FILE
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+    return pd.read_csv(path, keep_default_na=False, dtype={"label": str}) if path.is_file() else None
