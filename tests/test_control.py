@@ -148,7 +148,7 @@ def test_a_twin_with_another_config_is_an_error(controlled, tmp_path):
     cfg = OmegaConf.load(path)
     cfg.sae.hyperparams.k = 4
     OmegaConf.save(cfg, path)
-    with pytest.raises(InputError, match="is not the random-init twin.*delete it to retrain"):
+    with pytest.raises(InputError, match="holds a run of another config.*tiny-random_init.*delete it to retrain"):
         ensure_control_run(other / "tiny" / run_dir.name, other)
 
 

@@ -67,35 +67,66 @@ def _comparable(cfg: DictConfig) -> dict:
     return out
 
 
-def ensure_control_run(run_dir: Path, runs_dir: str | Path) -> Path:
-    """The finished twin of ``run_dir`` at ``<runs_dir>/<experiment>-random_init/<stamp>``, trained
-    (``sae4scfm.train``) if missing and its features generated (with token features when the run
-    has them) if missing. A twin whose config is not the expected one is an InputError."""
+def train_at(cfg: DictConfig, target: Path) -> Path:
+    """The finished run of training config ``cfg`` at ``target`` (``<runs_dir>/<experiment>/<name>``):
+    reused when its config.yaml is ``cfg`` (up to paths, device and logging), else trained with
+    ``sae4scfm.train`` and moved there; a finished run there with another config is an InputError."""
     import sae4scfm
 
+    target = Path(target)
+    if (target / "cfg.json").is_file():
+        if _comparable(load_run_config(target)) != _comparable(cfg):
+            raise InputError(f"{target} holds a run of another config than the one wanted here ({cfg.experiment}, "
+                             f"layer {cfg.sae.target_layer}, scfm.random_init={cfg.scfm.get('random_init')}); "
+                             "delete it to retrain.")
+        print(f"reusing {target}")
+        return target
+    print(f"training {target}")
+    built = Path(sae4scfm.train(cfg))
+    if built != target:
+        shutil.rmtree(target, ignore_errors=True)  # an unfinished run from a killed build
+        built.rename(target)
+    return target
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """``sae4scfm.compose``, also from inside a running Hydra app (an entry point such as
+    ``sae4scfm-analyze``), where Hydra is already initialised on the package's config dir."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        from hydra import compose as hydra_compose
+
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    from sae4scfm.cli import compose as package_compose
+
+    return package_compose(config_name, overrides)
+
+
+def ensure_features(run_dir: Path, runs_dir: str | Path, token_features: bool, device: str = "auto") -> Path:
+    """``run_dir``'s features dir, generated (``sae4scfm.generate_features``) when missing."""
+    import sae4scfm
+
+    out = Path(run_dir) / "features"
+    if not (out / "features.h5ad").is_file() or (token_features and not (out / "token_features.h5ad").is_file()):
+        sae4scfm.generate_features(compose("features", [
+            f"runs_dir={runs_dir}", f"sae_checkpoint.experiment={Path(run_dir).parent.name}",
+            f"sae_checkpoint.timestamp={Path(run_dir).name}", f"features.token_features={str(token_features).lower()}",
+            f"device={device}"]))
+    return out
+
+
+def ensure_control_run(run_dir: Path, runs_dir: str | Path) -> Path:
+    """The finished twin of ``run_dir`` at ``<runs_dir>/<experiment>-random_init/<stamp>``, trained
+    if missing and its features generated (with token features when the run has them) if missing.
+    A twin there with another config is an InputError."""
     run_dir = Path(run_dir)
     expected = control_train_config(load_run_config(run_dir))
     expected.runs_dir = str(runs_dir)
-    target = Path(runs_dir) / expected.experiment / run_dir.name
-    if (target / "cfg.json").is_file():
-        if _comparable(load_run_config(target)) != _comparable(expected):
-            raise InputError(f"{target} is not the random-init twin of {run_dir} (its config.yaml differs from the "
-                             "run's with scfm.random_init=true); delete it to retrain the control.")
-        print(f"random-init control: reusing {target}")
-    else:
-        print(f"random-init control: training {target}")
-        built = Path(sae4scfm.train(expected))
-        if built != target:
-            shutil.rmtree(target, ignore_errors=True)  # an unfinished twin from a killed build
-            built.rename(target)
-    tokens = (run_dir / "features" / "token_features.h5ad").is_file()
-    if not (target / "features" / "features.h5ad").is_file() or (
-            tokens and not (target / "features" / "token_features.h5ad").is_file()):
-        sae4scfm.generate_features(sae4scfm.compose("features", [
-            f"runs_dir={runs_dir}", f"sae_checkpoint.experiment={expected.experiment}",
-            f"sae_checkpoint.timestamp={target.name}", f"features.token_features={str(tokens).lower()}",
-            f"device={expected.device}"]))
-    return target
+    print("random-init control: ", end="")
+    twin = train_at(expected, Path(runs_dir) / expected.experiment / run_dir.name)
+    ensure_features(twin, runs_dir, (run_dir / "features" / "token_features.h5ad").is_file(), expected.device)
+    return twin
 
 
 def analyze_control(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
