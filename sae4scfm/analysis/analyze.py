@@ -423,9 +423,9 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
         table = update_results(run.out_dir, name, scores)
         write_feature_annotations(run.run_dir / "features" / "features.h5ad", name, scores, params,
                                   key_added=f"{a.key_added}_{name}" if a.get("key_added") else name)
+    if control == "random_init":  # before the summary, which can show analysis/control_comparison.csv
+        analyze_control(cfg, run.run_dir)
     figures = write_figures(run, table)
     summary = write_summary(run, table, a, figures)
     print(f"results: {run.out_dir / 'results.csv'} and {run.out_dir / 'results.parquet'}; summary: {summary}")
-    if control == "random_init":
-        analyze_control(cfg, run.run_dir)
     return table
