@@ -172,3 +172,4 @@ def test_control_markdown_names_the_claims_the_control_matches():
     assert "| n_types_heldout_auroc>=0.9 |  | 4 | 4 | **no** |" in md
     assert md.rstrip().endswith("does not beat its random-init control on: n_types_heldout_auroc>=0.9, "
                                 "enriched_fraction (go_bp).")
+    assert "No claim metric" in control_markdown(table.iloc[:0])

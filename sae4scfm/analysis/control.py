@@ -210,6 +210,9 @@ def control_comparison(run_dir: Path, twin_dir: Path, a: DictConfig) -> pd.DataF
 
 def control_markdown(table: pd.DataFrame) -> str:
     """Markdown of a comparison table (for ``summary.md``), then the claims the control matches or beats."""
+    if table.empty:
+        return ("No claim metric to compare with the random-init control: the dataset names no "
+                "data.cell_type_key and analysis.run_enrichment is off.\n")
     lines = ["| metric | label | trained | random-init control | trained beats control |",
              "|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
