@@ -570,12 +570,17 @@ def run_unannotated(run: RunData, a: DictConfig) -> pd.DataFrame:
 
 def analyze_features(cfg: DictConfig) -> pd.DataFrame:
     """Run the analyses switched on in ``cfg.analysis`` (``run_<analysis>=true``) on a run's features;
-    returns the updated results table (also written with figures and ``summary.md``)."""
+    returns the updated results table (also written with figures and ``summary.md``). With
+    ``analysis.control=random_init`` the same analyses also run on the run's random-init twin and
+    ``analysis/control_comparison.csv`` is written (``sae4scfm.analysis.control``)."""
+    from sae4scfm.analysis.control import analyze_control, control_name
+
     a = cfg.analysis
     selected = [name for name in ANALYSES if a.get(f"run_{name}")]
     if not selected:
         raise InputError("no analysis selected; set e.g. analysis.run_label_scoring=true "
                          f"(available: {', '.join('run_' + n for n in ANALYSES)}).")
+    control = control_name(cfg)  # a bad value stops before any analysis runs
     run = load_run_data(cfg)
     steps = {"label_scoring": run_label_scoring, "gene_scoring": run_gene_scoring, "enrichment": run_enrichment,
              "gene_families": run_gene_families, "density": run_density, "pca_comparison": run_pca_comparison,
@@ -589,6 +594,8 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
         table = update_results(run.out_dir, name, scores)
         write_feature_annotations(run.run_dir / "features" / "features.h5ad", name, scores, params,
                                   key_added=f"{a.key_added}_{name}" if a.get("key_added") else name)
+    if control == "random_init":  # before the summary, which can show analysis/control_comparison.csv
+        analyze_control(cfg, run.run_dir)
     figures = write_figures(run, table)
     summary = write_summary(run, table, a, figures)
     print(f"results: {run.out_dir / 'results.csv'} and {run.out_dir / 'results.parquet'}; summary: {summary}")
