@@ -16,7 +16,7 @@ and prints one table, representation x model:
                 run's TRAIN cells, its AUROC on the EVAL cells; averaged over types
   #types>=0.9   cell types whose selected feature reaches eval AUROC >= 0.9 (of the types scored)
 
-AUROCs are sae4scfm's ``label_auroc`` on the split subsets (tests check it against sklearn).
+Selection is sae4scfm's ``select_on_train`` (tests check it against sklearn).
 
     python benchmarks/cell_representations.py [--data pbmc] [--layer -1] [--scfm demo]
         [--token-epochs 3] [--cell-epochs 60] [--cell-batch 64] [--runs-dir DIR] [--out FILE.json]
@@ -33,28 +33,15 @@ from pathlib import Path
 import numpy as np
 
 import sae4scfm
-from sae4scfm.analysis.labels import label_auroc
+from sae4scfm.analysis.labels import select_on_train, train_mask
 from sae4scfm.errors import InputError
 from sae4scfm.features.generate import cell_representation
 
 
-def held_out_auroc(X, labels: np.ndarray, split: np.ndarray, min_cells: int) -> dict[str, float]:
-    """{cell type: eval AUROC of the feature with the best train AUROC} (X [cells, features])."""
-    train, test = split == "train", split == "eval"
-    on_train = label_auroc(X[np.flatnonzero(train)], labels[train], min_cells=min_cells)
-    on_eval = label_auroc(X[np.flatnonzero(test)], labels[test])
-    out = {}
-    for label in on_train.columns:
-        n_eval = int((labels[test] == label).sum())
-        if label in on_eval.columns and 0 < n_eval < int(test.sum()):
-            out[str(label)] = float(on_eval[label].iloc[int(np.nanargmax(on_train[label].to_numpy()))])
-    return out
-
-
 def score(features, name: str, label_key: str, min_cells: int) -> dict:
     X = cell_representation(features, name).tocsr()
-    labels = features.obs[label_key].astype(str).to_numpy()
-    per_type = held_out_auroc(X, labels, features.obs["split"].astype(str).to_numpy(), min_cells)
+    chosen = select_on_train(X, features.obs[label_key], train_mask(features.obs), min_cells=min_cells)
+    per_type = dict(zip(chosen["label"].astype(str), chosen["eval_auroc"]))
     values = np.array(list(per_type.values()))
     return {"fire_per_cell": float(np.diff(X.indptr).mean()), "d_sae": int(X.shape[1]),
             "eval_auroc_mean": float(values.mean()), "n_types_ge_0.9": int((values >= 0.9).sum()),

@@ -13,6 +13,7 @@ _LAZY = {
     "generate_features": ("sae4scfm.features", "generate_features"),
     "analyze_features": ("sae4scfm.analysis.analyze", "analyze_features"),
     "benchmark_integration": ("sae4scfm.analysis.integration", "benchmark_integration"),
+    "layer_profile": ("sae4scfm.analysis.layer_profile", "layer_profile"),
     "compose": ("sae4scfm.cli", "compose"),
 }
 

@@ -55,6 +55,13 @@ def analyze_main(cfg: DictConfig) -> None:
     _report_input_errors(analyze_features, cfg)
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="layer_profile", version_base="1.3")
+def layer_profile_main(cfg: DictConfig) -> None:
+    from sae4scfm.analysis.layer_profile import layer_profile
+
+    _report_input_errors(layer_profile, cfg)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")
 def benchmark_integration_main(cfg: DictConfig) -> None:
     from sae4scfm.analysis.integration import benchmark_integration
@@ -63,9 +70,13 @@ def benchmark_integration_main(cfg: DictConfig) -> None:
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """The config an entry point would see for ``overrides``, e.g. for ``sae4scfm.train(cfg)``."""
+    """The config an entry point would see for ``overrides``, e.g. for ``sae4scfm.train(cfg)``; also from
+    inside a running entry point (Hydra already initialised on the package's config dir)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))

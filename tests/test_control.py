@@ -7,10 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 import sae4scfm
-from sae4scfm.analysis.control import control_comparison, control_markdown, heldout_best_auroc, read_control_comparison
+from sae4scfm.analysis.control import control_comparison, control_markdown, read_control_comparison
 from sae4scfm.errors import InputError
 
 # A tiny run: 300 PBMC cells, 256 TopK latents, one epoch (about 15 s of training on 2 cores).
@@ -34,26 +33,6 @@ def controlled(tmp_path_factory):
     sae4scfm.generate_features(sae4scfm.compose("features", address))
     sae4scfm.analyze_features(sae4scfm.compose("analyze", [*address, *CONTROL_ANALYSIS]))
     return runs, run_dir, address
-
-
-def test_heldout_best_auroc_selects_on_train_and_reports_on_eval():
-    """Feature 0 separates the label on train cells only, feature 1 on eval cells only: the
-    selection is feature 0 and its reported AUROC is its (poor) eval AUROC, as sklearn computes it."""
-    rng = np.random.default_rng(0)
-    n = 200
-    split = np.where(np.arange(n) < 120, "train", "eval")
-    labels = np.where(rng.random(n) < 0.4, "A", "B")
-    pos = labels == "A"
-    X = rng.random((n, 3)) * 0.5
-    X[(split == "train") & pos, 0] += 1.0  # best on train
-    X[(split == "eval") & pos, 1] += 1.0  # best on eval (must not be chosen)
-    out = heldout_best_auroc(X, pd.Series(labels), pd.Series(split))
-    assert out.attrs["feature"]["A"] == 0
-    ev = split == "eval"
-    assert out["A"] == pytest.approx(roc_auc_score(pos[ev], X[ev, 0]))
-    assert out["A"] < 0.75  # the in-sample best (feature 1 on eval) would report ~1.0
-    b = out.attrs["feature"]["B"]
-    assert out["B"] == pytest.approx(roc_auc_score(~pos[ev], X[ev, b]))
 
 
 def test_control_twin_is_random_init_and_its_features_come_from_a_fresh_init(controlled):

@@ -20,11 +20,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.analysis.labels import label_auroc
+from sae4scfm.analysis.labels import select_on_train, train_mask
 from sae4scfm.analysis.results import read_results
 from sae4scfm.atomic import atomic_write
 from sae4scfm.errors import InputError
@@ -89,27 +88,13 @@ def train_at(cfg: DictConfig, target: Path) -> Path:
     return target
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """``sae4scfm.compose``, also from inside a running Hydra app (an entry point such as
-    ``sae4scfm-analyze``), where Hydra is already initialised on the package's config dir."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        from hydra import compose as hydra_compose
-
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-    from sae4scfm.cli import compose as package_compose
-
-    return package_compose(config_name, overrides)
-
-
 def ensure_features(run_dir: Path, runs_dir: str | Path, token_features: bool, device: str = "auto") -> Path:
     """``run_dir``'s features dir, generated (``sae4scfm.generate_features``) when missing."""
     import sae4scfm
 
     out = Path(run_dir) / "features"
     if not (out / "features.h5ad").is_file() or (token_features and not (out / "token_features.h5ad").is_file()):
-        sae4scfm.generate_features(compose("features", [
+        sae4scfm.generate_features(sae4scfm.compose("features", [
             f"runs_dir={runs_dir}", f"sae_checkpoint.experiment={Path(run_dir).parent.name}",
             f"sae_checkpoint.timestamp={Path(run_dir).name}", f"features.token_features={str(token_features).lower()}",
             f"device={device}"]))
@@ -148,47 +133,35 @@ def analyze_control(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     return table
 
 
-def heldout_best_auroc(X, labels: pd.Series, split: pd.Series, *, min_cells: int = 1) -> pd.Series:
-    """Per label value: the AUROC on eval cells of the feature with the best AUROC on train cells.
-
-    X: [cells, features] (sparse or dense); labels, split: [cells] (split values ``train`` /
-    ``eval``). Values with fewer than ``min_cells`` cells in either split are left out.
-    Returns Series [values] of eval AUROC in [0, 1], ``attrs["feature"]`` = {value: chosen feature}.
-    """
-    split = np.asarray(split).astype(str)
-    labels = np.asarray(pd.Series(labels).astype(object))  # NaN cells are dropped by label_auroc
-    train, held = split == "train", split == "eval"
-    on_train = label_auroc(X[train], labels[train], min_cells=min_cells)
-    on_eval = label_auroc(X[held], labels[held], min_cells=min_cells)
-    values = [v for v in on_train.columns if v in on_eval.columns]
-    chosen = {v: int(np.argmax(on_train[v].to_numpy())) for v in values}
-    out = pd.Series({v: float(on_eval[v].iloc[f]) for v, f in chosen.items()}, dtype=float)
-    out.attrs["feature"] = chosen
-    return out
-
-
 def claim_metrics(run_dir: Path, a: DictConfig) -> pd.DataFrame:
     """The claim metrics of one analysed run: rows (metric, label, value).
 
-    ``heldout_auroc`` per cell type and ``mean``; ``n_types_heldout_auroc>=<t>``; with enrichment,
-    ``enriched_fraction`` per collection (features whose best FDR < ``max_fdr``, of all features).
-    Cells are max- or mean-pooled as ``analysis.pooling`` (token pooling: max)."""
-    from sae4scfm.analysis.run_data import read_run_features
+    ``heldout_auroc`` per cell type (``data.cell_type_key``) and ``mean``, ``n_types_heldout_auroc>=<t>``,
+    and ``heldout_auroc_condition`` per condition value (``data.condition_key``): the feature of best AUROC
+    on train cells (``select_on_train``), its AUROC on eval cells, in the cell representation
+    ``analysis.pooling``; with enrichment, ``enriched_fraction`` per collection (features whose best FDR <
+    ``max_fdr``, of all features)."""
+    from sae4scfm.analysis.report import pooled_rows
+    from sae4scfm.analysis.run_data import open_run
 
-    run_cfg = load_run_config(run_dir)
-    features = read_run_features(run_dir)
-    key = run_cfg.data.get("cell_type_key")
+    run = open_run(Path(run_dir), a.get("pooling"))
+    cells = OmegaConf.merge(a, {"pooling": None if a.get("pooling") == "token" else a.get("pooling")})
+    X, obs = pooled_rows(run, cells)
     rows = []
-    if key and key in features.obs:
-        X = features.layers["mean"] if a.get("pooling") == "mean" else features.X
-        auc = heldout_best_auroc(X, features.obs[key], features.obs["split"], min_cells=int(a.min_cells))
-        rows += [("heldout_auroc", str(v), float(x)) for v, x in auc.items()]
-        rows.append(("heldout_auroc", "mean", float(auc.mean())))
-        t = float(a.auroc_threshold)
-        rows.append((f"n_types_heldout_auroc>={t:g}", "", float((auc >= t).sum())))
-    results_file = run_dir / "analysis" / "results.parquet"
+    for key, metric in ((run.cell_type_key, "heldout_auroc"), (run.run_cfg.data.get("condition_key"),
+                                                               "heldout_auroc_condition")):
+        if not key or key not in obs:
+            continue
+        chosen = select_on_train(X, obs[key], train_mask(obs), min_cells=int(a.min_cells))
+        auc = chosen.set_index("label")["eval_auroc"]
+        rows += [(metric, str(v), float(x)) for v, x in auc.items()]
+        if metric == "heldout_auroc":
+            rows.append((metric, "mean", float(auc.mean())))
+            t = float(a.auroc_threshold)
+            rows.append((f"n_types_heldout_auroc>={t:g}", "", float((auc >= t).sum())))
+    results_file = run.out_dir / "results.parquet"
     if results_file.is_file():
-        results = read_results(run_dir / "analysis")
+        results = read_results(run.out_dir)
         if "enrichment" in set(results.columns.get_level_values(0)):
             for metric in results["enrichment"].columns:
                 if metric.startswith("fdr:"):

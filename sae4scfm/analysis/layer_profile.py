@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.analysis.control import claim_metrics, compose, control_comparison, ensure_features, train_at
+from sae4scfm.analysis.control import claim_metrics, control_comparison, ensure_features, train_at
 from sae4scfm.atomic import atomic_write, atomic_write_text
+from sae4scfm.cli import compose
 from sae4scfm.errors import InputError
 
 PROFILE_COLUMNS = ["layer", "metric", "label", "trained", "control", "trained_beats_control"]

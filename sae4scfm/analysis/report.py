@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from sae4scfm.analysis.control import control_markdown, read_control_comparison
 from sae4scfm.analysis.labels import label_f1, select_on_train, train_mask
 from sae4scfm.analysis.run_data import RunData, collection_name, marker_set_for, need_tokens, read_table
 from sae4scfm.atomic import atomic_write, atomic_write_text
@@ -274,6 +275,11 @@ def write_summary(run: RunData, table: pd.DataFrame, a: DictConfig, figures: lis
     cross = read_table(run, "cross_layer.csv") if "cross_layer" in groups else None
     if cross is not None:
         lines += ["## Cross-layer persistence", "", _markdown(cross), ""]
+    control = read_control_comparison(run.run_dir)
+    if control is not None:
+        lines += ["## Trained vs random-init control", "", "The same data, layer, SAE and analysis on the model's "
+                  "scfm.random_init=true twin (analysis.control=random_init; control_comparison.csv).", "",
+                  control_markdown(control), ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
     path = run.out_dir / "summary.md"

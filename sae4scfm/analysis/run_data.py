@@ -115,10 +115,16 @@ def check_run_features(run_dir: Path, features: ad.AnnData, adata: ad.AnnData | 
 
 
 def load_run_data(cfg: DictConfig) -> RunData:
-    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
+    """The run addressed by ``cfg.sae_checkpoint`` with the cell representation ``cfg.analysis.pooling``."""
+    return open_run(resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp),
+                    cfg.analysis.get("pooling"))
+
+
+def open_run(run_dir: Path, pooling: str | None = None) -> RunData:
+    """A run dir's features (``pooling``: the cell representation put in X, see ``choose_representation``)."""
     sae_cfg = json.loads((run_dir / "cfg.json").read_text())
     features = read_run_features(run_dir)
-    representation = choose_representation(features, cfg.analysis.get("pooling"), run_dir)
+    representation = choose_representation(features, pooling, run_dir)
     tokens = (read_run_features(run_dir, "token_features.h5ad")
               if (run_dir / "features" / "token_features.h5ad").is_file() else None)
     if tokens is not None and GENE_NAME not in tokens.obs:  # written before gene_name existed

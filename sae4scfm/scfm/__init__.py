@@ -27,10 +27,14 @@ def load_scfm(cfg, device: str = "cpu") -> ScFMAdapter:
     """The adapter for an ``scfm`` config group (``family``, ``checkpoint_dir``, ``random_init``,
     and the family's own keys, documented in ``config/scfm/<name>.yaml``)."""
     if cfg.family == "demo":
+        from omegaconf import DictConfig, OmegaConf
+
         from sae4scfm.scfm.demo import demo_checkpoint
         from sae4scfm.scfm.scgpt import ScGPTAdapter
 
-        path = demo_checkpoint(dict(cfg.pretrain))
+        pretrain = cfg.pretrain
+        path = demo_checkpoint(OmegaConf.to_container(pretrain, resolve=True) if isinstance(pretrain, DictConfig)
+                               else dict(pretrain))
         return ScGPTAdapter.from_pretrained(path, device, random_init=bool(cfg.get("random_init", False)))
     return adapter_class(cfg.family).from_config(cfg, device)
 
