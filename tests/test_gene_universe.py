@@ -45,3 +45,10 @@ def test_universe_without_token_features_is_an_error_not_every_gene(tmp_path):
         run.universe()
     msg = str(e.value)
     assert "token_features.h5ad" in msg and str(tmp_path) in msg and "features.token_features=true" in msg
+
+
+def test_universe_recorded_in_features_needs_no_token_file(tmp_path):
+    """generate_features records the genes the model read (also for cell-level SAEs, which write no token file)."""
+    run = _run(tmp_path, with_tokens=False)
+    run.features.uns["sae4scfm"] = {"genes_seen": ["PPBP", "CD3E"]}
+    assert run.universe() == ["CD3E", "PPBP"]  # dataset order

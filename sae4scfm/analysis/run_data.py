@@ -52,19 +52,24 @@ class RunData:
     def expression(self) -> tuple[sp.csr_matrix, list[str]]:
         """log1p(CP10k) expression [cells, genes] of the universe genes, and those genes.
 
-        The universe is always the genes the model saw: the genes of the run's tokens
-        (token_features.h5ad obs ``gene_name``, the dataset's names: ``var[data.gene_key]`` or
-        var_names) found in the data. Without token features it is unknown: InputError (never
-        every gene of the file, which would include genes outside the model's vocabulary / HVGs).
+        The universe is always the genes the model saw: the genes of the run's tokens, by the
+        dataset's names (``var[data.gene_key]`` or var_names), found in the data: features.h5ad
+        ``uns["sae4scfm"]["genes_seen"]`` (written by generate_features, also for cell-level SAEs), else
+        token_features.h5ad obs ``gene_name``. Without either it is unknown: InputError (never every
+        gene of the file, which would include genes outside the model's vocabulary / HVGs).
         """
         if "expression" not in self.cache:
             from sae4scfm.data import normalise_expression
 
-            tokens = need_tokens(self, "the gene universe (the genes the model saw, for gene scores and enrichment)")
+            recorded = self.features.uns.get("sae4scfm", {}).get("genes_seen")
+            if recorded is not None:
+                seen = {str(g) for g in recorded}
+            else:
+                tokens = need_tokens(self, "the gene universe (the genes the model saw, for gene scores and enrichment)")
+                seen = set(tokens.obs[GENE_NAME].astype(str).unique())
             adata = self.dataset()
             key = self.run_cfg.data.get("gene_key")
             names = (adata.var[key] if key else adata.var_names.to_series()).astype(str).to_numpy()
-            seen = set(tokens.obs[GENE_NAME].astype(str).unique())
             cols = np.flatnonzero([g in seen for g in names])
             if len(cols) == 0:
                 raise InputError(

@@ -124,12 +124,14 @@ def generate_features(cfg: DictConfig) -> Path:
     write_tokens = bool(cfg.features.token_features) and hook == "tokens"
     tok = ([], [], [])
     tok_cell, tok_gene = [], []
+    seen_ids: set[int] = set()  # vocabulary ids of every gene token the model read
     n_tok = 0
     batch_size = adapter.cells_per_batch(int(cfg.features.batch_size))
     for batch in tqdm(tokens.batches(batch_size), total=-(-len(tokens) // batch_size),
                       desc="encoding cells", unit="batch"):
         h = adapter.capture(batch, [layer])[layer]
         cells = batch.cell_index.numpy()
+        seen_ids.update(np.unique(batch.gene_ids[batch.gene_mask].numpy()).tolist())
         if hook != "tokens":
             pooled = {hook: sae.encode(cell_vectors(h, batch, hook, cls_id))}
         else:
@@ -161,7 +163,10 @@ def generate_features(cfg: DictConfig) -> Path:
     out_dir.mkdir(exist_ok=True)
     var = pd.DataFrame({"feature_id": np.arange(d_sae)}, index=[str(i) for i in range(d_sae)])
     x_name = pooling if hook == "tokens" else hook
-    info = {"run_dir": str(run_dir), "layer": layer, "architecture": sae_cfg["architecture"], "sae_hook_point": hook,
+    gene_key = run_cfg.data.get("gene_key")
+    gene_names = vocab_gene_names(adapter, np.asarray(adata.var[gene_key] if gene_key else adata.var_names, dtype=str))
+    seen = sorted({gene_names.get(g, g) for g in (adapter.id_to_gene[i] for i in seen_ids)})
+    info = {"genes_seen": seen, "run_dir": str(run_dir), "layer": layer, "architecture": sae_cfg["architecture"], "sae_hook_point": hook,
             "pooling": x_name, "representations": {n: (TOKEN_POOLINGS | CELL_CODES)[n] for n in names}}
     features = ad.AnnData(X=_csr(*cell_parts[x_name], shape=(n_cells, d_sae)), obs=adata.obs.copy(), var=var,
                           uns={"sae4scfm": info})
@@ -176,9 +181,6 @@ def generate_features(cfg: DictConfig) -> Path:
     if write_tokens:
         cell_of = np.concatenate(tok_cell)
         gene_ids = np.concatenate(tok_gene)
-        gene_key = run_cfg.data.get("gene_key")
-        gene_names = vocab_gene_names(adapter, np.asarray(adata.var[gene_key] if gene_key else adata.var_names,
-                                                          dtype=str))
         vocab_genes = [adapter.id_to_gene[int(g)] for g in gene_ids]
         obs = pd.DataFrame({
             "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names), "cell_index": cell_of,
