@@ -87,6 +87,8 @@ def test_features_files(small_run):
     # every token of a cell is one of its expressed genes; no special tokens
     assert not tokens.obs["gene"].isin(["<cls>", "<pad>", "<eoc>"]).any()
     assert ((T > 0).sum(1) == 16).mean() > 0.99
+    # the genes the model read (the gene universe of every gene-level analysis) are recorded in features.h5ad
+    assert feats.uns["sae4scfm"]["genes_seen"].tolist() == sorted(set(tokens.obs["gene_name"].astype(str)))
 
 
 def test_cell_type_features_found(small_run):

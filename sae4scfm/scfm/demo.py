@@ -144,7 +144,8 @@ def pretraining_cells(cfg: dict) -> ad.AnnData:
     counts [cells, vocabulary genes] (CSR float32; a gene a part did not measure is 0 there) with
     ``obs["dataset"]`` and ``obs["label"]`` (the part's own cell-type labels); ``cfg["max_cells"]`` keeps
     a seeded random subset (short recipes). The vocabulary (``var_names``, in this order): every gene of
-    pbmc68k (scanpy's HVGs of the 68k data), every built-in marker gene, and in each of pbmc3k and kang
+    pbmc68k (scanpy's HVGs of the 68k data), every built-in marker gene that pbmc3k and kang (or the parts
+    used) both measure, and in each of pbmc3k and kang
     the ``n_hvg`` most variable (seurat flavour, log1p CP10k) and the ``n_hvg // 3`` most expressed genes
     among the genes both measure.
     """
@@ -157,12 +158,12 @@ def pretraining_cells(cfg: dict) -> ad.AnnData:
                "kang": (load_kang, "seurat_annotations")}
     parts = {name: loaders[name][0]() for name in cfg["datasets"]}
     large = [name for name in ("pbmc3k", "kang") if name in parts]
-    measured = functools.reduce(lambda a, b: a.intersection(b), [parts[n].var_names for n in large])
+    measured = functools.reduce(lambda a, b: a.intersection(b), [parts[n].var_names for n in large or parts])
     chosen: list[str] = []
     if "pbmc" in parts:
         chosen += list(parts["pbmc"].var_names)
     markers = [g for genes in load_marker_sets().values() for g in genes]
-    chosen += [g for g in markers if g in measured] if large else markers
+    chosen += [g for g in markers if g in measured]
     for name in large:
         part = parts[name][:, parts[name].var_names.isin(measured)]
         X = normalise_expression(part.X, "counts", 1e4, True, f"data={name}")
