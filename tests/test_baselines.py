@@ -69,10 +69,10 @@ def test_baselines_table_matches_candidate_counts_and_methods(baselines):
 def test_baseline_candidates_are_pooled_like_the_sae_features(baselines, pooling):
     """PCk+/- and neuron n+/- of a cell = max (or mean) over its gene tokens of the signed projection."""
     cfg, _, _ = baselines
-    a = cfg.analysis.copy()
-    a.pooling = pooling
+    cfg = cfg.copy()
+    cfg.analysis.pooling = pooling
     run = load_run_data(cfg)
-    pcs = activation_pcs(run, a)
+    pcs = activation_pcs(run, cfg.analysis)
     acts, cell = _store_tokens(cfg)
     d = acts.shape[1]
     agg = "max" if pooling == "max" else "mean"

@@ -91,13 +91,13 @@ def test_bad_layers_are_refused_before_training(tmp_path):
 
 
 def test_compose_works_inside_a_running_hydra_app():
-    """Defect: the control's feature generation composed its config with sae4scfm.compose, which raises
-    'GlobalHydra is already initialized' under an entry point (sae4scfm-analyze, scripts/layer_profile.py)."""
+    """Defect: sae4scfm.compose (used by the control's feature generation) raised 'GlobalHydra is already
+    initialized' under an entry point (sae4scfm-analyze, scripts/layer_profile.py)."""
     from hydra import initialize_config_dir
 
-    from sae4scfm.analysis.control import compose
+    import sae4scfm
     from sae4scfm.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("features", ["features.token_features=false"])
+        cfg = sae4scfm.compose("features", ["features.token_features=false"])
     assert cfg.features.token_features is False and cfg.features.batch_size == 32

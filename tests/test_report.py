@@ -1,7 +1,8 @@
 """summary.md / condition_features.csv: held-out cell-type and condition tables on the small demo run.
 
-A synthetic condition column (``stim``: STIM for the CD14 monocytes, CTRL for the others) is added to a copy of the run, and the dataset's ``condition_key`` set to it, as
-``data=kang`` does with its ``stim`` column. Numbers are recomputed with sklearn on the eval cells.
+A synthetic condition column (``stim``: STIM for the CD14 monocytes, CTRL for the others) is added to a copy
+of the run's dataset and features, and the dataset's ``condition_key`` set to it, as ``data=kang`` does with its
+``stim`` column. Numbers are recomputed with sklearn on the eval cells.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sae4scfm
 from sae4scfm.analysis.report import cell_type_summary
 from sae4scfm.analysis.results import read_results
 from sae4scfm.analysis.run_data import load_run_data, marker_set_for
+from sae4scfm.data import load_pbmc
 
 STIM_TYPES = ("CD14+ Monocyte",)
 
@@ -30,8 +32,14 @@ def condition_run(small_run, tmp_path_factory):
     dst = runs / "cond" / run_dir.name
     shutil.copytree(run_dir, dst)
     shutil.rmtree(dst / "analysis", ignore_errors=True)
+    # the run's dataset, with the condition column: data=pbmc written as an .h5ad (data=h5ad samples
+    # the same cells for the same seed and size)
+    cells = load_pbmc()
+    cells.obs["stim"] = pd.Categorical(np.where(cells.obs["bulk_labels"].isin(STIM_TYPES), "STIM", "CTRL"))
+    cells.write_h5ad(runs.parent / "pbmc_stim.h5ad")
     cfg_file = dst / "config.yaml"
     run_cfg = OmegaConf.load(cfg_file)
+    run_cfg.data.name, run_cfg.data.path = "h5ad", str(runs.parent / "pbmc_stim.h5ad")
     run_cfg.data.condition_key = "stim"
     OmegaConf.save(run_cfg, cfg_file)
     feats = ad.read_h5ad(dst / "features" / "features.h5ad")
