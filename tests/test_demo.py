@@ -74,6 +74,18 @@ def test_shipped_demo_beats_its_baselines_on_held_out_cells():
                                "threads": demo.BUILD_THREADS}
 
 
+@pytest.mark.slow
+def test_shortened_recipe_beats_the_gene_mean_baseline(tmp_path):
+    """The shipped recipe on 3,000 of its cells for 5 epochs (425 steps, a fifth of the shipped run's
+    compute): its held-out masked-value error already beats predicting each gene's mean (120.2 vs 121.7
+    with the pinned kernels). Its cell embedding is not yet at expression PCA's kNN accuracy, nor is the
+    shipped model's (README)."""
+    report = build_demo({**pretrain_cfg(), "max_cells": 3000, "epochs": 5}, tmp_path)
+    assert report["steps"] == 425 and report["n_test_cells"] == 300
+    assert report["oracle_mse"] < report["baseline_mse"]
+    assert report["model_mse"] < report["baseline_mse"], report
+
+
 @pytest.mark.skipif(not PINNED, reason="the shipped losses are for x86-64 with AVX2 and torch 2.13.0")
 def test_rebuild_reproduces_the_shipped_run(tmp_path):
     """The recipe in the repo is the one that made the shipped weights: its first steps give the same
