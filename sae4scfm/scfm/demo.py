@@ -41,7 +41,7 @@ import torch
 from platformdirs import user_cache_dir
 from tqdm.auto import tqdm
 
-from sae4scfm.atomic import atomic_write_json
+from sae4scfm.atomic import atomic_write, atomic_write_json, atomic_write_text
 from sae4scfm.data import split_cells
 from sae4scfm.scfm.scgpt import ScGPTAdapter, ScGPTConfig, ScGPTModel, masked_value_loss, random_value_mask
 from sae4scfm.scfm.scgpt.model import SPECIAL_TOKENS
@@ -263,9 +263,9 @@ def _pretrain(cfg: dict, out_dir: Path, evaluate: bool) -> dict:
               "cells_per_dataset": cells.adata.obs["dataset"].value_counts(sort=False).to_dict(),
               "build": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "mkl_cbwr": os.environ.get("MKL_CBWR", ""), "threads": torch.get_num_threads()}}
-    torch.save(model.state_dict(), out_dir / "best_model.pt")
-    (out_dir / "vocab.json").write_text(json.dumps(cells.vocab))
-    (out_dir / "args.json").write_text(json.dumps(cells.mcfg.to_args(), indent=1))
+    atomic_write(out_dir / "best_model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_write_text(out_dir / "vocab.json", json.dumps(cells.vocab))
+    atomic_write_json(out_dir / "args.json", cells.mcfg.to_args())
     if evaluate:
         report |= evaluate_demo(model, cells, cfg)
     atomic_write_json(out_dir / "pretrain_report.json", report)
