@@ -1,5 +1,7 @@
-"""Causal tests of SAE features inside the model: steering (set, add, scale features) in named modes."""
+"""Causal tests of SAE features inside the model: interventions in named modes (clamp, scale, add,
+zero; stacked along the batch axis), steering, and gradient attribution checked against exact ablation."""
 
-from sae4scfm.causal.steering import MODES, OPS, feature_edit, steer
+from sae4scfm.causal.interventions import MODES, OPS, Intervention, latent_edit, stacked_run
+from sae4scfm.causal.steering import feature_edit, steer
 
-__all__ = ["MODES", "OPS", "feature_edit", "steer"]
+__all__ = ["MODES", "OPS", "Intervention", "feature_edit", "latent_edit", "stacked_run", "steer"]
