@@ -1,5 +1,5 @@
 """Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``,
-``sae4scfm-benchmark-integration``).
+``sae4scfm-steer``, ``sae4scfm-benchmark-integration``).
 
 Bad input (``InputError``) is reported as one line on stderr with exit status 2.
 """
@@ -60,6 +60,13 @@ def layer_profile_main(cfg: DictConfig) -> None:
     from sae4scfm.analysis.layer_profile import layer_profile
 
     _report_input_errors(layer_profile, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="steer", version_base="1.3")
+def steer_main(cfg: DictConfig) -> None:
+    from sae4scfm.causal.steering import steer_features
+
+    _report_input_errors(steer_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")

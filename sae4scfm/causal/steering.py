@@ -7,14 +7,21 @@ Two intervention modes, always named explicitly (``../shared/DESIGN.md``): ``err
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
+import pandas as pd
 import torch
+from scipy import stats
+from tqdm.auto import tqdm
 
-from sae4scfm.causal.interventions import Intervention, latent_edit
+from sae4scfm.analysis.primitives import bh_fdr
+from sae4scfm.causal.interventions import Intervention, latent_edit, stacked_run
+from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
-from sae4scfm.scfm.tokens import Batch
+from sae4scfm.scfm.tokens import Batch, TokenizedCells
 
 
 def feature_edit(sae: SAE, edits: Mapping[int, float], *, mode: str = "error_preserving",
@@ -37,3 +44,275 @@ def steer(adapter: ScFMAdapter, sae: SAE, layer: HookPointName, batch: Batch, ed
     with adapter.intervene(layer, fn):
         steered = adapter.run(batch)
     return clean, steered
+
+
+# --------------------------------------------------------------------------- single-feature steering
+
+
+def readout(out: dict[str, torch.Tensor], key: str, gene_ids: torch.Tensor) -> torch.Tensor:
+    """The model's per-token output [B, T] under ``key``: the value itself for [B, T] outputs
+    (predicted expression), each token's own gene logit for [B, T, V] gene logits."""
+    v = out[key]
+    if v.dim() == 3:
+        return v.gather(-1, gene_ids.to(v.device)[..., None]).squeeze(-1)
+    if v.dim() != 2:
+        raise InputError(f"steering.output={key!r} has shape {tuple(v.shape)}; use a per-token output "
+                         f"({', '.join(k for k, t in out.items() if t.dim() in (2, 3))}).")
+    return v
+
+
+def default_output(out: dict[str, torch.Tensor]) -> str:
+    """The per-gene readout steering scores when ``steering.output`` is null: scGPT's GEPC expression
+    from the cell embedding (``mvc``) when the checkpoint has it, else the masked-value head (``mlm``),
+    AIDO.Cell's ``pred``, Geneformer's ``logits``."""
+    for key in ("mvc", "mlm", "pred", "logits"):
+        if key in out:
+            return key
+    raise InputError(f"this model's outputs ({', '.join(out)}) have no per-gene readout; set steering.output.")
+
+
+@dataclass
+class GeneShifts:
+    """Per intervention e and vocabulary gene g, over the cells whose input holds g:
+    n [E, V] cells, total [E, V] Σ Δ, squares [E, V] Σ Δ² of the paired change Δ = steered − clean of
+    the per-gene readout; embedding [E, C] ‖Δ cell_emb‖ per steered cell (C cells)."""
+
+    n: np.ndarray
+    total: np.ndarray
+    squares: np.ndarray
+    embedding: np.ndarray
+
+    def paired_test(self, e: int, min_cells: int = 3) -> pd.DataFrame:
+        """Paired t-test across cells of intervention e (H0: mean Δ = 0), per gene with >= min_cells:
+        rows gene_id, n_cells, mean_delta, t, p, q (BH over the genes tested)."""
+        n, s, ss = self.n[e], self.total[e], self.squares[e]
+        genes = np.flatnonzero(n >= max(min_cells, 2))
+        n, s, ss = n[genes], s[genes], ss[genes]
+        mean = s / n
+        var = np.maximum(ss - n * mean ** 2, 0) / (n - 1)
+        se = np.sqrt(var / n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(se > 0, mean / se, np.where(mean == 0, 0.0, np.sign(mean) * np.inf))
+        p = 2 * stats.t.sf(np.abs(t), n - 1)
+        return pd.DataFrame({"gene_id": genes, "n_cells": n.astype(int), "mean_delta": mean, "t": t, "p": p,
+                             "q": bh_fdr(p)})
+
+
+@torch.no_grad()
+def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, tokens: TokenizedCells,
+                interventions: list[Intervention], *, output: str | None = None, mode: str = "error_preserving",
+                batch_size: int = 8, per_forward: int = 16, desc: str = "steering") -> tuple[GeneShifts, str]:
+    """Run every intervention on every cell of ``tokens`` (``per_forward`` interventions stacked per
+    forward) and accumulate the paired per-gene changes of the readout ``output`` (``default_output``
+    when None). Returns (GeneShifts, the output key read)."""
+    E, V, C = len(interventions), len(adapter.vocab), len(tokens)
+    n, total, squares = (np.zeros((E, V)) for _ in range(3))
+    embedding = np.zeros((E, C))
+    done = 0
+    with tqdm(total=C * E, desc=desc, unit="cell·edit") as bar:
+        for batch in tokens.batches(adapter.cells_per_batch(batch_size), sort_by_length=False):
+            batch = batch.to(adapter.device)
+            B = len(batch.cell_index)
+            clean = adapter.run(batch)
+            output = output or default_output(clean)
+            base = readout(clean, output, batch.gene_ids)
+            ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
+            for start in range(0, E, per_forward):
+                chunk = interventions[start:start + per_forward]
+                out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode)
+                for c in range(len(chunk)):
+                    e = start + c
+                    steered = {k: v[c] for k, v in out.items()}
+                    delta = (readout(steered, output, batch.gene_ids) - base)[batch.gene_mask].double().cpu().numpy()
+                    np.add.at(n[e], ids, 1)
+                    np.add.at(total[e], ids, delta)
+                    np.add.at(squares[e], ids, delta ** 2)
+                    if "cell_emb" in steered:
+                        shift = (steered["cell_emb"] - clean["cell_emb"]).norm(dim=-1)
+                        embedding[e, done:done + B] = shift.cpu().numpy()
+                bar.update(B * len(chunk))
+            done += B
+    return GeneShifts(n, total, squares, embedding), output
+
+
+def matched_null(density: np.ndarray, targets: list[int], n_null: int, rng: np.random.Generator) -> dict[int, list[int]]:
+    """{target: ``n_null`` random features matched on firing density}: drawn without replacement
+    from the 3·n_null live features (density > 0, not a target) nearest in log density."""
+    live = np.setdiff1d(np.flatnonzero(density > 0), targets)
+    if len(live) < n_null:
+        raise InputError(f"steering.null_features={n_null}: only {len(live)} other features fire on these cells; "
+                         "lower steering.null_features.")
+    log_d = np.log(density[live])
+    out = {}
+    for j in targets:
+        near = live[np.argsort(np.abs(log_d - np.log(max(density[j], 1e-12))), kind="stable")[:3 * n_null]]
+        out[j] = sorted(int(x) for x in rng.choice(near, n_null, replace=False))
+    return out
+
+
+@torch.no_grad()
+def firing_stats(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, tokens: TokenizedCells,
+                 batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(density [d_sae]: fraction of gene tokens where each feature fires, scale [d_sae]: its mean
+    activation where it fires, 0 for silent features) on the cells of ``tokens``."""
+    fired, summed, n_tokens = np.zeros(sae.d_sae), np.zeros(sae.d_sae), 0
+    for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
+        h = adapter.capture(batch, [hook_point])[hook_point]
+        f = sae.encode(h[batch.gene_mask.to(h.device)].float())
+        fired += (f > 0).sum(0).cpu().numpy()
+        summed += f.clamp(min=0).sum(0).double().cpu().numpy()
+        n_tokens += f.shape[0]
+    return fired / max(n_tokens, 1), np.divide(summed, fired, out=np.zeros_like(summed), where=fired > 0)
+
+
+# --------------------------------------------------------------------------- the steering stage
+
+
+def _vocab_names(adapter: ScFMAdapter) -> np.ndarray:
+    """Gene symbol of every vocabulary id [V] (the model's symbol where its vocabulary holds IDs)."""
+    names = np.empty(len(adapter.vocab), dtype=object)
+    symbols = adapter.gene_symbols()
+    for gene, i in adapter.vocab.items():
+        names[i] = symbols.get(gene, gene)
+    return names
+
+
+def steer_features(cfg) -> pd.DataFrame:
+    """``scripts/steer_features.py``: single-feature steering of a run with its matched null.
+
+    For each target feature (``steering.features``, or the best feature per value of
+    ``steering.label_key`` chosen on train cells) and each α of ``steering.alphas`` (in units of the
+    feature's mean activation where it fires), the feature is edited (``steering.op``, default add:
+    + α·scale·W_dec[j] at ``steering.positions``) in ``steering.n_cells`` eval cells. Per gene: the
+    paired change of the model's readout across cells, t-test, BH q; top up/down genes; the cell
+    embedding's shift. Null: ``steering.null_features`` features matched on firing density, same α.
+    Writes ``<run>/causal/steering/{steering.csv, genes.csv}`` and returns the summary table.
+    """
+    from sae4scfm.analysis.enrichment import load_gene_sets
+    from sae4scfm.analysis.labels import select_on_train, train_mask
+    from sae4scfm.analysis.run_data import marker_set_for, open_run
+    from sae4scfm.atomic import atomic_write
+    from sae4scfm.runs import resolve_run_dir
+    from sae4scfm.saes.base import load_sae
+    from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
+
+    s = cfg.steering
+    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
+    run = open_run(run_dir)
+    if run.sae_cfg.get("hook_point", "").endswith((".cell_mean", ".cls")):
+        raise InputError(f"{run_dir}: steering edits gene tokens, but this SAE is a cell-level SAE "
+                         f"({run.sae_cfg['hook_point']}); steer a run trained with sae.hook_point=tokens.")
+    device = pick_device(cfg.device)
+    sae, sae_cfg = load_sae(run_dir, device)
+    adapter, adata, tokens = load_model_and_data(run.run_cfg, device)
+    layer = int(sae_cfg["layer"])
+    rng = np.random.default_rng(int(s.seed))
+    label_key = s.label_key or run.cell_type_key
+    labels = None
+    if label_key is not None:
+        if label_key not in run.features.obs:
+            raise InputError(f"steering.label_key={label_key!r} is not an obs column of {run_dir}/features/"
+                             f"features.h5ad; use one of {', '.join(map(str, run.features.obs.columns))}.")
+        labels = run.features.obs[label_key].astype(str)
+    if s.features is not None:
+        targets = [int(j) for j in s.features]
+        bad = [j for j in targets if not 0 <= j < sae.d_sae]
+        if bad:
+            raise InputError(f"steering.features: feature ids {bad} are out of range; this SAE has 0..{sae.d_sae - 1}.")
+        target_label = {j: None for j in targets}
+    else:
+        if labels is None:
+            raise InputError("steering.features is null and the run's dataset has no cell_type_key; give "
+                             "steering.features=[...] or steering.label_key=<obs column>.")
+        wanted = list(s.labels) if s.labels else None
+        if wanted:
+            missing = sorted(set(wanted) - set(labels))
+            if missing:
+                raise InputError(f"steering.labels: {missing} not in obs[{label_key!r}]; values: "
+                                 f"{', '.join(sorted(set(labels)))}.")
+        chosen = select_on_train(run.features.X, labels, train_mask(run.features.obs), min_cells=5)
+        chosen = chosen[chosen["rank"] == 0]
+        if wanted:
+            chosen = chosen[chosen["label"].isin(wanted)]
+        targets = [int(j) for j in chosen["feature_id"]]
+        target_label = dict(zip(targets, chosen["label"]))
+    eval_tokens = split_tokens(tokens, adata, "eval")
+    cells = np.sort(rng.choice(len(eval_tokens), min(int(s.n_cells), len(eval_tokens)), replace=False))
+    steer_tokens = eval_tokens.subset(cells)
+    density, scale = firing_stats(adapter, sae, layer, steer_tokens, int(s.batch_size))
+    silent = [j for j in targets if density[j] == 0]
+    if silent:
+        log_silent = ", ".join(map(str, silent))
+        raise InputError(f"steering: features {log_silent} never fire on the {len(cells)} steered eval cells, so "
+                         "their activation scale is undefined; choose other features or more cells.")
+    nulls = matched_null(density, targets, int(s.null_features), rng)
+    alphas = [float(a) for a in s.alphas]
+    plan = [(j, f, a) for j in targets for f in [j, *nulls[j]] for a in alphas]  # (target, feature steered, α)
+    positions = s.positions if isinstance(s.positions, str) else tuple(int(adapter.vocab[g]) for g in s.positions)
+    ivs = [Intervention((f,), s.op, a * float(scale[f]) if s.op == "add" else a, positions) for _, f, a in plan]
+    shifts, output = gene_shifts(adapter, sae, layer, steer_tokens, ivs, output=s.output, mode=s.mode,
+                                 batch_size=int(s.batch_size), per_forward=int(s.per_forward))
+    names = _vocab_names(adapter)
+    markers = load_gene_sets("markers")
+    rows, gene_rows = [], []
+    for e, (j, f, a) in enumerate(plan):
+        test = shifts.paired_test(e, int(s.min_cells))
+        test["gene"] = names[test["gene_id"]]
+        label = target_label.get(j)
+        marker_set = marker_set_for(run, label) if label is not None else None
+        marker_genes = set(markers.get(marker_set, ())) if marker_set else set()
+        is_marker = test["gene"].isin(marker_genes).to_numpy()
+        on_markers = test.loc[is_marker, "mean_delta"]
+        pct = test["mean_delta"].rank(pct=True).to_numpy()  # 1 = moved most upwards of all genes tested
+        marker_rank = float((pct if a >= 0 else 1 - pct)[is_marker].mean()) if is_marker.any() else np.nan
+        sig = test[test["q"] < float(s.fdr)]
+        row = {"target": j, "feature_id": f, "role": "target" if f == j else "null", "alpha": a,
+               "label": label, "marker_set": marker_set, "output": output,
+               "n_genes_tested": len(test), "n_up": int((sig["mean_delta"] > 0).sum()),
+               "n_down": int((sig["mean_delta"] < 0).sum()),
+               "n_markers": int(is_marker.sum()),
+               "marker_shift": float(on_markers.mean()) if len(on_markers) else np.nan,
+               "marker_rank": marker_rank,
+               "mean_abs_shift": float(test["mean_delta"].abs().mean()) if len(test) else np.nan,
+               "embedding_shift": float(shifts.embedding[e].mean())}
+        if f == j:
+            up = sig[sig["mean_delta"] > 0].nlargest(int(s.top_genes), "mean_delta")
+            down = sig[sig["mean_delta"] < 0].nsmallest(int(s.top_genes), "mean_delta")
+            row["top_up"], row["top_down"] = " ".join(up["gene"]), " ".join(down["gene"])
+            gene_rows.append(test.assign(target=j, alpha=a))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    summary = _against_null(table)
+    out_dir = run_dir / "causal" / "steering"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "steering.csv", lambda p: summary.to_csv(p, index=False))
+    atomic_write(out_dir / "null.csv", lambda p: table[table["role"] == "null"].to_csv(p, index=False))
+    genes = pd.concat(gene_rows, ignore_index=True) if gene_rows else pd.DataFrame()
+    atomic_write(out_dir / "genes.csv", lambda p: genes.to_csv(p, index=False))
+    print(summary.drop(columns=["top_up", "top_down"], errors="ignore").to_string(index=False))
+    print(f"wrote {out_dir}/steering.csv (targets vs matched null), genes.csv, null.csv")
+    return summary
+
+
+def _against_null(table: pd.DataFrame) -> pd.DataFrame:
+    """Target rows with, per metric, the null's mean and an empirical one-sided p-value
+    (1 + #null >= target)/(1 + n_null): ``marker_rank`` (the mean percentile of the label's marker genes
+    among all genes tested, ranked by their change in the direction of α: 0.5 = no more than any gene,
+    so a shift of every gene does not count), ``n_significant`` (n_up + n_down) and ``embedding_shift``;
+    BH q over all targets × α."""
+    table = table.assign(n_significant=table["n_up"] + table["n_down"])
+    metrics = {"marker_rank": "marker_rank", "n_significant": "n_significant", "embedding_shift": "embedding_shift"}
+    targets = table[table["role"] == "target"].reset_index(drop=True)
+    null = table[table["role"] == "null"]
+    for name, column in metrics.items():
+        null_mean, p = [], []
+        for _, row in targets.iterrows():
+            v = null.loc[(null["target"] == row["target"]) & (null["alpha"] == row["alpha"]), column].to_numpy(float)
+            v, x = v[np.isfinite(v)], float(row[column])
+            null_mean.append(float(v.mean()) if len(v) else np.nan)
+            p.append(float((1 + np.sum(v >= x)) / (1 + len(v))) if np.isfinite(x) and len(v) else np.nan)
+        p = np.asarray(p, dtype=float)
+        q = np.full(len(p), np.nan)
+        q[np.isfinite(p)] = bh_fdr(p[np.isfinite(p)])
+        targets[f"{name}_null_mean"], targets[f"{name}_p"], targets[f"{name}_q"] = null_mean, p, q
+    return targets.drop(columns=["role", "feature_id"])
