@@ -141,6 +141,9 @@ def sample_cells(n_obs: int, n_cells: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_obs, int(n_cells), replace=False))
 
 
+DATASETS = ("pbmc", "pbmc3k", "pbmc_batches", "kang", "h5ad", "soma", "census")  # data.name values
+
+
 def load_dataset(cfg) -> ad.AnnData:
     """The dataset named by a ``data`` config group, subsampled and split by cell."""
     name, seed = cfg.name, int(cfg.get("seed", 0))
@@ -161,8 +164,12 @@ def load_dataset(cfg) -> ad.AnnData:
         if not cfg.get("path"):
             raise InputError("data.path is not set; run with data=h5ad data.path=/path/to/cells.h5ad.")
         adata = load_h5ad(cfg.path, cfg.get("n_cells"), seed)
+    elif name in ("soma", "census"):
+        from sae4scfm.data.soma import load_soma
+
+        adata = load_soma(cfg)  # the filter and n_cells are applied while reading
     else:
-        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches, kang or h5ad.")
+        raise InputError(f"data.name={name!r} is unknown; use {', '.join(DATASETS)}.")
     if name in ("pbmc", "pbmc3k", "kang"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
     make_obs_names_unique(adata, describe(cfg))
@@ -188,7 +195,12 @@ def make_obs_names_unique(adata: ad.AnnData, source: str) -> None:
 
 
 def describe(cfg) -> str:
-    return str(cfg.path) if cfg.name == "h5ad" else f"data={cfg.name}"
+    """The data source as errors and logs name it: the file, the SOMA URI or ``data=<name>``."""
+    if cfg.name == "h5ad":
+        return str(cfg.path)
+    if cfg.name == "soma":
+        return str(cfg.uri)
+    return f"data={cfg.name}"
 
 
 def split_cells(n_obs: int, eval_fraction: float, seed: int) -> pd.Categorical:
