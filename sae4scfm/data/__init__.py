@@ -172,6 +172,30 @@ def load_dataset(cfg) -> ad.AnnData:
         raise InputError(f"data.name={name!r} is unknown; use {', '.join(DATASETS)}.")
     if name in ("pbmc", "pbmc3k", "kang"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
+    return finish_dataset(adata, cfg)
+
+
+def open_dataset(cfg):
+    """(cells, reader) of a ``data`` config without holding the expression in memory where the source
+    allows it: for ``data=soma``/``census`` the AnnData holds obs and var only (X is None) and the
+    reader (``sae4scfm.data.stream.SomaReader``) reads rows on demand; other sources are loaded as
+    ``load_dataset`` does and wrapped in ``InMemoryCells``."""
+    from sae4scfm.data.stream import InMemoryCells, SomaReader
+
+    if cfg.name not in ("soma", "census"):
+        adata = load_dataset(cfg)
+        return adata, InMemoryCells(adata)
+    from sae4scfm.data.soma import select_cells
+
+    cells, obs, var = select_cells(cfg)
+    cells.close()
+    adata = finish_dataset(ad.AnnData(obs=obs, var=var), cfg)
+    return adata, SomaReader(cells, var, adata.obs_names.to_numpy(dtype=str))
+
+
+def finish_dataset(adata: ad.AnnData, cfg) -> ad.AnnData:
+    """Unique obs_names, the configured obs keys checked, and ``obs["split"]`` (in place; returned)."""
+    seed = int(cfg.get("seed", 0))
     make_obs_names_unique(adata, describe(cfg))
     for field in ("cell_type_key", "batch_key", "condition_key"):
         key = cfg.get(field)
