@@ -66,23 +66,18 @@ class SomaCells:
 
     def read_X(self, positions: np.ndarray) -> sp.csr_matrix:
         """X [len(positions), genes] float32 (CSR) of the cells at ``positions`` (in that order)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        ids = self.obs_joinids[positions]
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
+        ids = self.obs_joinids[np.asarray(positions, dtype=np.int64)]
+        unique = np.unique(ids)  # sorted; a cell asked for twice is read once
         X = self.experiment().ms[self.measurement].X[self.layer]
         rows, cols, vals = [], [], []
-        for tbl in X.read(coords=(sorted_ids, self.var_joinids)).tables():
-            rows.append(np.searchsorted(sorted_ids, tbl["soma_dim_0"].to_numpy()))
+        for tbl in X.read(coords=(unique, self.var_joinids)).tables():
+            rows.append(np.searchsorted(unique, tbl["soma_dim_0"].to_numpy()))
             cols.append(np.searchsorted(self.var_joinids, tbl["soma_dim_1"].to_numpy()))
             vals.append(tbl["soma_data"].to_numpy().astype(np.float32, copy=False))
         cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
         out = sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
-                            shape=(len(ids), len(self.var_joinids)), dtype=np.float32)
-        out.sum_duplicates()
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return out[inverse]  # back to the order of ``positions``
+                            shape=(len(unique), len(self.var_joinids)), dtype=np.float32)
+        return out[np.searchsorted(unique, ids)]  # in the order of ``positions``
 
 
 def open_experiment(uri: str | None, census: dict | None = None):
