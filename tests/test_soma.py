@@ -12,22 +12,27 @@ import sae4scfm
 from sae4scfm.data import load_dataset, load_pbmc
 from sae4scfm.errors import InputError
 
-tiledbsoma = pytest.importorskip("tiledbsoma")  # a missing module fails the run (skip_guard)
-import tiledbsoma.io  # noqa: E402
+tiledbsoma_io = pytest.importorskip("tiledbsoma.io")  # a missing module fails the run (skip_guard)
+
+
+def write_soma(adata, folder) -> str:
+    """``adata`` as a SOMA experiment in ``folder`` (measurement RNA, X layer "raw"); its URI."""
+    uri = str(folder / "experiment")
+    tiledbsoma_io.from_anndata(uri, adata, measurement_name="RNA", X_layer_name="raw")
+    return uri
 
 
 @pytest.fixture(scope="module")
 def pbmc():
     adata = load_pbmc()
-    adata.var["feature_name"] = adata.var_names.to_numpy()
+    adata.var["feature_name"] = adata.var_names.to_numpy()  # symbols, as the Census's var has them
     return adata
 
 
 @pytest.fixture(scope="module")
 def soma_uri(pbmc, tmp_path_factory) -> str:
-    uri = str(tmp_path_factory.mktemp("soma") / "pbmc")
-    tiledbsoma.io.from_anndata(uri, pbmc, measurement_name="RNA", X_layer_name="raw")
-    return uri
+    """The built-in PBMC cells (X = counts) as a SOMA experiment."""
+    return write_soma(pbmc, tmp_path_factory.mktemp("soma"))
 
 
 def soma_cfg(uri: str, *overrides: str, **fields):
