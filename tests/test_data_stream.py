@@ -79,7 +79,7 @@ def test_one_chunk_of_lazy_soma_tokens_equals_todays_eager_tokens(soma_uri):
         assert all(np.array_equal(x, y) for x, y in zip(lazy.cell(i), eager.cell(i)))
     picks = np.array([5, 250, 0, 120])
     assert_same_batch(lazy.collate(picks), eager.collate(picks))
-    ev = np.flatnonzero(adata.obs["split"] == "eval")
+    ev = np.flatnonzero(adata.obs["split"] == "eval")  # one chunk: batches sorted by length as the eager ones
     assert_same_batch(next(lazy.subset(ev).batches(32)), next(eager.subset(ev).batches(32)))
 
 
@@ -105,6 +105,17 @@ def test_chunked_lazy_tokens_equal_eager_tokens_of_each_chunk(soma_uri, pbmc):
         assert torch.equal(batch.gene_ids[row, :n], torch.from_numpy(ids))
         assert not batch.padding_mask[row, :n].any() and batch.padding_mask[row, n:].all()
         assert torch.equal(batch.gene_mask[row, :n], torch.from_numpy(~special))
+    # batches go chunk after chunk, length-sorted within a chunk, each cell once, each chunk tokenized once
+    calls = []
+    tokenize = lazy.tokenize_chunk
+    lazy.tokenize_chunk = lambda chunk, k: calls.append(k) or tokenize(chunk, k)
+    lazy._cache.clear()
+    batches = list(lazy.batches(48))
+    assert calls == [0, 1, 2, 3, 4] and [len(b.cell_index) for b in batches] == [48] * 6 + [12]
+    seen = np.concatenate([b.cell_index.numpy() for b in batches])
+    assert sorted(seen) == list(range(300)) and (np.diff(seen[:48]) != 1).any()
+    first_chunk = seen[:64]
+    assert set(first_chunk) == set(range(64)) and (np.diff(lazy.lengths[first_chunk]) >= 0).all()
     assert chunk_seed(3, 0) == 3 and len({chunk_seed(3, k) for k in range(1, 50)}) == 49
 
 

@@ -210,9 +210,10 @@ class LazyTokenizedCells:
         parts, order = [], []
         for k in np.unique(chunk_of):
             at = np.flatnonzero(chunk_of == k)
-            parts.append(self.chunk(int(k)).collate(local[at]))
+            tokens = self.chunk(int(k))
+            parts.append(tokens.collate(local[at]))
             order.append(at)
-        batch = parts[0] if len(parts) == 1 else _concat_batches(parts, self.pad_id, self.pad_value)
+        batch = parts[0] if len(parts) == 1 else _concat_batches(parts, tokens.pad_id, tokens.pad_value)
         inverse = np.empty(len(cells), dtype=np.int64)
         inverse[np.concatenate(order)] = np.arange(len(cells))
         idx = torch.from_numpy(inverse)
@@ -220,11 +221,20 @@ class LazyTokenizedCells:
                      torch.from_numpy(self.rows[cells]))
 
     def batches(self, batch_size: int, *, sort_by_length: bool = True) -> Iterator[Batch]:
-        """Padded batches; with ``sort_by_length`` cells of similar length share a batch (this reads
-        every chunk once for the lengths, then again per batch: prefer chunk order for large data)."""
-        order = np.argsort(self.lengths, kind="stable") if sort_by_length else np.arange(len(self))
-        for start in range(0, len(order), batch_size):
-            yield self.collate(order[start:start + batch_size])
+        """Padded batches, chunk after chunk (each chunk tokenized once; a batch spans at most two
+        chunks); with ``sort_by_length`` cells of similar length share a batch within a chunk."""
+        chunk_of = self.rows // self.chunk_cells
+        pending = np.zeros(0, dtype=np.int64)
+        for k in np.unique(chunk_of):
+            at = np.flatnonzero(chunk_of == k)
+            if sort_by_length:
+                at = at[np.argsort(self.chunk(int(k)).lengths[self.rows[at] % self.chunk_cells], kind="stable")]
+            pending = np.concatenate([pending, at])
+            while len(pending) >= batch_size:
+                yield self.collate(pending[:batch_size])
+                pending = pending[batch_size:]
+        if len(pending):
+            yield self.collate(pending)
 
     def truncate(self, max_len: int, rng: np.random.Generator) -> TokenizedCells:
         raise NotImplementedError("LazyTokenizedCells.truncate: materialise a small set with "
