@@ -1,8 +1,10 @@
-"""Datasets (built-in PBMC sets, any .h5ad), validation, the train/eval split and expression transforms.
+"""Datasets (built-in PBMC sets, any .h5ad, TileDB-SOMA / Census), validation, the split and transforms.
 
 ``load_dataset(cfg)`` returns an in-memory AnnData [cells, genes] whose X holds
 raw counts (or log-normalised values where ``cfg.preprocess.input_kind`` says so),
-with every original obs column plus ``obs["split"]`` in {"train", "eval"} (by cell).
+with every original obs column (SOMA: the columns asked for) plus ``obs["split"]`` in
+{"train", "eval"} (by cell). ``open_dataset(cfg)`` gives the same cells without X for
+SOMA sources, with a reader of rows on demand (``sae4scfm.data.stream``).
 """
 
 from __future__ import annotations
