@@ -146,3 +146,17 @@ def test_lazy_tokens_pickle_without_handles_and_work_in_dataloader_workers(soma_
     assert len(batches) == 38
     assert_same_batch(batches[0], first)
     assert batches[-1].cell_index.tolist() == list(range(296, 300))
+
+
+def test_h5ad_stream_reads_the_sampled_rows_from_the_file(pbmc, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    pbmc.write_h5ad(path)
+    args = ("data=h5ad", f"data.path={path}", "data.preprocess.n_hvg=256", "seed=2")
+    adapter, adata, eager = load_model_and_data(base(*args), "cpu")
+    _, cells, lazy = load_model_and_data(base(*args, "+data.stream=true", "+data.chunk_cells=1000"), "cpu")
+    assert cells.X is None and list(cells.obs_names) == list(adata.obs_names)
+    assert (cells.obs["split"] == adata.obs["split"]).all() and len(lazy) == 300
+    picks = np.array([299, 3, 150, 3])
+    assert_same_batch(lazy.collate(picks), eager.collate(picks))
+    reader = pickle.loads(pickle.dumps(lazy.reader))
+    assert reader._file is None and (reader.read(picks).X != adata.X[picks]).nnz == 0

@@ -179,11 +179,24 @@ def load_dataset(cfg) -> ad.AnnData:
 
 def open_dataset(cfg):
     """(cells, reader) of a ``data`` config without holding the expression in memory where the source
-    allows it: for ``data=soma``/``census`` the AnnData holds obs and var only (X is None) and the
-    reader (``sae4scfm.data.stream.SomaReader``) reads rows on demand; other sources are loaded as
-    ``load_dataset`` does and wrapped in ``InMemoryCells``."""
-    from sae4scfm.data.stream import InMemoryCells, SomaReader
+    allows it: for ``data=soma``/``census`` and ``h5ad`` the AnnData holds obs and var only (X is None;
+    the same cells and split as ``load_dataset``) and the reader (``sae4scfm.data.stream``) reads rows
+    on demand; the built-in sets are loaded as ``load_dataset`` does and wrapped in ``InMemoryCells``."""
+    from sae4scfm.data.stream import H5adReader, InMemoryCells, SomaReader
 
+    if cfg.name == "h5ad" and cfg.get("path"):
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.path: file {path} does not exist; set data.path=/path/to/cells.h5ad.")
+        try:
+            backed = ad.read_h5ad(path, backed="r")  # obs and var only; X stays in the file
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+            raise InputError(f"data.path: {path} could not be read as .h5ad ({type(e).__name__}: {e}).") from e
+        rows = sample_cells(backed.n_obs, cfg.get("n_cells"), int(cfg.get("seed", 0)))
+        obs, var = backed.obs.iloc[rows].copy(), backed.var.copy()
+        backed.file.close()
+        adata = finish_dataset(ad.AnnData(obs=obs, var=var), cfg)
+        return adata, H5adReader(str(path), rows, adata.obs, var)
     if cfg.name not in ("soma", "census"):
         adata = load_dataset(cfg)
         return adata, InMemoryCells(adata)
@@ -192,7 +205,7 @@ def open_dataset(cfg):
     cells, obs, var = select_cells(cfg)
     cells.close()
     adata = finish_dataset(ad.AnnData(obs=obs, var=var), cfg)
-    return adata, SomaReader(cells, var, adata.obs_names.to_numpy(dtype=str))
+    return adata, SomaReader(cells, adata.obs, var)
 
 
 def finish_dataset(adata: ad.AnnData, cfg) -> ad.AnnData:

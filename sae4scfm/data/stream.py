@@ -10,7 +10,7 @@ medians of millions of cells would need all their values at once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -31,8 +31,7 @@ class InMemoryCells:
 
     def read(self, rows: np.ndarray) -> ad.AnnData:
         part = self.adata[np.asarray(rows)]
-        return ad.AnnData(X=sp.csr_matrix(part.X, dtype=np.float32), obs=pd.DataFrame(index=part.obs_names),
-                          var=self.adata.var)
+        return ad.AnnData(X=sp.csr_matrix(part.X, dtype=np.float32), obs=part.obs.copy(), var=self.adata.var)
 
 
 @dataclass
@@ -40,15 +39,43 @@ class SomaReader:
     """The cells of a SOMA selection (``sae4scfm.data.soma.select_cells``), read on demand."""
 
     cells: SomaCells
+    obs: pd.DataFrame  # [cells] the selected obs columns (tokenizers may read per-cell totals there)
     var: pd.DataFrame  # [genes] in the order of cells.var_joinids
-    obs_names: np.ndarray  # [cells] str
 
     def __len__(self) -> int:
         return len(self.cells)
 
     def read(self, rows: np.ndarray) -> ad.AnnData:
         rows = np.asarray(rows, dtype=np.int64)
-        return ad.AnnData(X=self.cells.read_X(rows), obs=pd.DataFrame(index=self.obs_names[rows]), var=self.var)
+        return ad.AnnData(X=self.cells.read_X(rows), obs=self.obs.iloc[rows].copy(), var=self.var)
+
+
+@dataclass
+class H5adReader:
+    """Rows ``file_rows`` [cells] of an .h5ad file, read from it (opened backed) on demand; the open
+    file is never pickled."""
+
+    path: str
+    file_rows: np.ndarray
+    obs: pd.DataFrame  # [cells]
+    var: pd.DataFrame  # [genes]
+    _file: object = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.file_rows)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    def read(self, rows: np.ndarray) -> ad.AnnData:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._file is None:
+            self._file = ad.read_h5ad(self.path, backed="r")
+        wanted = self.file_rows[rows]
+        unique = np.unique(wanted)  # backed files are read at sorted, distinct rows
+        X = sp.csr_matrix(self._file.X[unique] if len(unique) else sp.csr_matrix((0, self.var.shape[0])),
+                          dtype=np.float32)
+        return ad.AnnData(X=X[np.searchsorted(unique, wanted)], obs=self.obs.iloc[rows].copy(), var=self.var)
 
 
 def chunk_rows(n_cells: int, chunk_cells: int):

@@ -70,7 +70,7 @@ class ChunkTokenizer:
             return self.adapter.tokenize(chunk, **pp, seed=seed)
         selected = select_vocab_genes(chunk, self.adapter.vocab, pp["gene_key"], pp["source"], log_usage=False)
         X = normalise_expression(selected.matrix, pp["input_kind"], pp["normalize_total"], pp["log1p"], pp["source"])
-        cut = ad.AnnData(X=X[:, self.hvg], obs=chunk.obs[[]], var={"gene": selected.genes[self.hvg]})
+        cut = ad.AnnData(X=X[:, self.hvg], obs=chunk.obs, var={"gene": selected.genes[self.hvg]})
         cut.var_names = selected.genes[self.hvg]
         return self.adapter.tokenize(cut, **{**pp, "gene_key": None, "input_kind": "log_normalized",
                                              "normalize_total": None, "log1p": False, "subset_hvg": False},
