@@ -88,6 +88,8 @@ def test_soma_rows_read_out_of_order(soma_uri, pbmc):
     ([], {"obs_value_filter": "no_column == 1"}, "data.obs_value_filter=.* could not be applied"),
     (["data.obs_columns=[tissue]"], {}, "data.obs_columns: obs of .* has no column 'tissue'; available: "),
     (["data.cell_type_key=cell_type"], {}, "data.cell_type_key='cell_type': .* has no obs column"),
+    (["data.uri=null"], {}, "data.uri is not set; run with data=soma data.uri="),
+    (["data.chunk_cells=-1"], {}, "data.chunk_cells=-1: use a positive number"),
 ])
 def test_soma_bad_input_is_one_clear_line(soma_uri, overrides, fields, message):
     uri = [] if any(o.startswith("data.uri") for o in overrides) else [f"data.uri={soma_uri}"]
