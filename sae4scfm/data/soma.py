@@ -32,7 +32,7 @@ def _tiledbsoma():
     return tiledbsoma
 
 
-@dataclass
+@dataclass(eq=False)
 class SomaCells:
     """Selected cells of one SOMA experiment: X rows read on demand, no handle kept when pickled.
 

@@ -1,8 +1,9 @@
 """Cells read in chunks, and the global statistics every chunk's tokenization needs, from one pass.
 
 A *reader* is a picklable ``len(reader)`` cells with ``read(rows) -> AnnData`` [rows, genes] (X CSR
-float32, the full var); ``InMemoryCells`` wraps an AnnData, ``SomaReader`` a SOMA selection (each read
-opens the experiment when needed, so no handle is pickled). ``gene_statistics`` makes one streaming
+float32, the full var, the cells' obs); ``InMemoryCells`` wraps an AnnData, ``SomaReader`` a SOMA
+selection, ``H5adReader`` rows of an .h5ad file opened backed (each opens its source when first read,
+so no handle is pickled). ``gene_statistics`` makes one streaming
 pass: library sizes [cells], per-gene moments of the normalised values (for the HVGs) and detection
 counts; gene medians come from a seeded sample of at most ``median_cells`` cells (documented: exact
 medians of millions of cells would need all their values at once).
@@ -20,7 +21,7 @@ import scipy.sparse as sp
 from sae4scfm.data.soma import SomaCells
 
 
-@dataclass
+@dataclass(eq=False)
 class InMemoryCells:
     """An in-memory AnnData as a reader (the rows of ``adata.X``)."""
 
@@ -34,7 +35,7 @@ class InMemoryCells:
         return ad.AnnData(X=sp.csr_matrix(part.X, dtype=np.float32), obs=part.obs.copy(), var=self.adata.var)
 
 
-@dataclass
+@dataclass(eq=False)
 class SomaReader:
     """The cells of a SOMA selection (``sae4scfm.data.soma.select_cells``), read on demand."""
 
@@ -50,7 +51,7 @@ class SomaReader:
         return ad.AnnData(X=self.cells.read_X(rows), obs=self.obs.iloc[rows].copy(), var=self.var)
 
 
-@dataclass
+@dataclass(eq=False)
 class H5adReader:
     """Rows ``file_rows`` [cells] of an .h5ad file, read from it (opened backed) on demand; the open
     file is never pickled."""
