@@ -1,8 +1,10 @@
-"""Datasets (built-in PBMC sets, any .h5ad), validation, the train/eval split and expression transforms.
+"""Datasets (built-in PBMC sets, any .h5ad, TileDB-SOMA / Census), validation, the split and transforms.
 
 ``load_dataset(cfg)`` returns an in-memory AnnData [cells, genes] whose X holds
 raw counts (or log-normalised values where ``cfg.preprocess.input_kind`` says so),
-with every original obs column plus ``obs["split"]`` in {"train", "eval"} (by cell).
+with every original obs column (SOMA: the columns asked for) plus ``obs["split"]`` in
+{"train", "eval"} (by cell). ``open_dataset(cfg)`` gives the same cells without X for
+SOMA sources, with a reader of rows on demand (``sae4scfm.data.stream``).
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ def sample_cells(n_obs: int, n_cells: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_obs, int(n_cells), replace=False))
 
 
+DATASETS = ("pbmc", "pbmc3k", "pbmc_batches", "kang", "h5ad", "soma", "census")  # data.name values
+
+
 def load_dataset(cfg) -> ad.AnnData:
     """The dataset named by a ``data`` config group, subsampled and split by cell."""
     name, seed = cfg.name, int(cfg.get("seed", 0))
@@ -161,10 +166,51 @@ def load_dataset(cfg) -> ad.AnnData:
         if not cfg.get("path"):
             raise InputError("data.path is not set; run with data=h5ad data.path=/path/to/cells.h5ad.")
         adata = load_h5ad(cfg.path, cfg.get("n_cells"), seed)
+    elif name in ("soma", "census"):
+        from sae4scfm.data.soma import load_soma
+
+        adata = load_soma(cfg)  # the filter and n_cells are applied while reading
     else:
-        raise InputError(f"data.name={name!r} is unknown; use pbmc, pbmc3k, pbmc_batches, kang or h5ad.")
+        raise InputError(f"data.name={name!r} is unknown; use {', '.join(DATASETS)}.")
     if name in ("pbmc", "pbmc3k", "kang"):
         adata = adata[sample_cells(adata.n_obs, cfg.get("n_cells"), seed)].copy()
+    return finish_dataset(adata, cfg)
+
+
+def open_dataset(cfg):
+    """(cells, reader) of a ``data`` config without holding the expression in memory where the source
+    allows it: for ``data=soma``/``census`` and ``h5ad`` the AnnData holds obs and var only (X is None;
+    the same cells and split as ``load_dataset``) and the reader (``sae4scfm.data.stream``) reads rows
+    on demand; the built-in sets are loaded as ``load_dataset`` does and wrapped in ``InMemoryCells``."""
+    from sae4scfm.data.stream import H5adReader, InMemoryCells, SomaReader
+
+    if cfg.name == "h5ad" and cfg.get("path"):
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.path: file {path} does not exist; set data.path=/path/to/cells.h5ad.")
+        try:
+            backed = ad.read_h5ad(path, backed="r")  # obs and var only; X stays in the file
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+            raise InputError(f"data.path: {path} could not be read as .h5ad ({type(e).__name__}: {e}).") from e
+        rows = sample_cells(backed.n_obs, cfg.get("n_cells"), int(cfg.get("seed", 0)))
+        obs, var = backed.obs.iloc[rows].copy(), backed.var.copy()
+        backed.file.close()
+        adata = finish_dataset(ad.AnnData(obs=obs, var=var), cfg)
+        return adata, H5adReader(str(path), rows, adata.obs, var)
+    if cfg.name not in ("soma", "census"):
+        adata = load_dataset(cfg)
+        return adata, InMemoryCells(adata)
+    from sae4scfm.data.soma import select_cells
+
+    cells, obs, var = select_cells(cfg)
+    cells.close()
+    adata = finish_dataset(ad.AnnData(obs=obs, var=var), cfg)
+    return adata, SomaReader(cells, adata.obs, var)
+
+
+def finish_dataset(adata: ad.AnnData, cfg) -> ad.AnnData:
+    """Unique obs_names, the configured obs keys checked, and ``obs["split"]`` (in place; returned)."""
+    seed = int(cfg.get("seed", 0))
     make_obs_names_unique(adata, describe(cfg))
     for field in ("cell_type_key", "batch_key", "condition_key"):
         key = cfg.get(field)
@@ -188,7 +234,12 @@ def make_obs_names_unique(adata: ad.AnnData, source: str) -> None:
 
 
 def describe(cfg) -> str:
-    return str(cfg.path) if cfg.name == "h5ad" else f"data={cfg.name}"
+    """The data source as errors and logs name it: the file, the SOMA URI or ``data=<name>``."""
+    if cfg.name == "h5ad":
+        return str(cfg.path)
+    if cfg.name == "soma":
+        return str(cfg.uri)
+    return f"data={cfg.name}"
 
 
 def split_cells(n_obs: int, eval_fraction: float, seed: int) -> pd.Categorical:
