@@ -153,7 +153,7 @@ def test_h5ad_stream_reads_the_sampled_rows_from_the_file(pbmc, tmp_path):
     pbmc.write_h5ad(path)
     args = ("data=h5ad", f"data.path={path}", "data.preprocess.n_hvg=256", "seed=2")
     adapter, adata, eager = load_model_and_data(base(*args), "cpu")
-    _, cells, lazy = load_model_and_data(base(*args, "+data.stream=true", "+data.chunk_cells=1000"), "cpu")
+    _, cells, lazy = load_model_and_data(base(*args, "data.stream=true", "data.chunk_cells=1000"), "cpu")
     assert cells.X is None and list(cells.obs_names) == list(adata.obs_names)
     assert (cells.obs["split"] == adata.obs["split"]).all() and len(lazy) == 300
     picks = np.array([299, 3, 150, 3])

@@ -58,7 +58,7 @@ def test_bad_edits_are_input_errors(sae_and_inputs):
     sae, _, _ = sae_and_inputs
     with pytest.raises(InputError, match="out of range"):
         feature_edit(sae, {64: 1.0})
-    with pytest.raises(InputError, match="mode='splice'"):
+    with pytest.raises(InputError, match="mode=.splice."):
         feature_edit(sae, {1: 1.0}, mode="splice")
     with pytest.raises(InputError, match="op='mul'"):
         feature_edit(sae, {1: 1.0}, op="mul")
