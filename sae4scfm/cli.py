@@ -1,5 +1,6 @@
 """Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``,
-``sae4scfm-steer``, ``sae4scfm-benchmark-integration``).
+``sae4scfm-steer``, ``sae4scfm-patch``,
+``sae4scfm-benchmark-integration``).
 
 Bad input (``InputError``) is reported as one line on stderr with exit status 2.
 """
@@ -67,6 +68,13 @@ def steer_main(cfg: DictConfig) -> None:
     from sae4scfm.causal.steering import steer_features
 
     _report_input_errors(steer_features, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="patch", version_base="1.3")
+def patch_main(cfg: DictConfig) -> None:
+    from sae4scfm.causal.patching import patch_features
+
+    _report_input_errors(patch_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")

@@ -189,61 +189,22 @@ def steer_features(cfg) -> pd.DataFrame:
     Writes ``<run>/causal/steering/{steering.csv, genes.csv}`` and returns the summary table.
     """
     from sae4scfm.analysis.enrichment import load_gene_sets
-    from sae4scfm.analysis.labels import select_on_train, train_mask
-    from sae4scfm.analysis.run_data import marker_set_for, open_run
+    from sae4scfm.analysis.run_data import marker_set_for
     from sae4scfm.atomic import atomic_write
-    from sae4scfm.runs import resolve_run_dir
-    from sae4scfm.saes.base import load_sae
-    from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
+    from sae4scfm.causal.run import open_causal_run
 
     s = cfg.steering
-    run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
-    run = open_run(run_dir)
-    if run.sae_cfg.get("hook_point", "").endswith((".cell_mean", ".cls")):
-        raise InputError(f"{run_dir}: steering edits gene tokens, but this SAE is a cell-level SAE "
-                         f"({run.sae_cfg['hook_point']}); steer a run trained with sae.hook_point=tokens.")
-    device = pick_device(cfg.device)
-    sae, sae_cfg = load_sae(run_dir, device)
-    adapter, adata, tokens = load_model_and_data(run.run_cfg, device)
-    layer = int(sae_cfg["layer"])
+    ctx = open_causal_run(cfg, "steering")
+    run, sae, layer, adapter = ctx.run, ctx.sae, ctx.layer, ctx.adapter
     rng = np.random.default_rng(int(s.seed))
-    label_key = s.label_key or run.cell_type_key
-    labels = None
-    if label_key is not None:
-        if label_key not in run.features.obs:
-            raise InputError(f"steering.label_key={label_key!r} is not an obs column of {run_dir}/features/"
-                             f"features.h5ad; use one of {', '.join(map(str, run.features.obs.columns))}.")
-        labels = run.features.obs[label_key].astype(str)
-    if s.features is not None:
-        targets = [int(j) for j in s.features]
-        bad = [j for j in targets if not 0 <= j < sae.d_sae]
-        if bad:
-            raise InputError(f"steering.features: feature ids {bad} are out of range; this SAE has 0..{sae.d_sae - 1}.")
-        target_label = {j: None for j in targets}
-    else:
-        if labels is None:
-            raise InputError("steering.features is null and the run's dataset has no cell_type_key; give "
-                             "steering.features=[...] or steering.label_key=<obs column>.")
-        wanted = list(s.labels) if s.labels else None
-        if wanted:
-            missing = sorted(set(wanted) - set(labels))
-            if missing:
-                raise InputError(f"steering.labels: {missing} not in obs[{label_key!r}]; values: "
-                                 f"{', '.join(sorted(set(labels)))}.")
-        chosen = select_on_train(run.features.X, labels, train_mask(run.features.obs), min_cells=5)
-        chosen = chosen[chosen["rank"] == 0]
-        if wanted:
-            chosen = chosen[chosen["label"].isin(wanted)]
-        targets = [int(j) for j in chosen["feature_id"]]
-        target_label = dict(zip(targets, chosen["label"]))
-    eval_tokens = split_tokens(tokens, adata, "eval")
-    cells = np.sort(rng.choice(len(eval_tokens), min(int(s.n_cells), len(eval_tokens)), replace=False))
-    steer_tokens = eval_tokens.subset(cells)
+    target_label = ctx.targets(s, "steering")
+    targets = list(target_label)
+    steer_tokens = ctx.eval_tokens(int(s.n_cells), rng)
     density, scale = firing_stats(adapter, sae, layer, steer_tokens, int(s.batch_size))
     silent = [j for j in targets if density[j] == 0]
     if silent:
         log_silent = ", ".join(map(str, silent))
-        raise InputError(f"steering: features {log_silent} never fire on the {len(cells)} steered eval cells, so "
+        raise InputError(f"steering: features {log_silent} never fire on the {len(steer_tokens)} steered eval cells, so "
                          "their activation scale is undefined; choose other features or more cells.")
     nulls = matched_null(density, targets, int(s.null_features), rng)
     alphas = [float(a) for a in s.alphas]
@@ -283,7 +244,7 @@ def steer_features(cfg) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     summary = _against_null(table)
-    out_dir = run_dir / "causal" / "steering"
+    out_dir = run.run_dir / "causal" / "steering"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "steering.csv", lambda p: summary.to_csv(p, index=False))
     atomic_write(out_dir / "null.csv", lambda p: table[table["role"] == "null"].to_csv(p, index=False))

@@ -130,3 +130,41 @@ def test_steer_cli_reports_bad_input_in_one_line(tmp_path, repo_root):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_own_genes_are_the_most_often_fired_on():
+    from sae4scfm.causal.patching import own_genes
+
+    fires = np.array([[0, 5, 1, 9, 0], [2, 0, 0, 0, 0]], dtype=float)
+    seen = np.array([4, 10, 1, 10, 3], dtype=float)
+    # fractions row 0: 0, .5, 1 (but gene 2 seen once < min_cells), .9, 0 -> genes 3, 1
+    assert [g.tolist() for g in own_genes(fires, seen, top=3, min_cells=2)] == [[3, 1], [0]]
+
+
+def test_gene_firing_counts_match_the_codes(trained):
+    from sae4scfm.causal.patching import gene_firing
+
+    _, _, adapter, sae, tokens, layer = trained
+    fires, seen = gene_firing(adapter, sae, layer, tokens, [3, 7], batch_size=5)
+    batch = tokens.collate(np.arange(len(tokens)))
+    with torch.no_grad():
+        f = sae.encode(adapter.capture(batch, [layer])[layer][batch.gene_mask])
+    ids = batch.gene_ids[batch.gene_mask].numpy()
+    np.testing.assert_array_equal(seen, np.bincount(ids, minlength=len(adapter.vocab)))
+    for c, j in enumerate([3, 7]):
+        np.testing.assert_array_equal(fires[c], np.bincount(ids, weights=(f[:, j] > 0).numpy(),
+                                                            minlength=len(adapter.vocab)))
+
+
+def test_patch_features_stage_compares_specificity_with_the_null(trained, runs_dir):
+    from sae4scfm.causal.patching import patch_features
+
+    _, run_dir, *_ = trained
+    address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
+    summary = patch_features(sae4scfm.compose("patch", [*address, "patching.n_cells=10", "patching.null_features=3",
+                                                        "patching.labels=[CD14+ Monocyte,CD19+ B]"]))
+    assert len(summary) == 2
+    assert (summary["specificity"] == summary["own_effect"] / summary["other_effect"]).all()
+    assert summary["specificity_p"].between(0.25, 1).all() and summary["n_own"].between(1, 10).all()
+    null = pd.read_csv(run_dir / "causal" / "patching" / "null.csv")
+    assert len(null) == 6 and not set(null["feature_id"]) & set(summary["target"])
