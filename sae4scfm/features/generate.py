@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.io import sparse_dataset, write_elem
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -32,18 +33,9 @@ from sae4scfm.atomic import atomic_write
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, resolve_run_dir
 from sae4scfm.saes import load_sae
+from sae4scfm.saes.topk import TopKSAE
 from sae4scfm.scfm.loading import load_model_and_data, pick_device
 from sae4scfm.store.extract import cell_vectors, cls_token_id
-
-
-def _csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray], shape: tuple[int, int]) -> sp.csr_matrix:
-    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape,
-                         dtype=np.float32)
-
-
-def write_h5ad(adata: ad.AnnData, path: Path) -> None:
-    """Write atomically: a killed run never leaves a half-written file under the final name."""
-    atomic_write(path, lambda tmp: adata.write_h5ad(tmp))
 
 
 def vocab_gene_names(adapter, identifiers: np.ndarray) -> dict[str, str]:
@@ -97,12 +89,94 @@ def cell_representation(features: ad.AnnData, name: str, source: str = "features
                      "scripts/generate_features.py or pick one of those.")
 
 
+CHUNK_CELLS = 4096  # cells per chunk of rows written to the CSR files (``features.chunk_cells``)
+MAX_DENSE_ELEMENTS = 1 << 24  # non-TopK SAEs encode at most this many [rows x d_sae] entries at once
+
+
+def sparse_codes(sae, x: torch.Tensor, max_elements: int = MAX_DENSE_ELEMENTS):
+    """The non-zero entries of ``sae.encode(x)`` [N, d_sae] without the dense matrix: (rows [nnz],
+    cols [nnz], values [nnz] float32), rows ascending. TopK SAEs: straight from their top-k
+    (values, indices); other SAEs: ``encode`` of at most ``max_elements / d_sae`` rows at a time."""
+    if isinstance(sae, TopKSAE) and type(sae).encode is TopKSAE.encode:
+        values, indices = sae.topk(x)  # [N, k]
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(values.shape[1])
+        values, indices = values.flatten(), indices.flatten()
+        fired = values != 0
+        return rows[fired], indices[fired], values[fired].float()
+    step = max(1, max_elements // max(sae.d_sae, 1))
+    parts = []
+    for start in range(0, len(x), step):
+        f = sae.encode(x[start:start + step])
+        r, c = f.nonzero(as_tuple=True)
+        parts.append((r + start, c, f[r, c].float()))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return empty, empty, torch.zeros(0, device=x.device)
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
+def pool_codes(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, group: torch.Tensor,
+               n_groups: int, d_sae: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Max and mean over the tokens of each group (a cell) of a sparse code, never dense: token
+    ``rows``/``cols``/``values`` [nnz] (``sparse_codes``), ``group`` [tokens] the cell row of each token
+    -> {"max"|"mean": (cell rows, cols, values)}; the mean divides by the cell's token count."""
+    key = group[rows] * d_sae + cols
+    uniq, inv = torch.unique(key, return_inverse=True)
+    counts = torch.bincount(group, minlength=n_groups).clamp(min=1).float()
+    cell, col = uniq // d_sae, uniq % d_sae
+    mx = torch.zeros(len(uniq), device=values.device).scatter_reduce_(0, inv, values, "amax")  # latents >= 0
+    total = torch.zeros(len(uniq), device=values.device).index_add_(0, inv, values)
+    return {"max": (cell, col, mx), "mean": (cell, col, total / counts[cell])}
+
+
+def _chunk_csr(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], start: int, n_rows: int,
+               d_sae: int) -> sp.csr_matrix:
+    """Rows ``start .. start + n_rows`` of a CSR from COO parts (global rows)."""
+    if not parts:
+        return sp.csr_matrix((n_rows, d_sae), dtype=np.float32)
+    r, c, v = (np.concatenate(t) for t in zip(*parts))
+    return sp.csr_matrix((v.astype(np.float32), (r - start, c)), shape=(n_rows, d_sae), dtype=np.float32)
+
+
+class _CsrFile:
+    """An .h5ad written in chunks of rows: obs/var/uns once, X and ``layers`` appended per chunk
+    (anndata's ``write_elem`` / ``sparse_dataset.append``), readable by ``anndata.read_h5ad``."""
+
+    def __init__(self, path: str, var: pd.DataFrame, layers: list[str]):
+        import h5py
+
+        self.f = h5py.File(path, "w")
+        write_elem(self.f, "var", var)
+        write_elem(self.f, "layers", {})
+        self.names, self.started = ["X", *layers], False
+
+    def append(self, chunks: dict[str, sp.csr_matrix]) -> None:
+        for name in self.names:
+            group, key = (self.f, "X") if name == "X" else (self.f["layers"], name)
+            if self.started:
+                sparse_dataset(group[key]).append(chunks[name])
+            else:
+                write_elem(group, key, chunks[name])
+        self.started = True
+
+    def close(self, obs: pd.DataFrame, uns: dict, d_sae: int) -> None:
+        if not self.started:
+            self.append({name: sp.csr_matrix((0, d_sae), dtype=np.float32) for name in self.names})
+        write_elem(self.f, "obs", obs)
+        write_elem(self.f, "uns", uns)
+        self.f.close()
+
+
 @torch.no_grad()
 def generate_features(cfg: DictConfig) -> Path:
     """Encode the run's dataset (train and eval cells) with its SAE; returns the features dir.
 
     Token SAE: every representation of ``TOKEN_POOLINGS``, ``features.pooling`` in X, the others
-    in ``layers``; plus the token file. Cell-level SAE: X = its code of each cell, no token file."""
+    in ``layers``; plus the token file. Cell-level SAE: X = its code of each cell, no token file.
+    Streams: cells go in chunks of ``features.chunk_cells`` (in cell order; length-sorted batches
+    within a chunk), pooled straight from the sparse code (``sparse_codes``, ``pool_codes``) and
+    appended to the CSR files, so memory holds one chunk's non-zeros, never a dense
+    [tokens x d_sae] or [cells x d_sae]. Token rows are ordered by cell, then position."""
     run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
     run_cfg = load_run_config(run_dir)
     device = pick_device(cfg.device)
@@ -112,6 +186,9 @@ def generate_features(cfg: DictConfig) -> Path:
     if hook == "tokens" and pooling not in TOKEN_POOLINGS:
         raise InputError(f"features.pooling={pooling!r}: use one of {', '.join(TOKEN_POOLINGS)} (which cell "
                          "representation goes in X; the others go in layers).")
+    chunk_cells = int(cfg.features.get("chunk_cells") or CHUNK_CELLS)
+    if chunk_cells < 1:
+        raise InputError(f"features.chunk_cells={chunk_cells}: use a positive number of cells per written chunk.")
     adapter, adata, tokens = load_model_and_data(run_cfg, device)
     cls_id = cls_token_id(adapter, tokens) if hook == "cls" else None
     layer = int(sae_cfg["layer"])
@@ -120,75 +197,105 @@ def generate_features(cfg: DictConfig) -> Path:
                          f"d_model={adapter.d_model}; the run's scfm config no longer matches its SAE.")
     n_cells, d_sae = adata.n_obs, sae.d_sae
     names = list(TOKEN_POOLINGS) if hook == "tokens" else [hook]
-    cell_parts = {name: ([], [], []) for name in names}
+    x_name = pooling if hook == "tokens" else hook
     write_tokens = bool(cfg.features.token_features) and hook == "tokens"
-    tok = ([], [], [])
-    tok_cell, tok_gene = [], []
-    seen_ids: set[int] = set()  # vocabulary ids of every gene token the model read
-    n_tok = 0
-    batch_size = adapter.cells_per_batch(int(cfg.features.batch_size))
-    for batch in tqdm(tokens.batches(batch_size), total=-(-len(tokens) // batch_size),
-                      desc="encoding cells", unit="batch"):
-        h = adapter.capture(batch, [layer])[layer]
-        cells = batch.cell_index.numpy()
-        seen_ids.update(np.unique(batch.gene_ids[batch.gene_mask].numpy()).tolist())
-        if hook != "tokens":
-            pooled = {hook: sae.encode(cell_vectors(h, batch, hook, cls_id))}
-        else:
-            mask = batch.gene_mask.to(device)
-            f = sae.encode(h[mask].float())  # [n_gene_tokens, d_sae]
-            row_of_token = torch.arange(len(mask), device=device)[:, None].expand_as(mask)[mask]
-            counts = mask.sum(1, keepdim=True).clamp(min=1).float()
-            pooled = {
-                "max": torch.zeros(len(mask), d_sae, device=device).scatter_reduce_(
-                    0, row_of_token[:, None].expand_as(f), f, "amax"),  # latents are >= 0
-                "mean": torch.zeros(len(mask), d_sae, device=device).index_add_(0, row_of_token, f) / counts,
-                "sae_of_mean": sae.encode(cell_vectors(h, batch, "cell_mean")),
-            }
-        for name, values in pooled.items():
-            r, c = values.nonzero(as_tuple=True)
-            cell_parts[name][0].append(cells[r.cpu().numpy()])
-            cell_parts[name][1].append(c.cpu().numpy())
-            cell_parts[name][2].append(values[r, c].cpu().numpy())
-        if write_tokens:
-            r, c = f.nonzero(as_tuple=True)
-            tok[0].append(r.cpu().numpy() + n_tok)
-            tok[1].append(c.cpu().numpy())
-            tok[2].append(f[r, c].cpu().numpy())
-            tok_cell.append(cells[row_of_token.cpu().numpy()])
-            tok_gene.append(batch.gene_ids.to(device)[mask].cpu().numpy())
-            n_tok += int(mask.sum())
-
     out_dir = run_dir / "features"
     out_dir.mkdir(exist_ok=True)
     var = pd.DataFrame({"feature_id": np.arange(d_sae)}, index=[str(i) for i in range(d_sae)])
-    x_name = pooling if hook == "tokens" else hook
     gene_key = run_cfg.data.get("gene_key")
     gene_names = vocab_gene_names(adapter, np.asarray(adata.var[gene_key] if gene_key else adata.var_names, dtype=str))
-    seen = sorted({gene_names.get(g, g) for g in (adapter.id_to_gene[i] for i in seen_ids)})
-    info = {"genes_seen": seen, "run_dir": str(run_dir), "layer": layer, "architecture": sae_cfg["architecture"], "sae_hook_point": hook,
+    info = {"run_dir": str(run_dir), "layer": layer, "architecture": sae_cfg["architecture"], "sae_hook_point": hook,
             "pooling": x_name, "representations": {n: (TOKEN_POOLINGS | CELL_CODES)[n] for n in names}}
-    features = ad.AnnData(X=_csr(*cell_parts[x_name], shape=(n_cells, d_sae)), obs=adata.obs.copy(), var=var,
-                          uns={"sae4scfm": info})
-    for name in names:
-        if name != x_name:
-            features.layers[name] = _csr(*cell_parts[name], shape=(n_cells, d_sae))
-    write_h5ad(features, out_dir / "features.h5ad")
-    print(f"wrote {out_dir / 'features.h5ad'}: {n_cells} cells x {d_sae} features (X: {x_name}"
-          f"{'; layers: ' + ', '.join(features.layers.keys()) if len(features.layers) else ''})")
+    batch_size = adapter.cells_per_batch(int(cfg.features.batch_size))
+    # tokenized cells in cell order, cut into chunks of adata rows
+    by_cell = np.argsort(tokens.cell_index, kind="stable")
+    bounds = np.searchsorted(tokens.cell_index[by_cell], np.arange(0, n_cells + chunk_cells, chunk_cells).clip(max=n_cells))
+    seen_ids: set[int] = set()  # vocabulary ids of every gene token the model read
+    tok_cell, tok_gene = [], []
+
+    def encode_chunk(members: np.ndarray, start: int, n_rows: int):
+        """Cell-row CSRs {name: [n_rows, d_sae]} of one chunk, and its token CSR (or None)."""
+        cell_parts = {name: [] for name in names}
+        tok_parts, tok_key, n_tok = [], [], 0
+        order = members[np.argsort(tokens.lengths[members], kind="stable")]
+        for b in range(0, len(order), batch_size):
+            batch = tokens.collate(order[b:b + batch_size])
+            h = adapter.capture(batch, [layer])[layer]
+            cells = batch.cell_index.to(device)
+            seen_ids.update(np.unique(batch.gene_ids[batch.gene_mask].numpy()).tolist())
+            if hook != "tokens":
+                r, c, v = sparse_codes(sae, cell_vectors(h, batch, hook, cls_id))
+                pooled = {hook: (r, c, v)}
+            else:
+                mask = batch.gene_mask.to(device)
+                row_of_token = torch.arange(len(mask), device=device)[:, None].expand_as(mask)[mask]
+                r, c, v = sparse_codes(sae, h[mask].float())  # token rows, never [tokens, d_sae]
+                pooled = pool_codes(r, c, v, row_of_token, len(mask), d_sae)
+                pooled["sae_of_mean"] = sparse_codes(sae, cell_vectors(h, batch, "cell_mean"))
+            for name, (pr, pc, pv) in pooled.items():
+                cell_parts[name].append((cells[pr].cpu().numpy(), pc.cpu().numpy(), pv.cpu().numpy()))
+            if write_tokens:
+                position = torch.arange(mask.shape[1], device=device)[None, :].expand_as(mask)[mask]
+                tok_parts.append(((r + n_tok).cpu().numpy(), c.cpu().numpy(), v.cpu().numpy()))
+                tok_key.append((cells[row_of_token].cpu().numpy(), position.cpu().numpy(),
+                                batch.gene_ids.to(device)[mask].cpu().numpy()))
+                n_tok += int(mask.sum())
+        csrs = {name: _chunk_csr(cell_parts[name], start, n_rows, d_sae) for name in names}
+        if not write_tokens:
+            return csrs, None
+        cell, pos, gene = (np.concatenate(t) if t else np.zeros(0, np.int64) for t in zip(*tok_key)) \
+            if tok_key else (np.zeros(0, np.int64),) * 3
+        new_row = np.empty(n_tok, dtype=np.int64)
+        perm = np.lexsort((pos, cell))  # by cell, then position in the cell
+        new_row[perm] = np.arange(n_tok)
+        tok_cell.append(cell[perm])
+        tok_gene.append(gene[perm])
+        r, c, v = (np.concatenate(t) for t in zip(*tok_parts)) if tok_parts else (np.zeros(0, np.int64),) * 3
+        return csrs, sp.csr_matrix((np.asarray(v, np.float32), (new_row[r], c)), shape=(n_tok, d_sae),
+                                   dtype=np.float32)
+
+    def stream(feature_path: str, token_path: str | None) -> None:
+        feats = _CsrFile(feature_path, var, [n for n in names if n != x_name])
+        toks = _CsrFile(token_path, var.copy(), []) if token_path else None
+        try:
+            n_chunks = len(bounds) - 1
+            for i in tqdm(range(n_chunks), desc="encoding cells", unit="chunk"):
+                start, n_rows = i * chunk_cells, min(chunk_cells, n_cells - i * chunk_cells)
+                csrs, tok_csr = encode_chunk(by_cell[bounds[i]:bounds[i + 1]], start, n_rows)
+                feats.append({"X" if name == x_name else name: m for name, m in csrs.items()})
+                if toks is not None:
+                    toks.append({"X": tok_csr})
+            seen = sorted({gene_names.get(g, g) for g in (adapter.id_to_gene[i] for i in seen_ids)})
+            uns = {"sae4scfm": {"genes_seen": seen, **info}}
+            feats.close(adata.obs.copy(), uns, d_sae)
+            if toks is not None:
+                toks.close(token_obs(), uns, d_sae)
+        finally:
+            for f in (feats, toks):
+                if f is not None and f.f.id.valid:
+                    f.f.close()
+
+    def token_obs() -> pd.DataFrame:
+        cell_of = np.concatenate(tok_cell) if tok_cell else np.zeros(0, np.int64)
+        gene_ids = np.concatenate(tok_gene) if tok_gene else np.zeros(0, np.int64)
+        vocab_genes = [adapter.id_to_gene[int(g)] for g in gene_ids]
+        return pd.DataFrame({
+            "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names),
+            "cell_index": cell_of, "gene": pd.Categorical(vocab_genes),
+            "gene_name": pd.Categorical([gene_names.get(g, g) for g in vocab_genes]), "gene_id": gene_ids,
+            "split": pd.Categorical(adata.obs["split"].to_numpy()[cell_of], categories=["train", "eval"]),
+        }, index=[str(i) for i in range(len(cell_of))])
+
+    feature_file, token_file = out_dir / "features.h5ad", out_dir / "token_features.h5ad"
+    if write_tokens:  # each file is renamed into place only once complete (tokens first)
+        atomic_write(feature_file, lambda ft: atomic_write(token_file, lambda tt: stream(ft, tt)))
+    else:
+        atomic_write(feature_file, lambda ft: stream(ft, None))
+    layers = [n for n in names if n != x_name]
+    print(f"wrote {feature_file}: {n_cells} cells x {d_sae} features (X: {x_name}"
+          f"{'; layers: ' + ', '.join(layers) if layers else ''})")
     if hook != "tokens" and cfg.features.token_features:
         print(f"no token_features.h5ad: the SAE of {run_dir.name} encodes one vector per cell (sae.hook_point={hook})")
     if write_tokens:
-        cell_of = np.concatenate(tok_cell)
-        gene_ids = np.concatenate(tok_gene)
-        vocab_genes = [adapter.id_to_gene[int(g)] for g in gene_ids]
-        obs = pd.DataFrame({
-            "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names), "cell_index": cell_of,
-            "gene": pd.Categorical(vocab_genes), "gene_name": pd.Categorical([gene_names.get(g, g) for g in vocab_genes]),
-            "gene_id": gene_ids,
-            "split": pd.Categorical(adata.obs["split"].to_numpy()[cell_of], categories=["train", "eval"]),
-        }, index=[str(i) for i in range(n_tok)])
-        tokens_ad = ad.AnnData(X=_csr(*tok, shape=(n_tok, d_sae)), obs=obs, var=var.copy(), uns={"sae4scfm": info})
-        write_h5ad(tokens_ad, out_dir / "token_features.h5ad")
-        print(f"wrote {out_dir / 'token_features.h5ad'}: {n_tok} tokens x {d_sae} features")
+        print(f"wrote {token_file}: {sum(len(c) for c in tok_cell)} tokens x {d_sae} features")
     return out_dir
