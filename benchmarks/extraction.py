@@ -38,6 +38,13 @@ the first 64 tokens of one cell first).
 Each measurement runs in its own fresh process (multiprocessing 'spawn') with ``--threads`` torch threads,
 batched first, then one cell per forward, family after family.
 
+Roofline: FLOPs per cell from the architecture (``flops_per_cell``: per token and block the q/k/v/out
+projections and the feed-forward matmuls, plus the attention score and value matmuls, 2 T d multiply-adds
+per token for a cell of T tokens, through the blocks that run, i.e. up to the last extracted layer), over
+the wall time, as a fraction of the float32 ``torch.mm`` rate of two 1024 x 1024 matrices measured in the
+same process with the same threads (MFU). Padding within a batch is work the model does but that is not
+counted, so it lowers the MFU.
+
 Peak memory: the growth of the process's resident set during the ``extract_activations`` call: the
 peak RSS (``VmHWM``, reset just before the call via /proc/self/clear_refs, after gc and malloc_trim)
 minus the RSS at that moment (model, data and tokens already loaded, so they are not counted). It
@@ -76,6 +83,37 @@ from memory import peak_rss_bytes, reset_peak_rss
 
 FAMILIES = ("scgpt", "geneformer", "scfoundation", "aido_cell")
 DEFAULT_BATCH = 32  # config/buffer/default.yaml extract_batch_size
+# Feed-forward of each family's block, as (matmuls, width / d_model) of the checkpoints built below:
+# scGPT d_hid = d_model; BERT and scFoundation's transformer 4 x d_model; AIDO.Cell SwiGLU (gate, up,
+# down) of 2.5 x d_model.
+FFN = {"scgpt": (2, 1.0), "geneformer": (2, 4.0), "scfoundation": (2, 4.0), "aido_cell": (3, 2.5)}
+MM_SIZE = 1024  # the roofline: float32 torch.mm of two [MM_SIZE, MM_SIZE] matrices
+
+
+def flops_per_cell(family: str, lengths, d_model: int, n_blocks: int):
+    """Model FLOPs of each cell's forward through ``n_blocks`` blocks (a multiply-add = 2 FLOPs), from the
+    architecture: per token and block the q/k/v/out projections (4 d^2 multiply-adds) and the feed-forward
+    (``FFN``), plus the attention scores q k^T and the weighted values (2 T d per token, T = the cell's
+    tokens). Embeddings, norms, softmax and the heads are not counted. ``lengths`` [cells] -> [cells]."""
+    import numpy as np
+
+    n_mm, ratio = FFN[family]
+    T = np.asarray(lengths, dtype=np.float64)
+    per_token = 2 * (4 * d_model**2 + n_mm * ratio * d_model**2)
+    return n_blocks * (T * per_token + 2 * 2 * T**2 * d_model)
+
+
+def matmul_rate(seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a float32 [MM_SIZE, MM_SIZE] @ [MM_SIZE, MM_SIZE] torch.mm in this process."""
+    import torch
+
+    a, b = torch.randn(MM_SIZE, MM_SIZE), torch.randn(MM_SIZE, MM_SIZE)
+    torch.mm(a, b)
+    reps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        reps += 1
+    return 2 * MM_SIZE**3 * reps / elapsed
 
 
 def log(msg: str) -> None:
@@ -213,8 +251,9 @@ def _malloc_trim() -> None:
 
 
 def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch_size: int, layers: list[int],
-            threads: int | None) -> dict:
-    """Load, tokenize, warm up, then time ``extract_activations`` and its peak RSS growth."""
+            threads: int | None, d_model: int) -> dict:
+    """Load, tokenize, warm up, then time ``extract_activations`` and its peak RSS growth; then the
+    matmul rate of this process (same threads) and the model-FLOP utilisation of the timed run."""
     import numpy as np
     import torch
 
@@ -242,7 +281,10 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
         elapsed = time.perf_counter() - start
         peak = peak_rss_bytes() // 1024
         stored = stores[layers[0]].n_tokens
-    return {"cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
+    flops = float(flops_per_cell(family, tokens.lengths, d_model, max(layers)).sum())
+    rate = matmul_rate()
+    return {"mfu": flops / elapsed / rate, "mm_gflops": rate / 1e9, "gflop_per_cell": flops / len(tokens) / 1e9,
+            "cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
             "exact_peak": exact, "tokens_per_cell": float(np.mean(tokens.lengths)),
             "stored_per_cell": stored / len(tokens), "n_cells": len(tokens),
             "cells_per_forward": adapter.cells_per_batch(batch_size), "threads": torch.get_num_threads()}
@@ -325,24 +367,24 @@ def main(argv=None) -> int:
             try:
                 options, config = BUILDERS[family](Path(tmp) / family, size, genes)
             except Exception as e:  # noqa: BLE001 - e.g. modelgenerator missing for geneformer
-                rows.append((family, f"unavailable ({type(e).__name__}: {e})", *[""] * 6))
+                rows.append((family, f"unavailable ({type(e).__name__}: {e})", *[""] * 8))
                 continue
             results = {}
             for bs in (args.batch_size, 1):
                 log(f"[{family}] extract_activations, {n} cells, batch_size {bs} (fresh process)")
                 results[bs] = run_in_fresh_process(family=family, checkpoint=str(Path(tmp) / family),
                                                    options=options, cells=cells, batch_size=bs, layers=layers,
-                                                   threads=threads)
+                                                   threads=threads, d_model=args.d_model)
                 if isinstance(results[bs], dict):
                     r = results[bs]
                     log(f"[{family}] batch_size {bs}: {r['seconds']:.1f}s, {r['cells_per_s']:.2f} cells/s, "
-                        f"peak +{r['peak_mib']:.0f} MiB")
+                        f"MFU {100 * r['mfu']:.0f}% of {r['mm_gflops']:.1f} GFLOP/s, peak +{r['peak_mib']:.0f} MiB")
                 else:
                     log(f"[{family}] batch_size {bs}: failed: {results[bs]}")
             batched, single = results[args.batch_size], results[1]
             if not (isinstance(batched, dict) and isinstance(single, dict)):
                 err = batched if not isinstance(batched, dict) else single
-                rows.append((family, config, "", "", "", "", "", f"error: {err}"))
+                rows.append((family, config, "", "", "", "", "", "", "", f"error: {err}"))
                 continue
 
             def mib(r):
@@ -350,13 +392,15 @@ def main(argv=None) -> int:
 
             rows.append((family, config, f"{batched['tokens_per_cell']:,.0f}", f"{batched['cells_per_s']:,.2f}",
                          f"{single['cells_per_s']:,.2f}", f"{batched['cells_per_s'] / single['cells_per_s']:.2f}x",
-                         mib(batched), mib(single)))
+                         f"{100 * batched['mfu']:.0f}%", f"{100 * single['mfu']:.0f}%", mib(batched), mib(single)))
             notes.append(f"{family}: {n} cells; stored gene tokens/cell {batched['stored_per_cell']:,.0f}; "
                          f"cells per forward {batched['cells_per_forward']} vs 1; "
-                         f"wall {batched['seconds']:.1f}s vs {single['seconds']:.1f}s")
+                         f"wall {batched['seconds']:.1f}s vs {single['seconds']:.1f}s; "
+                         f"{batched['gflop_per_cell']:.3f} model GFLOP/cell; matmul rate {batched['mm_gflops']:.1f} "
+                         f"(batched run) / {single['mm_gflops']:.1f} (1-cell run) GFLOP/s")
 
     header = ("family", "config", "tokens/cell", "batched cells/s", "1-cell cells/s", "speedup",
-              "peak MB batched", "peak MB 1-cell")
+              "MFU batched", "MFU 1-cell", "peak MB batched", "peak MB 1-cell")
     print()
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(header))) + " |")
@@ -367,6 +411,9 @@ def main(argv=None) -> int:
         print(f"- {note}")
     print("- peak MB: growth of the measuring process's peak RSS (MiB) during extract_activations, "
           "above its RSS after loading the model and tokens")
+    print(f"- MFU: model FLOPs of the timed cells (flops_per_cell: projections, feed-forward, attention scores and "
+          f"values, through the blocks that run) / wall time / the float32 {MM_SIZE}x{MM_SIZE} torch.mm rate measured "
+          "in the same process with the same threads. Bars: speedup >= 10x, MFU batched >= 50%.")
     return 0
 
 

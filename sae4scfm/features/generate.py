@@ -167,7 +167,7 @@ class _CsrFile:
         self.f.close()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd anywhere here: nothing is recorded for it
 def generate_features(cfg: DictConfig) -> Path:
     """Encode the run's dataset (train and eval cells) with its SAE; returns the features dir.
 
