@@ -59,11 +59,12 @@ def reference(run_dir):
         tok_cell += [cell] * len(h)
         tok_gene += batch.gene_ids[0][batch.gene_mask[0]].tolist()
         tok_x.append(f.numpy())
-    return adata, pooled, np.array(tok_cell), np.array(tok_gene), np.concatenate(tok_x)
+    genes = [adapter.id_to_gene[g] for g in tok_gene]
+    return adata, pooled, np.array(tok_cell), np.array(tok_gene), np.concatenate(tok_x), genes
 
 
 def test_streamed_files_equal_the_dense_reference(streamed):
-    adata, pooled, tok_cell, tok_gene, tok_x = reference(streamed)
+    adata, pooled, tok_cell, tok_gene, tok_x, genes = reference(streamed)
     feats = ad.read_h5ad(streamed / "features" / "features.h5ad")
     assert feats.shape == (N_CELLS, pooled["max"].shape[1]) and feats.uns["sae4scfm"]["pooling"] == "max"
     assert list(feats.obs_names) == list(adata.obs_names) and "split" in feats.obs
@@ -76,6 +77,12 @@ def test_streamed_files_equal_the_dense_reference(streamed):
     np.testing.assert_array_equal(toks.obs["cell_index"].to_numpy(), tok_cell)
     np.testing.assert_array_equal(toks.obs["gene_id"].to_numpy(), tok_gene)
     assert list(toks.obs["cell"].astype(str)) == list(adata.obs_names[tok_cell])
+    assert list(toks.obs["gene"].astype(str)) == genes  # scGPT: the vocabulary entry is the symbol
+    assert list(toks.obs["gene_name"].astype(str)) == genes
+    assert list(toks.obs["gene"].cat.categories) == sorted(set(genes))  # the genes present, sorted
+    assert list(toks.obs["split"].astype(str)) == list(adata.obs["split"].to_numpy()[tok_cell])
+    assert list(toks.obs_names) == [str(i) for i in range(len(tok_cell))]
+    assert feats.uns["sae4scfm"]["genes_seen"].tolist() == sorted(set(genes))
     np.testing.assert_allclose(toks.X.toarray(), tok_x, rtol=1e-5, atol=1e-5)
     assert toks.X.nnz == np.count_nonzero(tok_x)
 

@@ -159,12 +159,79 @@ class _CsrFile:
                 write_elem(group, key, chunks[name])
         self.started = True
 
-    def close(self, obs: pd.DataFrame, uns: dict, d_sae: int) -> None:
+    def close(self, uns: dict, d_sae: int, obs: pd.DataFrame | None = None) -> None:
+        """Finish the file: ``obs`` (None where it was written in chunks, ``_TokenObs``) and ``uns``."""
         if not self.started:
             self.append({name: sp.csr_matrix((0, d_sae), dtype=np.float32) for name in self.names})
-        write_elem(self.f, "obs", obs)
+        if obs is not None:
+            write_elem(self.f, "obs", obs)
         write_elem(self.f, "uns", uns)
         self.f.close()
+
+
+class _TokenObs:
+    """The obs of token_features.h5ad written in chunks of tokens into anndata's on-disk dataframe
+    encoding (resizable datasets), so no per-token Python list or frame of all tokens is held: ``cell``
+    (categories: the dataset's cells), ``cell_index``, ``gene`` and ``gene_name`` (categories: the genes
+    present, sorted; codes hold token ids until ``close`` maps them), ``gene_id``, ``split``."""
+
+    COLUMNS = ("cell", "cell_index", "gene", "gene_name", "gene_id", "split")
+    REMAP = 1 << 20  # codes rewritten this many at a time by close
+
+    def __init__(self, f, cells: pd.Index, split: np.ndarray):
+        import h5py
+
+        self.obs = f.create_group("obs")
+        self.obs.attrs.update({"_index": "_index", "column-order": np.array(self.COLUMNS, dtype=object),
+                               "encoding-type": "dataframe", "encoding-version": "0.2.0"})
+        self.split_code = pd.Categorical(split, categories=["train", "eval"]).codes.astype(np.int8)
+        self.n = 0
+        text = h5py.string_dtype("utf-8")
+
+        def grow(where, name, dtype, kind):
+            ds = where.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
+            ds.attrs.update({"encoding-type": kind, "encoding-version": "0.2.0"})
+            return ds
+
+        self.data = {"_index": grow(self.obs, "_index", text, "string-array"),
+                     "cell_index": grow(self.obs, "cell_index", np.int64, "array"),
+                     "gene_id": grow(self.obs, "gene_id", np.int64, "array")}
+        self.categories = {"cell": np.asarray(cells, dtype=object), "split": np.array(["train", "eval"], dtype=object)}
+        for name in ("cell", "gene", "gene_name", "split"):
+            group = self.obs.create_group(name)
+            group.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+            self.data[name] = grow(group, "codes", np.int32, "array")
+
+    def append(self, cell_of: np.ndarray, gene_ids: np.ndarray) -> None:
+        columns = {"_index": np.arange(self.n, self.n + len(cell_of)).astype(str).astype(object),
+                   "cell_index": cell_of, "gene_id": gene_ids, "cell": cell_of, "gene": gene_ids,
+                   "gene_name": gene_ids, "split": self.split_code[cell_of]}
+        for name, values in columns.items():
+            ds = self.data[name]
+            ds.resize((self.n + len(values),))
+            ds[self.n:] = values
+        self.n += len(cell_of)
+
+    def close(self, gene_of_id: dict[int, str], name_of_gene: dict[str, str]) -> None:
+        """Categories of ``gene`` / ``gene_name`` from the token ids seen ({id: vocabulary gene},
+        {vocabulary gene: its name}); their codes rewritten from token ids to category positions."""
+        import h5py
+
+        ids = np.array(sorted(gene_of_id), dtype=np.int64)
+        for name, label in (("gene", lambda i: gene_of_id[i]), ("gene_name", lambda i: name_of_gene.get(
+                gene_of_id[i], gene_of_id[i]))):
+            labels = [label(int(i)) for i in ids]
+            self.categories[name] = np.array(sorted(set(labels)), dtype=object)
+            position = {c: k for k, c in enumerate(self.categories[name])}
+            lookup = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, dtype=np.int32)
+            lookup[ids] = [position[c] for c in labels]
+            ds = self.data[name]
+            for start in range(0, self.n, self.REMAP):
+                ds[start:start + self.REMAP] = lookup[ds[start:start + self.REMAP]]
+        for name, cats in self.categories.items():
+            group = self.obs[name]
+            group.create_dataset("categories", data=cats, dtype=h5py.string_dtype("utf-8")).attrs.update(
+                {"encoding-type": "string-array", "encoding-version": "0.2.0"})
 
 
 @torch.inference_mode()  # no autograd anywhere here: nothing is recorded for it
@@ -211,7 +278,6 @@ def generate_features(cfg: DictConfig) -> Path:
     by_cell = np.argsort(tokens.cell_index, kind="stable")
     bounds = np.searchsorted(tokens.cell_index[by_cell], np.arange(0, n_cells + chunk_cells, chunk_cells).clip(max=n_cells))
     seen_ids: set[int] = set()  # vocabulary ids of every gene token the model read
-    tok_cell, tok_gene = [], []
 
     def encode_chunk(members: np.ndarray, start: int, n_rows: int):
         """Cell-row CSRs {name: [n_rows, d_sae]} of one chunk, and its token CSR (or None)."""
@@ -243,48 +309,40 @@ def generate_features(cfg: DictConfig) -> Path:
         csrs = {name: _chunk_csr(cell_parts[name], start, n_rows, d_sae) for name in names}
         if not write_tokens:
             return csrs, None
-        cell, pos, gene = (np.concatenate(t) if t else np.zeros(0, np.int64) for t in zip(*tok_key)) \
-            if tok_key else (np.zeros(0, np.int64),) * 3
+        cell, pos, gene = (np.concatenate(t) for t in zip(*tok_key)) if tok_key else (np.zeros(0, np.int64),) * 3
         new_row = np.empty(n_tok, dtype=np.int64)
         perm = np.lexsort((pos, cell))  # by cell, then position in the cell
         new_row[perm] = np.arange(n_tok)
-        tok_cell.append(cell[perm])
-        tok_gene.append(gene[perm])
         r, c, v = (np.concatenate(t) for t in zip(*tok_parts)) if tok_parts else (np.zeros(0, np.int64),) * 3
-        return csrs, sp.csr_matrix((np.asarray(v, np.float32), (new_row[r], c)), shape=(n_tok, d_sae),
-                                   dtype=np.float32)
+        return csrs, (cell[perm], gene[perm], sp.csr_matrix((np.asarray(v, np.float32), (new_row[r], c)),
+                                                            shape=(n_tok, d_sae), dtype=np.float32))
+
+    n_written = [0]  # tokens written (set by stream)
 
     def stream(feature_path: str, token_path: str | None) -> None:
         feats = _CsrFile(feature_path, var, [n for n in names if n != x_name])
         toks = _CsrFile(token_path, var.copy(), []) if token_path else None
+        tok_obs = _TokenObs(toks.f, adata.obs_names, adata.obs["split"].to_numpy()) if toks is not None else None
         try:
             n_chunks = len(bounds) - 1
             for i in tqdm(range(n_chunks), desc="encoding cells", unit="chunk"):
                 start, n_rows = i * chunk_cells, min(chunk_cells, n_cells - i * chunk_cells)
-                csrs, tok_csr = encode_chunk(by_cell[bounds[i]:bounds[i + 1]], start, n_rows)
+                csrs, tok_chunk = encode_chunk(by_cell[bounds[i]:bounds[i + 1]], start, n_rows)
                 feats.append({"X" if name == x_name else name: m for name, m in csrs.items()})
                 if toks is not None:
-                    toks.append({"X": tok_csr})
+                    tok_obs.append(*tok_chunk[:2])
+                    toks.append({"X": tok_chunk[2]})
             seen = sorted({gene_names.get(g, g) for g in (adapter.id_to_gene[i] for i in seen_ids)})
             uns = {"sae4scfm": {"genes_seen": seen, **info}}
-            feats.close(adata.obs.copy(), uns, d_sae)
+            feats.close(uns, d_sae, obs=adata.obs.copy())
             if toks is not None:
-                toks.close(token_obs(), uns, d_sae)
+                tok_obs.close({i: adapter.id_to_gene[i] for i in seen_ids}, gene_names)
+                toks.close(uns, d_sae)
+                n_written[0] = tok_obs.n
         finally:
             for f in (feats, toks):
                 if f is not None and f.f.id.valid:
                     f.f.close()
-
-    def token_obs() -> pd.DataFrame:
-        cell_of = np.concatenate(tok_cell) if tok_cell else np.zeros(0, np.int64)
-        gene_ids = np.concatenate(tok_gene) if tok_gene else np.zeros(0, np.int64)
-        vocab_genes = [adapter.id_to_gene[int(g)] for g in gene_ids]
-        return pd.DataFrame({
-            "cell": pd.Categorical(adata.obs_names.to_numpy()[cell_of], categories=adata.obs_names),
-            "cell_index": cell_of, "gene": pd.Categorical(vocab_genes),
-            "gene_name": pd.Categorical([gene_names.get(g, g) for g in vocab_genes]), "gene_id": gene_ids,
-            "split": pd.Categorical(adata.obs["split"].to_numpy()[cell_of], categories=["train", "eval"]),
-        }, index=[str(i) for i in range(len(cell_of))])
 
     feature_file, token_file = out_dir / "features.h5ad", out_dir / "token_features.h5ad"
     if write_tokens:  # each file is renamed into place only once complete (tokens first)
@@ -297,5 +355,5 @@ def generate_features(cfg: DictConfig) -> Path:
     if hook != "tokens" and cfg.features.token_features:
         print(f"no token_features.h5ad: the SAE of {run_dir.name} encodes one vector per cell (sae.hook_point={hook})")
     if write_tokens:
-        print(f"wrote {token_file}: {sum(len(c) for c in tok_cell)} tokens x {d_sae} features")
+        print(f"wrote {token_file}: {n_written[0]} tokens x {d_sae} features")
     return out_dir
