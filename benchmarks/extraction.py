@@ -41,8 +41,8 @@ batched first, then one cell per forward, family after family.
 Roofline: FLOPs per cell from the architecture (``flops_per_cell``: per token and block the q/k/v/out
 projections and the feed-forward matmuls, plus the attention score and value matmuls, 2 T d multiply-adds
 per token for a cell of T tokens, through the blocks that run, i.e. up to the last extracted layer), over
-the wall time, as a fraction of the float32 ``torch.mm`` rate of two 1024 x 1024 matrices measured in the
-same process with the same threads (MFU). Padding within a batch is work the model does but that is not
+the wall time, as a fraction of the ``torch.mm`` rate of two 1024 x 1024 matrices (4096 on a GPU) of the
+forward's dtype measured in the same process with the same threads (MFU). Padding within a batch is work the model does but that is not
 counted, so it lowers the MFU.
 
 Peak memory: the growth of the process's resident set during the ``extract_activations`` call: the
@@ -64,11 +64,17 @@ stored/cell, printed below the table, is the mean number of gene tokens per cell
     python benchmarks/extraction.py [--cells 64] [--families scgpt,geneformer,scfoundation,aido_cell]
                                     [--threads N] [--aido-cells 4] [--layers 2,4]
                                     [--n-layers 4] [--d-model 128] [--n-heads 4]
+                                    [--device cuda] [--dtype float32|bfloat16|float16]
+
+On a GPU, whole-human scGPT size, bf16 vs fp32 (two runs; compare cells/s and MFU):
+    python benchmarks/extraction.py --families scgpt --n-layers 12 --d-model 512 --n-heads 8 \
+        --layers 6,12 --cells 700 --batch-size 64 --device cuda --dtype bfloat16   # and --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -87,7 +93,8 @@ DEFAULT_BATCH = 32  # config/buffer/default.yaml extract_batch_size
 # scGPT d_hid = d_model; BERT and scFoundation's transformer 4 x d_model; AIDO.Cell SwiGLU (gate, up,
 # down) of 2.5 x d_model.
 FFN = {"scgpt": (2, 1.0), "geneformer": (2, 4.0), "scfoundation": (2, 4.0), "aido_cell": (3, 2.5)}
-MM_SIZE = 1024  # the roofline: float32 torch.mm of two [MM_SIZE, MM_SIZE] matrices
+MM_SIZE = 1024  # the roofline: torch.mm of two [MM_SIZE, MM_SIZE] matrices (4096 on a GPU)
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: the forward under autocast in that dtype (GPU)
 
 
 def flops_per_cell(family: str, lengths, d_model: int, n_blocks: int):
@@ -103,17 +110,22 @@ def flops_per_cell(family: str, lengths, d_model: int, n_blocks: int):
     return n_blocks * (T * per_token + 2 * 2 * T**2 * d_model)
 
 
-def matmul_rate(seconds: float = 1.0) -> float:
-    """Measured FLOP/s of a float32 [MM_SIZE, MM_SIZE] @ [MM_SIZE, MM_SIZE] torch.mm in this process."""
+def matmul_rate(device: str = "cpu", dtype: str = "float32", seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a [n, n] @ [n, n] torch.mm of ``dtype`` on ``device`` in this process
+    (n = MM_SIZE on CPU, 4 x MM_SIZE on a GPU)."""
     import torch
 
-    a, b = torch.randn(MM_SIZE, MM_SIZE), torch.randn(MM_SIZE, MM_SIZE)
+    n = MM_SIZE if device == "cpu" else 4 * MM_SIZE
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.mm(a, b)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     reps, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         torch.mm(a, b)
         reps += 1
-    return 2 * MM_SIZE**3 * reps / elapsed
+        sync()
+    return 2 * n**3 * reps / elapsed
 
 
 def log(msg: str) -> None:
@@ -251,7 +263,7 @@ def _malloc_trim() -> None:
 
 
 def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch_size: int, layers: list[int],
-            threads: int | None, d_model: int) -> dict:
+            threads: int | None, d_model: int, device: str = "cpu", dtype: str = "float32") -> dict:
     """Load, tokenize, warm up, then time ``extract_activations`` and its peak RSS growth; then the
     matmul rate of this process (same threads) and the model-FLOP utilisation of the timed run."""
     import numpy as np
@@ -264,7 +276,9 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
     from sae4scfm.scfm.tokens import Batch
     from sae4scfm.store.extract import extract_activations
 
-    adapter = adapter_class(family).from_pretrained(checkpoint, "cpu", **options)
+    adapter = adapter_class(family).from_pretrained(checkpoint, device, **options)
+    precision = (torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32"
+                 else contextlib.nullcontext())
     adata = load_pbmc()[np.asarray(cells)].copy()
     tokens = adapter.tokenize(adata)
     one = tokens.collate(np.arange(1))  # untimed warm-up on the first 64 tokens of one cell
@@ -276,13 +290,14 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
         exact = reset_peak_rss()
         rss0 = peak_rss_bytes() // 1024  # right after the reset VmHWM == VmRSS
         start = time.perf_counter()
-        stores = extract_activations(adapter, tokens, layers, out, batch_size=batch_size,
-                                     desc=f"{family} batch_size={batch_size}")
+        with precision:
+            stores = extract_activations(adapter, tokens, layers, out, batch_size=batch_size,
+                                         desc=f"{family} batch_size={batch_size}")
         elapsed = time.perf_counter() - start
         peak = peak_rss_bytes() // 1024
         stored = stores[layers[0]].n_tokens
     flops = float(flops_per_cell(family, tokens.lengths, d_model, max(layers)).sum())
-    rate = matmul_rate()
+    rate = matmul_rate(device, dtype)
     return {"mfu": flops / elapsed / rate, "mm_gflops": rate / 1e9, "gflop_per_cell": flops / len(tokens) / 1e9,
             "cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
             "exact_peak": exact, "tokens_per_cell": float(np.mean(tokens.lengths)),
@@ -330,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="the batched run's batch_size")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="forward under autocast in this dtype (GPU; the roofline is a torch.mm of this dtype)")
     args = p.parse_args(argv)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -374,7 +392,8 @@ def main(argv=None) -> int:
                 log(f"[{family}] extract_activations, {n} cells, batch_size {bs} (fresh process)")
                 results[bs] = run_in_fresh_process(family=family, checkpoint=str(Path(tmp) / family),
                                                    options=options, cells=cells, batch_size=bs, layers=layers,
-                                                   threads=threads, d_model=args.d_model)
+                                                   threads=threads, d_model=args.d_model, device=args.device,
+                                                   dtype=args.dtype)
                 if isinstance(results[bs], dict):
                     r = results[bs]
                     log(f"[{family}] batch_size {bs}: {r['seconds']:.1f}s, {r['cells_per_s']:.2f} cells/s, "
@@ -412,8 +431,8 @@ def main(argv=None) -> int:
     print("- peak MB: growth of the measuring process's peak RSS (MiB) during extract_activations, "
           "above its RSS after loading the model and tokens")
     print(f"- MFU: model FLOPs of the timed cells (flops_per_cell: projections, feed-forward, attention scores and "
-          f"values, through the blocks that run) / wall time / the float32 {MM_SIZE}x{MM_SIZE} torch.mm rate measured "
-          "in the same process with the same threads. Bars: speedup >= 10x, MFU batched >= 50%.")
+          f"values, through the blocks that run) / wall time / the {args.dtype} torch.mm rate measured in the same "
+          f"process ({args.device}, same threads). Bars: speedup >= 10x, MFU batched >= 50%.")
     return 0
 
 

@@ -14,8 +14,8 @@ from sae4scfm.scfm import load_scfm
 from sae4scfm.scfm.attention import PackedSelfAttention, attend
 
 # bf16 autocast vs float32, per residual-stream layer: ||h_bf16 - h_fp32|| / ||h_fp32|| over the gene tokens
-# of a batch (the demo scGPT here; bf16 keeps 8 mantissa bits, ~0.4% per rounding, accumulated over blocks)
-BF16_REL_TOL = 0.03
+# of a batch (bf16 keeps 8 mantissa bits, ~0.4% per rounding; measured 0.15-0.27% on the demo scGPT's 5 layers)
+BF16_REL_TOL = 0.01
 
 
 def _padding(lengths, T):
