@@ -73,6 +73,9 @@ def test_streamed_files_equal_the_dense_reference(streamed):
         got = feats.X if name == "max" else feats.layers[name]
         np.testing.assert_allclose(got.toarray(), want, rtol=1e-5, atol=1e-5, err_msg=name)
         assert got.nnz == np.count_nonzero(want), name  # no explicit zeros written
+    backed = ad.read_h5ad(streamed / "features" / "features.h5ad", backed="r")  # the write_h5ad layout
+    np.testing.assert_allclose(backed.X[40:70].toarray(), pooled["max"][40:70], rtol=1e-5, atol=1e-5)
+    backed.file.close()
     toks = ad.read_h5ad(streamed / "features" / "token_features.h5ad")
     np.testing.assert_array_equal(toks.obs["cell_index"].to_numpy(), tok_cell)
     np.testing.assert_array_equal(toks.obs["gene_id"].to_numpy(), tok_gene)

@@ -140,14 +140,17 @@ def _chunk_csr(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], start: in
 
 class _CsrFile:
     """An .h5ad written in chunks of rows: obs/var/uns once, X and ``layers`` appended per chunk
-    (anndata's ``write_elem`` / ``sparse_dataset.append``), readable by ``anndata.read_h5ad``."""
+    (anndata's ``write_elem`` / ``sparse_dataset.append``), with the groups and root attributes of
+    ``write_h5ad``, so ``anndata.read_h5ad`` (also backed) reads it."""
 
     def __init__(self, path: str, var: pd.DataFrame, layers: list[str]):
         import h5py
 
         self.f = h5py.File(path, "w")
+        self.f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})  # as write_h5ad
         write_elem(self.f, "var", var)
-        write_elem(self.f, "layers", {})
+        for group in ("layers", "obsm", "obsp", "varm", "varp"):
+            write_elem(self.f, group, {})
         self.names, self.started = ["X", *layers], False
 
     def append(self, chunks: dict[str, sp.csr_matrix]) -> None:
