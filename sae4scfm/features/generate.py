@@ -89,7 +89,7 @@ def cell_representation(features: ad.AnnData, name: str, source: str = "features
                      "scripts/generate_features.py or pick one of those.")
 
 
-CHUNK_CELLS = 4096  # cells per chunk of rows written to the CSR files (``features.chunk_cells``)
+CHUNK_CELLS = 512  # cells per chunk of rows written to the CSR files (``features.chunk_cells``); memory ~ one chunk
 MAX_DENSE_ELEMENTS = 1 << 24  # non-TopK SAEs encode at most this many [rows x d_sae] entries at once
 
 
