@@ -38,6 +38,13 @@ the first 64 tokens of one cell first).
 Each measurement runs in its own fresh process (multiprocessing 'spawn') with ``--threads`` torch threads,
 batched first, then one cell per forward, family after family.
 
+Roofline: FLOPs per cell from the architecture (``flops_per_cell``: per token and block the q/k/v/out
+projections and the feed-forward matmuls, plus the attention score and value matmuls, 2 T d multiply-adds
+per token for a cell of T tokens, through the blocks that run, i.e. up to the last extracted layer), over
+the wall time, as a fraction of the ``torch.mm`` rate of two 1024 x 1024 matrices (4096 on a GPU) of the
+forward's dtype measured in the same process with the same threads (MFU). Padding within a batch is work the model does but that is not
+counted, so it lowers the MFU.
+
 Peak memory: the growth of the process's resident set during the ``extract_activations`` call: the
 peak RSS (``VmHWM``, reset just before the call via /proc/self/clear_refs, after gc and malloc_trim)
 minus the RSS at that moment (model, data and tokens already loaded, so they are not counted). It
@@ -57,11 +64,17 @@ stored/cell, printed below the table, is the mean number of gene tokens per cell
     python benchmarks/extraction.py [--cells 64] [--families scgpt,geneformer,scfoundation,aido_cell]
                                     [--threads N] [--aido-cells 4] [--layers 2,4]
                                     [--n-layers 4] [--d-model 128] [--n-heads 4]
+                                    [--device cuda] [--dtype float32|bfloat16|float16]
+
+On a GPU, whole-human scGPT size, bf16 vs fp32 (two runs; compare cells/s and MFU):
+    python benchmarks/extraction.py --families scgpt --n-layers 12 --d-model 512 --n-heads 8 \
+        --layers 6,12 --cells 700 --batch-size 64 --device cuda --dtype bfloat16   # and --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -76,6 +89,43 @@ from memory import peak_rss_bytes, reset_peak_rss
 
 FAMILIES = ("scgpt", "geneformer", "scfoundation", "aido_cell")
 DEFAULT_BATCH = 32  # config/buffer/default.yaml extract_batch_size
+# Feed-forward of each family's block, as (matmuls, width / d_model) of the checkpoints built below:
+# scGPT d_hid = d_model; BERT and scFoundation's transformer 4 x d_model; AIDO.Cell SwiGLU (gate, up,
+# down) of 2.5 x d_model.
+FFN = {"scgpt": (2, 1.0), "geneformer": (2, 4.0), "scfoundation": (2, 4.0), "aido_cell": (3, 2.5)}
+MM_SIZE = 1024  # the roofline: torch.mm of two [MM_SIZE, MM_SIZE] matrices (4096 on a GPU)
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: the forward under autocast in that dtype (GPU)
+
+
+def flops_per_cell(family: str, lengths, d_model: int, n_blocks: int):
+    """Model FLOPs of each cell's forward through ``n_blocks`` blocks (a multiply-add = 2 FLOPs), from the
+    architecture: per token and block the q/k/v/out projections (4 d^2 multiply-adds) and the feed-forward
+    (``FFN``), plus the attention scores q k^T and the weighted values (2 T d per token, T = the cell's
+    tokens). Embeddings, norms, softmax and the heads are not counted. ``lengths`` [cells] -> [cells]."""
+    import numpy as np
+
+    n_mm, ratio = FFN[family]
+    T = np.asarray(lengths, dtype=np.float64)
+    per_token = 2 * (4 * d_model**2 + n_mm * ratio * d_model**2)
+    return n_blocks * (T * per_token + 2 * 2 * T**2 * d_model)
+
+
+def matmul_rate(device: str = "cpu", dtype: str = "float32", seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a [n, n] @ [n, n] torch.mm of ``dtype`` on ``device`` in this process
+    (n = MM_SIZE on CPU, 4 x MM_SIZE on a GPU)."""
+    import torch
+
+    n = MM_SIZE if device == "cpu" else 4 * MM_SIZE
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    reps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        reps += 1
+        sync()
+    return 2 * n**3 * reps / elapsed
 
 
 def log(msg: str) -> None:
@@ -213,8 +263,9 @@ def _malloc_trim() -> None:
 
 
 def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch_size: int, layers: list[int],
-            threads: int | None) -> dict:
-    """Load, tokenize, warm up, then time ``extract_activations`` and its peak RSS growth."""
+            threads: int | None, d_model: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Load, tokenize, warm up, then time ``extract_activations`` and its peak RSS growth; then the
+    matmul rate of this process (same threads) and the model-FLOP utilisation of the timed run."""
     import numpy as np
     import torch
 
@@ -225,7 +276,9 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
     from sae4scfm.scfm.tokens import Batch
     from sae4scfm.store.extract import extract_activations
 
-    adapter = adapter_class(family).from_pretrained(checkpoint, "cpu", **options)
+    adapter = adapter_class(family).from_pretrained(checkpoint, device, **options)
+    precision = (torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32"
+                 else contextlib.nullcontext())
     adata = load_pbmc()[np.asarray(cells)].copy()
     tokens = adapter.tokenize(adata)
     one = tokens.collate(np.arange(1))  # untimed warm-up on the first 64 tokens of one cell
@@ -237,12 +290,16 @@ def measure(family: str, checkpoint: str, options: dict, cells: list[int], batch
         exact = reset_peak_rss()
         rss0 = peak_rss_bytes() // 1024  # right after the reset VmHWM == VmRSS
         start = time.perf_counter()
-        stores = extract_activations(adapter, tokens, layers, out, batch_size=batch_size,
-                                     desc=f"{family} batch_size={batch_size}")
+        with precision:
+            stores = extract_activations(adapter, tokens, layers, out, batch_size=batch_size,
+                                         desc=f"{family} batch_size={batch_size}")
         elapsed = time.perf_counter() - start
         peak = peak_rss_bytes() // 1024
         stored = stores[layers[0]].n_tokens
-    return {"cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
+    flops = float(flops_per_cell(family, tokens.lengths, d_model, max(layers)).sum())
+    rate = matmul_rate(device, dtype)
+    return {"mfu": flops / elapsed / rate, "mm_gflops": rate / 1e9, "gflop_per_cell": flops / len(tokens) / 1e9,
+            "cells_per_s": len(tokens) / elapsed, "seconds": elapsed, "peak_mib": max(peak - rss0, 0) / 1024,
             "exact_peak": exact, "tokens_per_cell": float(np.mean(tokens.lengths)),
             "stored_per_cell": stored / len(tokens), "n_cells": len(tokens),
             "cells_per_forward": adapter.cells_per_batch(batch_size), "threads": torch.get_num_threads()}
@@ -288,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="the batched run's batch_size")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="forward under autocast in this dtype (GPU; the roofline is a torch.mm of this dtype)")
     args = p.parse_args(argv)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -325,24 +385,25 @@ def main(argv=None) -> int:
             try:
                 options, config = BUILDERS[family](Path(tmp) / family, size, genes)
             except Exception as e:  # noqa: BLE001 - e.g. modelgenerator missing for geneformer
-                rows.append((family, f"unavailable ({type(e).__name__}: {e})", *[""] * 6))
+                rows.append((family, f"unavailable ({type(e).__name__}: {e})", *[""] * 8))
                 continue
             results = {}
             for bs in (args.batch_size, 1):
                 log(f"[{family}] extract_activations, {n} cells, batch_size {bs} (fresh process)")
                 results[bs] = run_in_fresh_process(family=family, checkpoint=str(Path(tmp) / family),
                                                    options=options, cells=cells, batch_size=bs, layers=layers,
-                                                   threads=threads)
+                                                   threads=threads, d_model=args.d_model, device=args.device,
+                                                   dtype=args.dtype)
                 if isinstance(results[bs], dict):
                     r = results[bs]
                     log(f"[{family}] batch_size {bs}: {r['seconds']:.1f}s, {r['cells_per_s']:.2f} cells/s, "
-                        f"peak +{r['peak_mib']:.0f} MiB")
+                        f"MFU {100 * r['mfu']:.0f}% of {r['mm_gflops']:.1f} GFLOP/s, peak +{r['peak_mib']:.0f} MiB")
                 else:
                     log(f"[{family}] batch_size {bs}: failed: {results[bs]}")
             batched, single = results[args.batch_size], results[1]
             if not (isinstance(batched, dict) and isinstance(single, dict)):
                 err = batched if not isinstance(batched, dict) else single
-                rows.append((family, config, "", "", "", "", "", f"error: {err}"))
+                rows.append((family, config, "", "", "", "", "", "", "", f"error: {err}"))
                 continue
 
             def mib(r):
@@ -350,13 +411,15 @@ def main(argv=None) -> int:
 
             rows.append((family, config, f"{batched['tokens_per_cell']:,.0f}", f"{batched['cells_per_s']:,.2f}",
                          f"{single['cells_per_s']:,.2f}", f"{batched['cells_per_s'] / single['cells_per_s']:.2f}x",
-                         mib(batched), mib(single)))
+                         f"{100 * batched['mfu']:.0f}%", f"{100 * single['mfu']:.0f}%", mib(batched), mib(single)))
             notes.append(f"{family}: {n} cells; stored gene tokens/cell {batched['stored_per_cell']:,.0f}; "
                          f"cells per forward {batched['cells_per_forward']} vs 1; "
-                         f"wall {batched['seconds']:.1f}s vs {single['seconds']:.1f}s")
+                         f"wall {batched['seconds']:.1f}s vs {single['seconds']:.1f}s; "
+                         f"{batched['gflop_per_cell']:.3f} model GFLOP/cell; matmul rate {batched['mm_gflops']:.1f} "
+                         f"(batched run) / {single['mm_gflops']:.1f} (1-cell run) GFLOP/s")
 
     header = ("family", "config", "tokens/cell", "batched cells/s", "1-cell cells/s", "speedup",
-              "peak MB batched", "peak MB 1-cell")
+              "MFU batched", "MFU 1-cell", "peak MB batched", "peak MB 1-cell")
     print()
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(header))) + " |")
@@ -367,6 +430,9 @@ def main(argv=None) -> int:
         print(f"- {note}")
     print("- peak MB: growth of the measuring process's peak RSS (MiB) during extract_activations, "
           "above its RSS after loading the model and tokens")
+    print(f"- MFU: model FLOPs of the timed cells (flops_per_cell: projections, feed-forward, attention scores and "
+          f"values, through the blocks that run) / wall time / the {args.dtype} torch.mm rate measured in the same "
+          f"process ({args.device}, same threads). Bars: speedup >= 10x, MFU batched >= 50%.")
     return 0
 
 

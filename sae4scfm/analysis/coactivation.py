@@ -6,7 +6,8 @@ example ``features/token_features.h5ad``'s CSR ``X``) and on decoder matrices
 
 Everything feature x feature is computed sparsely: with ``B = (X > 0)`` as a CSR
 matrix, the co-firing counts are ``C = B^T B``, which only holds the pairs that
-co-fire at least once; no dense ``features x features`` matrix is built (only
+co-fire at least once, and of it only the upper triangle ``i < j``, in blocks of features
+(``_upper_cooccurrence``); no dense ``features x features`` matrix is built (only
 :func:`match_by_decoder` builds dense cosine blocks, ``chunk`` rows of A at a time).
 """
 
@@ -64,6 +65,24 @@ def _cooccurrence(B_a: sp.csr_matrix, B_b: sp.csr_matrix) -> _Pairs:
     return _Pairs(row, C.indices, C.data)
 
 
+def _upper_cooccurrence(B: sp.csr_matrix, chunk: int = 1024) -> _Pairs:
+    """The pairs ``i < j`` of ``B^T B`` (int counts) that co-fire at least once, computed ``chunk``
+    features at a time against the features after them: never both triangles, never more than
+    one block ``[chunk, features]`` of counts at once."""
+    Bt = B.T.tocsr()  # [features, rows]
+    n_feat = B.shape[1]
+    parts = []
+    for s in range(0, n_feat, chunk):
+        C = (Bt[s:s + chunk] @ Bt[s:].T).tocsr()  # [chunk, features - s]: pairs (s + a, s + b)
+        row = np.repeat(np.arange(C.shape[0], dtype=np.int64), np.diff(C.indptr)) + s
+        col = C.indices.astype(np.int64) + s
+        upper = row < col
+        parts.append((row[upper], col[upper], C.data[upper]))
+    if not parts:
+        return _Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return _Pairs(*(np.concatenate(t) for t in zip(*parts)))
+
+
 def _pmi_values(count, n_i, n_j, n_rows):
     """``log(P(i,j) / (P(i) P(j))) = log(count * N / (n_i * n_j))`` in float64."""
     return np.log(count.astype(np.float64)) + np.log(float(n_rows)) - np.log(n_i.astype(np.float64)) - np.log(
@@ -90,10 +109,11 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     B = firing(X, dtype=np.int32)
     n_rows, n_feat = B.shape
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
-    C = _cooccurrence(B, B)
-    keep = (C.row != C.col) & (C.data >= min_count)
+    C = _upper_cooccurrence(B)
+    keep = C.data >= min_count
     row, col, cnt = C.row[keep], C.col[keep], C.data[keep].astype(np.int64)
     del C
+    row, col, cnt = np.concatenate([row, col]), np.concatenate([col, row]), np.concatenate([cnt, cnt])  # symmetric
     pmi = _pmi_values(cnt, n_fire[row], n_fire[col], n_rows)
     shape = (n_feat, n_feat)
     counts = sp.csr_matrix((cnt, (row, col)), shape=shape)
@@ -125,9 +145,8 @@ def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.Dat
     n_rows, n_feat = B.shape
     n_tests = n_feat * (n_feat - 1) // 2
     n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
-    C = _cooccurrence(B, B)
-    keep = C.row < C.col
-    i, j, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
+    C = _upper_cooccurrence(B)
+    i, j, cnt = C.row, C.col, C.data.astype(np.int64)
     del C
     order = np.lexsort((j, i))
     i, j, cnt = i[order], j[order], cnt[order]

@@ -21,6 +21,9 @@ sparse matrix products; none loops over features, tokens or cells in Python.
   :func:`gene_score_matrix` pivots a column of that table to a dense ``[features, genes]`` array.
 * :func:`cell_gene_correlation` – Pearson r between every feature (cells x features) and
   every gene (cells x genes) from sparse moments; NaN where either side is constant.
+* At scale, no dense ``[features, genes]`` is held: :func:`correlation_chunks` /
+  :func:`table_score_chunks` yield blocks of features, and :func:`feature_gene_summary` reduces
+  them to each feature's top genes, participation ratio, tail threshold and best score.
 * :func:`top_genes` – top genes per feature, fixed N or adaptive (participation ratio of the
   positive tail, :func:`tail_participation_ratio`); :func:`top_genes_k_summary` – the k chosen.
 * :func:`gene_family_scores` – fraction of each feature's firing mass on gene families
@@ -32,7 +35,7 @@ sparse matrix products; none loops over features, tokens or cells in Python.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -165,9 +168,19 @@ def cell_gene_correlation(features_X, expression) -> np.ndarray:
 
     From sparse moments: ``cov = X.T @ E / n - mean_x mean_e``, ``var = mean(x^2) - mean_x^2``
     (float64); neither input is densified. NaN where the feature or the gene is constant over
-    the cells (max == min, implicit zeros included). Clipped to [-1, 1].
+    the cells (max == min, implicit zeros included). Clipped to [-1, 1]. The blocks of
+    :func:`correlation_chunks`, stacked (for many features use those blocks instead).
     """
     X = as_matrix(features_X, "features_X", dtype=np.float64)
+    E = as_matrix(expression, "expression", dtype=np.float64)
+    blocks = [r for _, r in correlation_chunks(X, E, chunk=max(X.shape[1], 1))]
+    return np.vstack(blocks) if blocks else np.zeros((0, E.shape[1]))
+
+
+def correlation_chunks(features_X, expression, *, chunk: int = 1024) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`cell_gene_correlation` ``chunk`` features at a time: yields (feature slice, r [chunk, genes]
+    float64), so that no dense [features, genes] array is ever held whole."""
+    X = sp.csc_matrix(as_matrix(features_X, "features_X", dtype=np.float64))
     E = as_matrix(expression, "expression", dtype=np.float64)
     n = X.shape[0]
     if E.shape[0] != n:
@@ -179,17 +192,52 @@ def cell_gene_correlation(features_X, expression) -> np.ndarray:
         const = (M.max(axis=0).toarray().ravel() == M.min(axis=0).toarray().ravel()) if n else np.ones(M.shape[1], bool)
         return mean, np.sqrt(np.maximum(sq - mean**2, 0.0)), const
 
-    mx, sx, cx = moments(X)
     me, se, ce = moments(E)
-    cross = (X.T @ E)
-    cross = cross.toarray() if sp.issparse(cross) else np.asarray(cross)
-    cov = cross / n - np.outer(mx, me)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = cov / np.outer(sx, se)
-    r = np.clip(r, -1.0, 1.0)
-    r[cx, :] = np.nan
-    r[:, ce] = np.nan
-    return r
+    for start in range(0, X.shape[1], chunk):
+        cols = slice(start, min(start + chunk, X.shape[1]))
+        Xc = X[:, cols]
+        mx, sx, cx = moments(Xc)
+        cross = Xc.T @ E
+        cross = cross.toarray() if sp.issparse(cross) else np.asarray(cross)
+        cov = cross / n - np.outer(mx, me)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = cov / np.outer(sx, se)
+        r = np.clip(r, -1.0, 1.0)
+        r[cx, :] = np.nan
+        r[:, ce] = np.nan
+        yield cols, r
+
+
+def table_score_chunks(table: pd.DataFrame, value: str, *, n_features: int, genes: Sequence[str],
+                       fill: float = 0.0, chunk: int = 1024) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`gene_score_matrix` ``chunk`` features at a time: yields (feature slice, [chunk, genes])."""
+    order = table.sort_values("feature_id", kind="stable")
+    fid = order["feature_id"].to_numpy(np.int64)
+    for start in range(0, n_features, chunk):
+        stop = min(start + chunk, n_features)
+        lo, hi = np.searchsorted(fid, [start, stop])
+        part = order.iloc[lo:hi].assign(feature_id=fid[lo:hi] - start)
+        yield slice(start, stop), gene_score_matrix(part, value, n_features=stop - start, genes=genes, fill=fill)[0]
+
+
+def feature_gene_summary(chunks: Iterable[tuple[slice, np.ndarray]], genes: Sequence[str], n_features: int, *,
+                         n: int = 20, tail_z: float = 3.0) -> dict:
+    """Every per-feature summary of a ``[features, genes]`` score, from its blocks (``correlation_chunks``,
+    ``table_score_chunks``), holding one block at a time. Returns ``top`` {feature: genes} (adaptive cut),
+    ``top_fixed`` {feature: the n best}, and arrays [features]: ``participation_ratio``
+    (:func:`tail_participation_ratio`), ``tail_threshold`` and ``max_score`` (NaN for an all-NaN row)."""
+    out = {"top": {}, "top_fixed": {}, "participation_ratio": np.zeros(n_features),
+           "tail_threshold": np.full(n_features, np.inf), "max_score": np.full(n_features, np.nan)}
+    for rows, s in chunks:
+        ids = range(rows.start, rows.stop)
+        for key, adaptive in (("top", True), ("top_fixed", False)):
+            block = top_genes(s, genes, n=n, adaptive=adaptive, tail_z=tail_z)
+            out[key].update({f: block[i] for i, f in enumerate(ids)})
+        out["participation_ratio"][rows] = tail_participation_ratio(s, tail_z)
+        out["tail_threshold"][rows] = tail_threshold(s, tail_z)
+        with np.errstate(invalid="ignore"):
+            out["max_score"][rows] = np.where(np.isnan(s).all(1), np.nan, np.nanmax(np.nan_to_num(s, nan=-np.inf), 1))
+    return out
 
 
 # --------------------------------------------------------------------------- top genes

@@ -568,3 +568,30 @@ def _best_held_out(X, labels, is_train, min_cells: int, key: str) -> dict:
     best = np.argmax(np.nan_to_num(train.to_numpy(), nan=-np.inf), axis=1)
     return {f"best:{key}": np.asarray([str(v) for v in train.columns], dtype=object)[best],
             f"best_eval_auroc:{key}": held.to_numpy()[np.arange(X.shape[1]), best]}
+
+
+# --------------------------------------------------------------------------- kNN
+
+EXACT_KNN_MAX_CELLS = 50_000  # above this many cells, kNN is approximate (pynndescent)
+
+
+def nearest_neighbors(X, k: int, *, exact_max_cells: int = EXACT_KNN_MAX_CELLS,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean kNN of every row of ``X`` [cells, d] among the rows, itself included as the first
+    neighbour: (distances [cells, k] float, indices [cells, k] int64), nearest first. Never the brute
+    [cells, cells] distance matrix: up to ``exact_max_cells`` cells an exact ball-tree search
+    (sklearn ``NearestNeighbors``), above it pynndescent's approximate graph (recall ~0.99 at the
+    defaults; seeded by ``seed``)."""
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    n = X.shape[0]
+    if not 1 <= k <= n:
+        raise InputError(f"kNN with k={k} needs 1 <= k <= the number of cells ({n}).")
+    if n <= exact_max_cells:
+        from sklearn.neighbors import NearestNeighbors
+
+        dist, idx = NearestNeighbors(n_neighbors=k, algorithm="ball_tree").fit(X).kneighbors(X)
+    else:
+        from pynndescent import NNDescent
+
+        idx, dist = NNDescent(X, n_neighbors=k, metric="euclidean", random_state=seed).neighbor_graph
+    return dist, idx.astype(np.int64)

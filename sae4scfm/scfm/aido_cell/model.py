@@ -40,6 +40,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.attention import attend
 from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,9 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
         self.n_heads = cfg.n_heads
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask`` [B, 1, 1, T] bool (True = may attend) or None."""
-        B, T, d = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, T, d_head]
-        return out.transpose(1, 2).reshape(B, T, d)
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``padding_mask`` [B, T] bool (True = pad, never attended to) or None."""
+        return attend(self.query(x), self.key(x), self.value(x), self.n_heads, padding_mask)
 
 
 class Attention(nn.Module):
@@ -152,8 +149,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = nn.ModuleDict({"dense": nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.linear_bias)})
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output["dense"](self.self(self.ln(x), attn_mask))
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output["dense"](self.self(self.ln(x), padding_mask))
 
 
 class SwiGLU(nn.Module):
@@ -178,10 +175,10 @@ class Block(nn.Module):
         self.hook_attn_out = HookPoint()
         self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None,
                 gene_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x + attn_out, then + mlp_out (the two hook points; ``gene_mask`` [B, T] goes to them)."""
-        h = x + self.hook_attn_out(self.attention(x, attn_mask), gene_mask)
+        h = x + self.hook_attn_out(self.attention(x, padding_mask), gene_mask)
         return h + self.hook_mlp_out(self.mlp(self.ln(h)), gene_mask)
 
 
@@ -258,11 +255,8 @@ class AIDOCellModel(nn.Module):
         """
         x = self.bert.gene_embedding(values) + self.bert.position_embedding(positions)
         x = self.hook_resid[0](x, gene_mask)
-        attn_mask = None
-        if padding_mask is not None and bool(padding_mask.any()):
-            attn_mask = ~padding_mask[:, None, None, :]
         for layer, hook in zip(self.blocks, self.hook_resid[1:]):
-            x = hook(layer(x, attn_mask, gene_mask), gene_mask)
+            x = hook(layer(x, padding_mask, gene_mask), gene_mask)
         hidden = self.bert.encoder.ln(x)
         return {"hidden": hidden, "pred": self.cls["predictions"](hidden)}
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.attention import attend
 from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,10 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(d, d)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d], attend [B, T] bool (True = a real token) -> [B, T, d]."""
-        B, T, d = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :],
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, d)
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d], padding_mask [B, T] bool (True = pad, never attended to) -> [B, T, d]."""
+        return attend(self.query(x), self.key(x), self.value(x), self.n_heads, padding_mask,
+                      self.dropout_p if self.training else 0.0)
 
 
 class ResidualNorm(nn.Module):
@@ -168,9 +165,10 @@ class Block(nn.Module):
         self.hook_attn_out = HookPoint()  # attention.output.dense output
         self.hook_mlp_out = HookPoint()  # output.dense output
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor, gene_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, d], attend [B, T] bool, gene_mask [B, T] bool (for the hook points) -> [B, T, d]."""
-        x = self.attention.output(self.attention.self(x, attend), x, self.hook_attn_out, gene_mask)
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor, gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d], padding_mask [B, T] bool (True = pad), gene_mask [B, T] bool (for the hook points)
+        -> [B, T, d]."""
+        x = self.attention.output(self.attention.self(x, padding_mask), x, self.hook_attn_out, gene_mask)
         return self.output(self.act(self.intermediate.dense(x)), x, self.hook_mlp_out, gene_mask)
 
 
@@ -240,12 +238,12 @@ class GeneformerModel(nn.Module):
         if token_ids.shape[1] > self.cfg.max_position_embeddings:
             raise InputError(f"{token_ids.shape[1]} tokens exceed max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; lower scfm.model_input_size.")
-        keep, attend, hidden = set(keep), ~padding_mask, {}
+        keep, hidden = set(keep), {}
         x = self.hook_resid[0](self.bert.embeddings(token_ids), gene_mask)
         if 0 in keep:
             hidden[0] = x
         for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
-            x = hook(block(x, attend, gene_mask), gene_mask)
+            x = hook(block(x, padding_mask, gene_mask), gene_mask)
             if layer in keep:
                 hidden[layer] = x
         logits = self.cls.predictions(x if predict is None else x[predict])

@@ -45,6 +45,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.attention import PackedSelfAttention
 from sae4scfm.scfm.hooks import HookPoint
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, d_ff: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attn = PackedSelfAttention(dim, heads)
         self.linear1 = nn.Linear(dim, d_ff)
         self.linear2 = nn.Linear(d_ff, dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -163,7 +164,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 gene_mask: torch.Tensor | None = None) -> torch.Tensor:
-        attn = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
+        attn = self.self_attn(x, padding_mask)
         x = self.norm1(x + self.hook_attn_out(attn, gene_mask))
         return self.norm2(x + self.hook_mlp_out(self.linear2(F.relu(self.linear1(x))), gene_mask))
 

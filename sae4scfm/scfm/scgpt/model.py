@@ -32,6 +32,7 @@ from torch import nn
 
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
+from sae4scfm.scfm.attention import PackedSelfAttention
 from sae4scfm.scfm.hooks import HookPoint
 from sae4scfm.scfm.tokens import Batch
 
@@ -151,11 +152,12 @@ class ContinuousValueEncoder(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm transformer block with the parameter names of ``nn.TransformerEncoderLayer``."""
+    """Post-norm transformer block with the parameter names of ``nn.TransformerEncoderLayer``
+    (fused attention: ``scfm.attention.PackedSelfAttention``)."""
 
     def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = PackedSelfAttention(d_model, n_heads, dropout=dropout)
         self.linear1 = nn.Linear(d_model, d_hid)
         self.linear2 = nn.Linear(d_hid, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -170,7 +172,7 @@ class EncoderLayer(nn.Module):
         ``hook_attn_out`` sees the attention output, ``hook_mlp_out`` the feed-forward output,
         each before its dropout, residual add and LayerNorm (``gene_mask`` is passed to them).
         """
-        attn = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0]
+        attn = self.self_attn(x, padding_mask)
         x = self.norm1(x + self.dropout(self.hook_attn_out(attn, gene_mask)))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout(self.hook_mlp_out(ff, gene_mask)))
