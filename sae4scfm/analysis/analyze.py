@@ -89,54 +89,57 @@ def run_label_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     return scores
 
 
-def feature_gene_scores(run: RunData, a: DictConfig) -> tuple[np.ndarray, list[str]]:
-    """[features, genes] score that ranks each feature's genes (``analysis.gene_score``), and the genes.
+def feature_gene_score_chunks(run: RunData, a: DictConfig, features=None):
+    """Blocks (feature slice, [chunk, genes]) of the score that ranks each feature's genes
+    (``analysis.gene_score``), and the genes; ``features`` (ids) restricts it to those rows.
 
     correlation: Pearson r of the feature (max-pooled per cell) with each gene's log1p CP10k
     expression over cells. token_specificity: log2 enrichment of the gene among the feature's
     firing tokens (pairs with fewer than ``min_gene_tokens`` firing tokens score NaN).
+    Never a dense [features, genes] whole (``gene_scoring.correlation_chunks``).
     """
-    from sae4scfm.analysis.gene_scoring import gene_score_matrix, token_gene_scores
+    from sae4scfm.analysis.gene_scoring import correlation_chunks, table_score_chunks, token_gene_scores
 
+    expr, genes = run.expression()
     if a.gene_score == "correlation":
-        return _correlation(run)
+        X = run.features.X if features is None else run.features.X[:, features]
+        return correlation_chunks(X, expr), genes
     if a.gene_score == "token_specificity":
         table = token_gene_scores(need_tokens(run, "analysis.gene_score=token_specificity"), gene_key=GENE_NAME)
         table = table[table["n_fire"] >= int(a.min_gene_tokens)]
-        return gene_score_matrix(table, "log2_enrichment", n_features=run.n_features, genes=run.universe(),
-                                 fill=np.nan)
+        n = run.n_features
+        if features is not None:
+            position = pd.Series(np.arange(len(features)), index=features)
+            table = table[table["feature_id"].isin(features)]
+            table = table.assign(feature_id=position.loc[table["feature_id"]].to_numpy())
+            n = len(features)
+        return table_score_chunks(table, "log2_enrichment", n_features=n, genes=genes, fill=np.nan), genes
     raise InputError(f"analysis.gene_score={a.gene_score!r}: use correlation or token_specificity.")
 
 
-def _correlation(run: RunData) -> tuple[np.ndarray, list[str]]:
-    """Pearson r [features, genes] of max-pooled features with log1p CP10k expression over cells."""
-    from sae4scfm.analysis.gene_scoring import cell_gene_correlation
+def gene_summary(run: RunData, a: DictConfig) -> dict:
+    """``gene_scoring.feature_gene_summary`` of the gene score (top genes, PR, tail threshold), cached."""
+    from sae4scfm.analysis.gene_scoring import feature_gene_summary
 
-    if "corr" not in run.cache:
-        expr, genes = run.expression()
-        run.cache["corr"] = (cell_gene_correlation(run.features.X, expr), genes)
-    return run.cache["corr"]
+    if "gene_summary" not in run.cache:
+        chunks, genes = feature_gene_score_chunks(run, a)
+        run.cache["gene_summary"] = feature_gene_summary(chunks, genes, run.n_features, n=int(a.top_genes),
+                                                         tail_z=float(a.top_genes_tail_z))
+    return run.cache["gene_summary"]
 
 
 def feature_top_genes(run: RunData, a: DictConfig) -> dict[int, list[str]]:
     """Each feature's top genes: the adaptive cut (participation ratio of the positive tail above
     ``top_genes_tail_z`` noise sigmas, at most ``top_genes``; ``gene_scoring.top_genes``)."""
-    from sae4scfm.analysis.gene_scoring import top_genes
-
-    if "top" not in run.cache:
-        scores, genes = feature_gene_scores(run, a)
-        run.cache["top"] = top_genes(scores, genes, n=int(a.top_genes), adaptive=True,
-                                     tail_z=float(a.top_genes_tail_z))
-    return run.cache["top"]
+    return gene_summary(run, a)["top"]
 
 
 def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
     """Per-token (frequency, mean activation, specificity per gene) and per-cell (Pearson r) gene scores."""
     from sae4scfm.analysis.gene_scoring import (
-        tail_participation_ratio,
-        tail_threshold,
+        correlation_chunks,
+        feature_gene_summary,
         token_gene_scores,
-        top_genes,
         top_genes_k_summary,
     )
 
@@ -149,21 +152,23 @@ def run_gene_scoring(run: RunData, a: DictConfig) -> pd.DataFrame:
                                                                             ascending=[True, False])
         best = freq.groupby("feature_id").head(int(a.top_genes)).groupby("feature_id")["gene"]
         cols["top_token_genes"] = best.agg(lambda g: ";".join(map(str, g))).reindex(range(n)).fillna("").to_numpy()
-    corr = _correlation(run)[0]
-    scores, score_genes = feature_gene_scores(run, a)
-    adaptive = feature_top_genes(run, a)
-    fixed = top_genes(scores, score_genes, n=int(a.top_genes), adaptive=False)
+    summary = gene_summary(run, a)
+    adaptive, fixed = summary["top"], summary["top_fixed"]
     cols["top_genes"] = [";".join(adaptive.get(i, [])) for i in range(n)]
     cols["n_top_genes"] = [len(adaptive.get(i, [])) for i in range(n)]
     cols["top_genes_fixed"] = [";".join(fixed.get(i, [])) for i in range(n)]
-    cols["participation_ratio"] = tail_participation_ratio(scores, float(a.top_genes_tail_z))
-    cols["tail_threshold"] = tail_threshold(scores, float(a.top_genes_tail_z))
+    cols["participation_ratio"] = summary["participation_ratio"]
+    cols["tail_threshold"] = summary["tail_threshold"]
     k = top_genes_k_summary(cols["n_top_genes"])
     print(f"adaptive top genes per feature (k, at most {int(a.top_genes)}): "
           + ", ".join(f"{q} {k[q]:g}" for q in ("min", "q10", "q25", "median", "q75", "q90", "max"))
           + f"; {k['n_empty']} of {k['n_features']} features without a tail (no top genes)")
-    with np.errstate(invalid="ignore"):
-        cols["max_gene_corr"] = np.where(np.isnan(corr).all(1), np.nan, np.nanmax(np.nan_to_num(corr, nan=-2), 1))
+    if a.gene_score == "correlation":
+        cols["max_gene_corr"] = summary["max_score"]
+    else:
+        expr, genes = run.expression()
+        cols["max_gene_corr"] = feature_gene_summary(correlation_chunks(run.features.X, expr), genes, n,
+                                                     n=int(a.top_genes))["max_score"]
     return _frame(cols, n)
 
 
@@ -207,7 +212,6 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
     has no cell-type labels)."""
     from sae4scfm.analysis.enrichment import load_gene_sets, prerank_gsea
 
-    scores, genes = feature_gene_scores(run, a)
     if run.cell_type_key and run.cell_type_key in run.features.obs:
         X, obs = pooled_rows(run, a)
         best = select_on_train(X, obs[run.cell_type_key], train_mask(obs), min_cells=int(a.min_cells))
@@ -215,11 +219,13 @@ def run_prerank(run: RunData, a: DictConfig) -> pd.DataFrame:
     else:
         density = fire_counts(run.features.X)
         chosen = np.argsort(-density)[: int(a.gsea_features)].tolist()
+    chunks, genes = feature_gene_score_chunks(run, a, features=chosen)
+    scores = np.vstack([block for _, block in chunks]) if chosen else np.zeros((0, len(genes)))  # chosen rows only
     rows = []
     for name in a.gsea_gene_sets:
         sets = load_gene_sets(name)
-        for f in chosen:
-            s = pd.Series(scores[f], index=genes).dropna()
+        for row, f in enumerate(chosen):
+            s = pd.Series(scores[row], index=genes).dropna()
             res = prerank_gsea(s, sets, min_size=int(a.min_set_size), permutations=int(a.gsea_permutations),
                                seed=int(run.run_cfg.seed))
             rows.append(res.assign(feature_id=f, collection=collection_name(name)))

@@ -128,11 +128,13 @@ def batch_associated_features(features_X, obs: pd.DataFrame, batch_key: str, cel
 
 
 def knn_exact(X: np.ndarray, k: int):
-    """scib's NeighborsResults of an exact Euclidean kNN search (each cell is its own first neighbour)."""
+    """scib's NeighborsResults of a Euclidean kNN search (``labels.nearest_neighbors``: exact ball tree up to
+    its size limit, pynndescent above; each cell is its own first neighbour)."""
     from scib_metrics.nearest_neighbors import NeighborsResults
-    from sklearn.neighbors import NearestNeighbors
 
-    distances, indices = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(X).kneighbors(X)
+    from sae4scfm.analysis.labels import nearest_neighbors
+
+    distances, indices = nearest_neighbors(X, k)
     return NeighborsResults(indices=indices, distances=distances)
 
 

@@ -178,7 +178,7 @@ class ScFMAdapter:
         """The model's outputs on ``batch`` (moved to the device), with this context's interventions."""
         return self.forward(batch.to(self.device))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def capture(self, batch: Batch, hook_points: list[HookPointName]) -> dict[HookPointName, torch.Tensor]:
         """Activations {hook point as given: [B, T, d]}; the forward stops once all are captured.
 

@@ -73,7 +73,7 @@ def store_name(layer: int, hook: str = "tokens") -> str:
     return f"layer_{layer}" if hook == "tokens" else f"{hook}_{layer}"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_activations(adapter: ScFMAdapter, tokens: TokenizedCells, layers: list[int], out_dir: str | Path, *,
                         batch_size: int = 32, shard_tokens: int = 65536, dtype: str = "float32",
                         include_special: bool = False, desc: str = "extracting",

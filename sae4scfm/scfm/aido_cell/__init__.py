@@ -138,7 +138,7 @@ class AIDOCellAdapter(ScFMAdapter):
         parts = [super(AIDOCellAdapter, self).run(chunk) for chunk in self.chunks(batch)]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def capture(self, batch: Batch, hook_points: list) -> dict:
         """Activations {hook point: [B, T, d]} (``ScFMAdapter.capture``), captured chunk by chunk."""
         parts = [super(AIDOCellAdapter, self).capture(chunk, hook_points) for chunk in self.chunks(batch)]
