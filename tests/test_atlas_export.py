@@ -154,3 +154,67 @@ def test_bad_record_leaves_the_old_export(tmp_path):
     with pytest.raises(InputError, match="counts \\+ 1 edges"):
         export.export_run([{**make_record(0), "activation_histogram": {"edges": [0, 1], "counts": [1, 2]}}],
                           tmp_path)
+
+
+# --------------------------------------------------------------------------- synthetic run
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from sae4scfm.atlas.synthetic import synthetic_run
+
+    run_dir = synthetic_run(tmp_path_factory.mktemp("runs"), n_features=400, n_cells=600, seed=3)
+    return run_dir, json.loads((run_dir / "synthetic.json").read_text())
+
+
+def test_synthetic_run_is_a_run_dir_the_pipeline_reads(synthetic):
+    import numpy as np
+
+    from sae4scfm.analysis.results import read_results, read_tidy_results
+    from sae4scfm.analysis.run_data import open_run
+    from sae4scfm.runs import resolve_run_dir
+    from sae4scfm.saes import load_sae
+
+    run_dir, truth = synthetic
+    assert resolve_run_dir(run_dir.parents[1], "synthetic", "latest") == run_dir
+    for name in ["sae.safetensors", "cfg.json", "config.yaml", "metrics.jsonl", "eval.json",
+                 "features/features.h5ad", "features/token_features.h5ad", "analysis/results.parquet",
+                 "analysis/results_long.parquet", "analysis/gene_scores.parquet", "analysis/enrichment.csv",
+                 "analysis/coactivation_pairs.csv", "analysis/modules.csv"]:
+        assert (run_dir / name).is_file(), name
+    run = open_run(run_dir)
+    assert run.features.shape == (600, 400) and run.tokens.shape == (600 * 48, 400)
+    sae, cfg = load_sae(run_dir)
+    assert (cfg["d_sae"], cfg["layer"], cfg["sae_hook_point"]) == (400, 2, "tokens")
+    assert np.allclose(np.linalg.norm(sae.W_dec.detach().numpy(), axis=1), 1, atol=1e-5)
+    # X is the max over each cell's token rows
+    T, X = run.tokens.X.tocsr(), run.features.X.tocsr()
+    for c in (0, 17, 599):
+        rows = np.flatnonzero(run.tokens.obs["cell_index"].to_numpy() == c)
+        assert np.array_equal(X[c].toarray().ravel(), T[rows].toarray().max(axis=0))
+    wide, long = read_results(run_dir / "analysis"), read_tidy_results(run_dir / "analysis")
+    assert {"label_scoring", "gene_scoring", "enrichment", "density", "coactivation"} <= set(
+        wide.columns.get_level_values(0))
+    assert len(wide) == 400 and set(long["feature_id"]) == set(range(400))
+
+
+def test_synthetic_run_has_the_planted_structure(synthetic):
+    import anndata as ad
+    import pandas as pd
+
+    run_dir, truth = synthetic
+    var = ad.read_h5ad(run_dir / "features" / "features.h5ad").var
+    modules = pd.read_csv(run_dir / "analysis" / "modules.csv")
+    for t, f in truth["type_features"].items():
+        row = var.iloc[f]
+        assert row["label_scoring:best:cell_type"] == t
+        assert row["label_scoring:best_eval_auroc:cell_type"] == 1.0
+        assert row["gene_scoring:top_genes"].split(";") == truth["markers"][t]
+        assert row["enrichment:best_set:markers"] == t and row["enrichment:fdr:markers"] < 1e-6
+        members = modules.loc[modules["label:cell_type"] == t, "features"].item().split(";")
+        assert str(f) in members and len(members) == 1 + len(truth["markers"][t])
+    for gene, f in truth["gene_features"].items():
+        assert var.iloc[f]["gene_scoring:top_genes"] == gene
+    assert var.iloc[truth["stim_feature"]]["label_scoring:best:condition"] == "STIM"
+    density = var["density:token_fraction"]
+    assert density.max() / density[density > 0].min() > 10  # Zipf-like: densities span orders of magnitude
