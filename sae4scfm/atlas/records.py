@@ -530,4 +530,4 @@ def embed_2d(X, svd_components: int, n_neighbors: int, seed: int, metric: str = 
     import umap
 
     return umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed, metric=metric,
-                     n_components=2, init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
+                     n_components=2, n_jobs=1, init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
