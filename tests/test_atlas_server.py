@@ -114,3 +114,19 @@ def test_absolute_and_missing_are_not_found(site, target):
 def test_refuses_a_folder_that_is_not_a_site(tmp_path):
     with pytest.raises(InputError, match="index.html"):
         serve(tmp_path)
+
+
+def test_serve_forever_waits_for_the_running_loop(site):
+    """build_atlas calls server.serve_forever() after serve(): it must block until shutdown, not start a second
+    loop, and return once another thread shuts the server down."""
+    import threading
+    import time
+
+    server, _ = site
+    waiter = threading.Thread(target=server.serve_forever)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and raw_get(server, "/index.html")[0] == 200
+    server.shutdown()
+    waiter.join(5)
+    assert not waiter.is_alive() and not server.thread.is_alive()

@@ -68,11 +68,28 @@ class SiteHandler(SimpleHTTPRequestHandler):
         return f
 
 
+class AtlasServer(ThreadingHTTPServer):
+    """The threaded server ``serve`` returns; its loop already runs in ``self.thread``."""
+
+    daemon_threads = True
+    thread: threading.Thread | None = None
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Block until the server stops (``shutdown()``; Ctrl-C interrupts the wait): waits for the loop in
+        ``self.thread`` rather than starting a second one."""
+        if self.thread is not None and self.thread.is_alive() and self.thread is not threading.current_thread():
+            while self.thread.is_alive():
+                self.thread.join(poll_interval)
+            return
+        super().serve_forever(poll_interval)
+
+
 def serve(site_dir: Path, host: str = "127.0.0.1", port: int = 0):
     """Serve ``site_dir`` on ``host:port`` (port 0 = a free one) from a daemon thread.
 
-    Returns ``(server, url)``: the ``ThreadingHTTPServer`` (``server.thread`` is its thread; call
-    ``server.shutdown()`` then ``server.server_close()`` to stop) and ``http://host:port/``. A host that
+    Returns ``(server, url)``: the :class:`AtlasServer` (``server.thread`` runs its loop;
+    ``server.serve_forever()`` blocks until it stops; ``server.shutdown()`` then ``server.server_close()``
+    stop it) and ``http://host:port/``. A host that
     is not a loopback address is allowed but warned about on stderr: the site is then reachable from
     the network.
     """
@@ -93,12 +110,12 @@ def serve(site_dir: Path, host: str = "127.0.0.1", port: int = 0):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=root, **kwargs)
 
-    server_class = ThreadingHTTPServer
+    server_class = AtlasServer
     if ":" in host:  # an IPv6 address such as ::1
-        server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        server_class = type("AtlasServer6", (AtlasServer,), {"address_family": socket.AF_INET6})
     server = server_class((host, int(port)), Handler)
-    server.daemon_threads = True
-    server.thread = threading.Thread(target=server.serve_forever, name="atlas-server", daemon=True)
+    server.thread = threading.Thread(target=ThreadingHTTPServer.serve_forever, args=(server,), name="atlas-server",
+                                     daemon=True)
     server.thread.start()
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
