@@ -218,3 +218,28 @@ def test_synthetic_run_has_the_planted_structure(synthetic):
     assert var.iloc[truth["stim_feature"]]["label_scoring:best:condition"] == "STIM"
     density = var["density:token_fraction"]
     assert density.max() / density[density > 0].min() > 10  # Zipf-like: densities span orders of magnitude
+
+
+def test_records_of_a_run_validate_and_export(synthetic, tmp_path):
+    """The site's records of a run dir (records.feature_records) follow feature_record.schema.json, and their
+    export validates against the upstream formats with the planted feature's numbers intact."""
+    from sae4scfm.atlas.records import feature_records
+
+    run_dir, truth = synthetic
+    validator = jsonschema.Draft202012Validator(json.loads(export.SCHEMA_FILE.read_text()))
+    records = []
+    for rec in feature_records(run_dir, {"max_cells": 600}):
+        rec = json.loads(export.dumps(rec, rec["id"]))
+        error = jsonschema.exceptions.best_match(validator.iter_errors(rec))
+        assert error is None, (rec["id"], list(error.absolute_path), error.message)
+        records.append(rec)
+    assert [r["index"] for r in records] == list(range(400))
+    export.export_run(records, tmp_path, runs=[{"run_id": records[0]["run_id"], "n_cells": 600}])
+    out = tmp_path / records[0]["run_id"]
+    assert export.validate_export(out)["features"] == 400
+    b = truth["type_features"]["B"]
+    feat = [f for batch in batches(out) for f in batch["features"] if f["feature_index"] == b][0]
+    assert feat["pos_str"][:6] == [g["gene"] for g in records[b]["top_genes"]][:6]
+    assert set(feat["pos_str"]) >= set(truth["markers"]["B"])
+    assert feat["frac_nonzero"] == records[b]["density"]["cells"] and feat["n_prompts_total"] == 600
+    assert all(set(a["tokens"]) & set(truth["markers"]["B"]) for a in feat["activations"])
