@@ -2,7 +2,7 @@
  * Data files are scripts calling window.atlasData(key, payload); load(key, path) adds the <script> tag
  * and resolves when that key arrives. Routes (stable links): #/  #/run/<run>  #/layer/<run>
  * #/feature/<run>/L<layer>/<index>  #/search?q=<text>&kind=gene|term|label  #/module/<run>/<module>  #/flow
- * Plots: plotly.js (assets/plotly.min.js), WebGL scatter for cells and features. No network requests. */
+ * Plots: plotly.js (assets/plotly.min.js, loaded by the first page that draws), WebGL scatter for cells and features. No network requests. */
 (function () {
   "use strict";
   const store = {}, waiting = {}, requested = {};
@@ -27,6 +27,17 @@
       document.head.appendChild(s);
       s.onload = () => s.remove();
     });
+  }
+  let plotlyLoading = null;
+  function plotly() {  // plotly.js (4.6 MB) is loaded on the first page that draws, so the index opens fast
+    if (window.Plotly) return Promise.resolve(window.Plotly);
+    return plotlyLoading || (plotlyLoading = new Promise((resolve, reject) => {
+      const s = document.createElement("script");
+      s.src = "assets/plotly.min.js";
+      s.onload = () => resolve(window.Plotly);
+      s.onerror = () => { plotlyLoading = null; reject(new Error("missing assets/plotly.min.js")); };
+      document.head.appendChild(s);
+    }));
   }
   const app = document.getElementById("app");
   const esc = (v) => String(v == null ? "" : v).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -69,12 +80,17 @@
         ["FVU", (r) => fmt(r.eval.fvu), true], ["L0", (r) => fmt(r.eval.l0), true],
         ["dead", (r) => fmt(r.eval.dead_fraction), true], ["loss recovered", (r) => fmt(r.eval.loss_recovered), true],
         ["", (r) => `<a href="#/layer/${esc(r.run_id)}">layer map</a>`]], m.runs) +
-      `<p><a href="#/flow">cross-layer flow</a></p>`;
+      `<p><a href="#/flow">cross-layer flow</a></p><div class="card"><h2>L0 vs FVU (held out)</h2><div id="l0-fvu" class="plot"></div></div>`;
+    if (m.runs.some((r) => r.eval.fvu != null)) {  // drawn after the page is up: the index needs no plotly.js to open
+      plotly().then((Plotly) => Plotly.newPlot("l0-fvu", [{ type: "scatter", mode: "markers+text", x: m.runs.map((r) => r.eval.l0), y: m.runs.map((r) => r.eval.fvu),
+        text: m.runs.map((r) => `L${r.layer}`), textposition: "top center", hovertext: m.runs.map((r) => r.run_id), marker: { size: 10 } }],
+        layout({ xaxis: { title: "L0 (active features per token)" }, yaxis: { title: "FVU" } }), config));
+    }
   }
 
   async function runPage(runId) {
-    const [o, mods] = await Promise.all([load("overview/" + runId, `data/${runId}/overview.js`),
-      load("modules/" + runId, `data/${runId}/modules.js`)]);
+    const [o, mods, Plotly] = await Promise.all([load("overview/" + runId, `data/${runId}/overview.js`),
+      load("modules/" + runId, `data/${runId}/modules.js`), plotly()]);
     const r = o.run;
     app.innerHTML = `<h1>${esc(runId)}</h1><p>${esc(r.model)} · ${esc(r.dataset)} · layer ${esc(r.layer)} (${esc(r.hook_point)}) ·
       ${esc(r.architecture)} ${esc(JSON.stringify(r.hyperparams || {}))} · ${fmt(r.n_features)} features · ${fmt(r.n_cells)} cells ·
@@ -95,12 +111,12 @@
         layout({ xaxis: { title: "step" }, yaxis: { title: "FVU" }, yaxis2: { title: "L0", overlaying: "y", side: "right" } }), config);
     }
     const e = o.density.log10_edges;
-    Plotly.newPlot("density", [{ type: "bar", x: e.slice(0, -1).map((v, i) => (v + e[i + 1]) / 2), y: o.density.counts }],
+    await Plotly.newPlot("density", [{ type: "bar", x: e.slice(0, -1).map((v, i) => (v + e[i + 1]) / 2), y: o.density.counts }],
       layout({ xaxis: { title: "log10 fraction of cells" }, yaxis: { title: "features" } }), config);
   }
 
   async function layerPage(runId) {
-    const d = await load("layer_map/" + runId, `data/${runId}/layer_map.js`);
+    const [d, Plotly] = await Promise.all([load("layer_map/" + runId, `data/${runId}/layer_map.js`), plotly()]);
     app.innerHTML = `<h1>Layer map · ${esc(runId)}</h1><p class="muted">${esc(d.method.toUpperCase())} of the decoder directions,
       coloured by ${esc(d.colour_by)}; click a point to open the feature.</p><div id="layer-map" class="plot tall"></div>`;
     const traces = d.categories.map((cat, ci) => ({ type: "scattergl", mode: "markers", name: cat, x: [], y: [], text: [], customdata: [],
@@ -115,7 +131,8 @@
 
   async function featurePage(fid) {
     const runId = runOf(fid);
-    const [f, cells, m] = await Promise.all([feature(fid), load("cells/" + runId, `data/${runId}/cells.js`), manifest()]);
+    const [f, cells, m, Plotly] = await Promise.all([feature(fid), load("cells/" + runId, `data/${runId}/cells.js`),
+      manifest(), plotly()]);
     const inSite = new Set(m.runs.map((r) => r.run_id));
     const crossLink = (x) => inSite.has(runOf(x.feature_id)) ? featureLink(x.feature_id) : esc(x.feature_id) + ' <span class="muted">(run not in this site)</span>';
     app.innerHTML = `<h1>Feature ${esc(f.index)} <span class="muted">· ${esc(runId)} · layer ${esc(f.layer)}</span></h1>
@@ -146,17 +163,19 @@
     const act = new Float64Array(cells.n);
     f.cell_activations.index.forEach((p, i) => { act[p] = f.cell_activations.value[i]; });
     const ct = cells.cell_type ? cells.cell_type.map((c) => cells.categories.cell_type[c]) : null;
-    Plotly.newPlot("cell-umap", [{ type: "scattergl", mode: "markers", x: cells.x, y: cells.y, text: ct,
+    const drawn = [];
+    drawn.push(Plotly.newPlot("cell-umap", [{ type: "scattergl", mode: "markers", x: cells.x, y: cells.y, text: ct,
       marker: { size: 4, color: Array.from(act), colorscale: "Viridis", showscale: true, colorbar: { title: "act." } },
       hovertemplate: "%{text}<br>activation %{marker.color:.3f}<extra></extra>" }],
-      layout({ xaxis: { showticklabels: false, title: "UMAP 1" }, yaxis: { showticklabels: false, title: "UMAP 2" } }), config);
+      layout({ xaxis: { showticklabels: false, title: "UMAP 1" }, yaxis: { showticklabels: false, title: "UMAP 2" } }), config));
     const la = f.label_auroc.slice().reverse();
-    Plotly.newPlot("auroc-chart", [{ type: "bar", orientation: "h", x: la.map((a) => a.auroc), y: la.map((a) => `${a.key}: ${a.label}`),
+    drawn.push(Plotly.newPlot("auroc-chart", [{ type: "bar", orientation: "h", x: la.map((a) => a.auroc), y: la.map((a) => (new Set(la.map((b) => b.key)).size > 1 ? `${a.key}: ` : "") + a.label),
       text: la.map((a) => a.auroc_eval != null ? `eval ${fmt(a.auroc_eval)}` : ""), marker: { color: "#2563eb" } }],
-      layout({ margin: { l: 220, r: 20, t: 20, b: 40 }, xaxis: { range: [0, 1], title: "AUROC (one vs rest)" } }), config);
+      layout({ margin: { l: 220, r: 20, t: 20, b: 40 }, xaxis: { range: [0, 1], title: "AUROC (one vs rest)" } }), config));
     const e = f.activation_histogram.edges;
-    Plotly.newPlot("histogram", [{ type: "bar", x: e.slice(0, -1).map((v, i) => (v + e[i + 1]) / 2), y: f.activation_histogram.counts }],
-      layout({ xaxis: { title: "activation" }, yaxis: { title: "cells" } }), config);
+    drawn.push(Plotly.newPlot("histogram", [{ type: "bar", x: e.slice(0, -1).map((v, i) => (v + e[i + 1]) / 2), y: f.activation_histogram.counts }],
+      layout({ xaxis: { title: "activation" }, yaxis: { title: "cells" } }), config));
+    await Promise.all(drawn);
   }
 
   async function searchPage(params) {
@@ -193,14 +212,14 @@
   }
 
   async function flowPage() {
-    const d = await load("flow", "data/flow.js");
+    const [d, Plotly] = await Promise.all([load("flow", "data/flow.js"), plotly()]);
     app.innerHTML = `<h1>Cross-layer flow</h1><div class="card"><h2>Persistence</h2>${table([["from", (p) => `${esc(p.run_a)} (L${esc(p.layer_a)})`],
       ["to", (p) => `${esc(p.run_b)} (L${esc(p.layer_b)})${p.in_site ? "" : ' <span class="muted">not in site</span>'}`],
       ["decoder persistence", (p) => fmt(p.decoder_persistence), true], ["co-firing persistence", (p) => fmt(p.cofiring_persistence), true]], d.pairs)}</div>
       <div class="card"><h2>Decoder matches between groups</h2><div id="flow-sankey" class="plot tall"></div></div>
       <div class="card"><h2>Strongest matches</h2>${table([["feature", (x) => featureLink(x.a)], ["match", (x) => featureLink(x.b)], ["cosine", (x) => fmt(x.cosine), true]], d.strongest)}</div>`;
     if (d.links.length) {
-      Plotly.newPlot("flow-sankey", [{ type: "sankey", node: { label: d.nodes, pad: 10 },
+      await Plotly.newPlot("flow-sankey", [{ type: "sankey", node: { label: d.nodes, pad: 10 },
         link: { source: d.links.map((l) => l.source), target: d.links.map((l) => l.target), value: d.links.map((l) => l.value) } }], layout(), config);
     } else document.getElementById("flow-sankey").outerHTML = '<p class="muted">no cross-layer matches between runs of this site</p>';
   }
