@@ -133,7 +133,7 @@ def neuronpedia_feature(record: Mapping, *, n_prompts_total: int = 0, n_tokens_i
             "bin_min": -1, "bin_max": float(max_act if max_act is not None else cell["activation"]),
             "bin_contains": -1,
             "tokens": [str(g["gene"]) for g in genes], "values": values,
-            "qualifying_token_index": int(np.argmax(values)) if values else -1,
+            "qualifying_token_index": max(range(len(values)), key=values.__getitem__) if values else -1,
             "dfa_values": [], "dfa_maxValue": 0, "dfa_targetIndex": -1,
         })
     top_genes = record.get("top_genes") or []
