@@ -142,12 +142,12 @@ def test_several_runs_interleaved(tmp_path):
 
 def test_bad_record_leaves_the_old_export(tmp_path):
     export.export_run([make_record(0)], tmp_path)
-    before = (tmp_path / RUN / "features.jsonl").read_text()
+    before = list(export.read_records(tmp_path / RUN))
     bad = make_record(1)
     bad["top_cells"][0]["genes"][1]["activation"] = float("nan")
     with pytest.raises(InputError, match=r"top_cells\[0\]\.genes\[1\]\.activation is NaN"):
         export.export_run([make_record(0), bad], tmp_path)
-    assert (tmp_path / RUN / "features.jsonl").read_text() == before
+    assert list(export.read_records(tmp_path / RUN)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN]  # no temp folder left
     with pytest.raises(InputError, match="layer 4 differs"):
         export.export_run([make_record(0), make_record(1, layer=4)], tmp_path)

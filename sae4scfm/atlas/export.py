@@ -3,7 +3,7 @@
 ``export_run(records, out_dir)`` streams feature records (schema ``sae4scfm.atlas.feature/1``,
 ``feature_record.schema.json``) and writes, per run, ``<out_dir>/<run_id>/``:
 
-- ``features.jsonl``: one record per line, exactly as given (our documented format);
+- ``features.jsonl.gz``: one record per line, exactly as given (our documented format, gzipped);
 - ``feature_record.schema.json``: the JSON Schema of those lines;
 - ``saedashboard/batch-<n>.json``: the output format of SAEDashboard's ``NeuronpediaRunner``
   (``{model_id, layer, sae_set, features: [...]}``, :func:`neuronpedia_feature` per feature), which
@@ -19,6 +19,7 @@ precision (upstream rounds to 3 decimals), so :func:`validate_export` and a read
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from sae4scfm.errors import InputError
 
 RECORD_SCHEMA = "sae4scfm.atlas.feature/1"
 SCHEMA_FILE = Path(__file__).with_name("feature_record.schema.json")
-FEATURES_JSONL = "features.jsonl"
+FEATURES_JSONL = "features.jsonl.gz"  # gzip level 1: a fifth of the size for little time
 SAEDASHBOARD_DIR = "saedashboard"
 NEURONPEDIA_DIR = "neuronpedia"
 EXPLANATIONS_JSONL = "explanations.jsonl"
@@ -219,7 +220,7 @@ class _RunExport:
         (self.tmp / SAEDASHBOARD_DIR).mkdir()
         (self.tmp / NEURONPEDIA_DIR).mkdir()
         shutil.copyfile(SCHEMA_FILE, self.tmp / SCHEMA_FILE.name)
-        self.features = open(self.tmp / FEATURES_JSONL, "w")
+        self.features = gzip.open(self.tmp / FEATURES_JSONL, "wt", compresslevel=1)
         self.explanations = open(self.tmp / NEURONPEDIA_DIR / EXPLANATIONS_JSONL, "w")
         self.model_id = model_id or slug(first.get("model") or "scfm")
         self.layer = int(first["layer"])
@@ -322,8 +323,8 @@ def export_run(records: Iterable[Mapping], out_dir: Path, *, runs: Iterable[Mapp
 
 
 def read_records(run_export_dir: Path) -> Iterable[dict]:
-    """Stream the records of one run's export (``<out_dir>/<run_id>/features.jsonl``)."""
-    with open(Path(run_export_dir) / FEATURES_JSONL) as f:
+    """Stream the records of one run's export (``<out_dir>/<run_id>/features.jsonl.gz``)."""
+    with gzip.open(Path(run_export_dir) / FEATURES_JSONL, "rt") as f:
         for line in f:
             yield json.loads(line)
 
