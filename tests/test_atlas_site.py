@@ -221,3 +221,24 @@ def test_build_atlas_command_reports_a_missing_run(demo, tmp_path):
                            f"atlas.out={tmp_path / 'x'}"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "layer9" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_build_passes_every_record_to_the_export_when_it_exists(demo, tmp_path, monkeypatch):
+    import types
+
+    seen = []
+
+    def export_run(records, out_dir, runs=()):
+        for rec in records:
+            seen.append((rec["id"], (Path(out_dir).parent / "data" / rec["run_id"] / "features" /
+                                     f"{rec['index']}.js").is_file()))
+        (Path(out_dir) / "marker").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "marker").write_text(json.dumps([r["run_id"] for r in runs]))
+
+    monkeypatch.setitem(sys.modules, "sae4scfm.atlas.export", types.SimpleNamespace(export_run=export_run))
+    run_dir = demo["dirs"][1]
+    site = build_site([run_dir], tmp_path / "site", {"export": True})
+    assert [i for i, _ in seen] == [f"{run_id_of(run_dir)}/L1/{f}" for f in range(512)]
+    assert all(written for _, written in seen)  # each record's page file exists when the export sees it
+    assert json.loads((site / "export" / "marker").read_text()) == [run_id_of(run_dir)]
+    assert read_js(site / "data" / "manifest.js")[1]["export"] == {run_id_of(run_dir): f"export/{run_id_of(run_dir)}/"}

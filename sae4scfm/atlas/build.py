@@ -99,18 +99,24 @@ def _best_label(rec: dict, min_auroc: float) -> str:
     return a[0]["label"] if a and a[0]["auroc"] is not None and a[0]["auroc"] >= min_auroc else "unlabelled"
 
 
-def _export(records: Iterator[dict], out: Path, want: bool) -> str:
-    """Pass the records to the Neuronpedia / SAEDashboard export (``sae4scfm.atlas.export``) when it exists."""
+def _export(records: Iterator[dict], out: Path, run_entry: dict, want: bool) -> str:
+    """Pass the records to the Neuronpedia / SAEDashboard export (``sae4scfm.atlas.export.export_run``, which
+    writes ``<out>/<run_id>/``) when it exists; otherwise just drain them (the site's files are written as they
+    stream)."""
     try:
         from sae4scfm.atlas.export import export_run
     except ImportError:
         export_run = None
     if want and export_run is not None:
-        export_run(records, out)
-        return "written"
-    for _ in records:  # the site's own files are written while the records stream
+        export_run(records, out, runs=[run_entry])
+        return f"export/{run_entry['run_id']}/"
+    for _ in records:
         pass
-    return "off" if not want else "skipped: sae4scfm.atlas.export is not installed in this version"
+    if not want:
+        return "off"
+    print("atlas: no Neuronpedia / SAEDashboard export: sae4scfm.atlas.export is not in this version "
+          "(atlas.export=false silences this).")
+    return "skipped: sae4scfm.atlas.export is not in this version"
 
 
 def overview(run: AtlasRun) -> dict:
@@ -249,8 +255,8 @@ def build_site(run_dirs: list[Path], out_dir: Path, options: Mapping | None = No
             if run.run_id in runs:
                 raise InputError(f"{run_dir} is listed twice in atlas.runs.")
             summary = {"colour": [], "hover": [], "density": []}
-            exports[run.run_id] = _export(_records_written(run, tmp, search, summary),
-                                          tmp / "export" / run.run_id, bool(options.get("export", True)))
+            exports[run.run_id] = _export(_records_written(run, tmp, search, summary), tmp / "export",
+                                          run.manifest_entry(), bool(options.get("export", True)))
             data = tmp / "data" / run.run_id
             write_js(data / "overview.js", f"overview/{run.run_id}", overview(run))
             write_js(data / "cells.js", f"cells/{run.run_id}", cells_payload(run))

@@ -18,6 +18,7 @@ Search rule (the gene index of the site): a feature is listed under a gene when 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -57,9 +58,27 @@ def _num(x, digits: int = 5):
     if x is None:
         return None
     x = float(x)
-    if not np.isfinite(x):
-        return None
-    return float(f"{x:.{digits}g}")
+    if x == 0.0 or not math.isfinite(x):
+        return 0.0 if x == 0.0 else None
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def _nums(values, digits: int = 5) -> list:
+    """``_num`` of every element of a float array (NaN/inf -> None)."""
+    return [_num(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
+
+
+def _histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(values, bins)`` (equal-width bins over [min, max], the last one closed), for small
+    per-feature arrays without numpy's per-call overhead: (counts [bins] int, edges [bins + 1])."""
+    if not len(values):
+        return np.zeros(0, np.int64), np.zeros(0)
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5  # as numpy does for a constant array
+    edges = np.linspace(lo, hi, bins + 1)
+    idx = np.minimum(((values - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
+    return np.bincount(idx, minlength=bins), edges
 
 
 class Grouped:
@@ -273,11 +292,12 @@ class AtlasRun:
         return W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
 
     def layer_map(self) -> tuple[np.ndarray, str]:
-        """2-D layout [n_features, 2] of the decoder directions and its method: UMAP (cosine) up to
+        """2-D layout [n_features, 2] of the unit decoder directions and its method: UMAP up to
         ``atlas.layer_map_umap_max`` features, PCA (2 axes) above, so a 100k-feature run stays fast."""
         W = self.decoder()
         if self.n_features <= int(self.opts["layer_map_umap_max"]) and self.n_features > 4:
-            return embed_2d(W, 0, int(self.opts["umap_neighbors"]), int(self.opts["seed"]), metric="cosine"), "umap"
+            # unit vectors: euclidean distance is monotone in cosine (and avoids UMAP's slow callable metric)
+            return embed_2d(W, 0, int(self.opts["umap_neighbors"]), int(self.opts["seed"])), "umap"
         W = W - W.mean(0)
         _, _, vt = np.linalg.svd(W[:: max(1, len(W) // 20000)], full_matrices=False)
         return W @ vt[:2].T, "pca"
@@ -355,12 +375,12 @@ class AtlasRun:
             rows, vals = self.X.indices[a:b], self.X.data[a:b]
             fire = vals > 0
             rows, vals = rows[fire], vals[fire]
-            counts, edges = np.histogram(vals, bins=bins) if len(vals) else (np.zeros(0, int), np.zeros(0))
+            counts, edges = _histogram(vals, bins)
             order = np.argsort(-vals, kind="stable")[: int(o["top_cells"])]
             top_cells = []
             cell_genes = tok(f, rows[order]) if tok else {}
-            for r, v in zip(rows[order], vals[order]):
-                top_cells.append({"cell": names[r], "cell_index": int(r), "activation": _num(v),
+            for r, v in zip(rows[order].tolist(), _nums(vals[order])):
+                top_cells.append({"cell": names[r], "cell_index": r, "activation": v,
                                   "cell_type": None if ctype is None else ctype[r],
                                   "condition": None if cond is None else cond[r],
                                   "split": None if split is None else split[r],
@@ -401,7 +421,7 @@ class AtlasRun:
                 "density": {"cells": _num(len(vals) / max(self.n_cells, 1)),
                             "tokens": None if token_density is None else _num(token_density[f])},
                 "max_activation": _num(vals.max()) if len(vals) else 0.0,
-                "activation_histogram": {"edges": [_num(x) for x in edges], "counts": [int(c) for c in counts]},
+                "activation_histogram": {"edges": _nums(edges), "counts": counts.tolist()},
                 "top_genes": [{"gene": g, "score": s} for g, s in zip(top[f], top_scores[f])],
                 "firing_genes": [{"gene": g, "freq": _num(firing_stats.get((f, g), (None, None))[0], 4),
                                   "mean_activation": _num(firing_stats.get((f, g), (None, None))[1], 4)}
@@ -409,7 +429,7 @@ class AtlasRun:
                 "label_auroc": la,
                 "enrichment": enrichment,
                 "top_cells": top_cells,
-                "cell_activations": {"index": pos[keep].tolist(), "value": [_num(v, 4) for v in vals[keep]]},
+                "cell_activations": {"index": pos[keep].tolist(), "value": _nums(vals[keep], 4)},
                 "coactivation": coact,
                 "decoder_neighbours": [] if dec is None else [
                     {"feature_id": self.feature_id(j), "cosine": _num(c, 4)} for j, c in zip(dec[0][f], dec[1][f])],
@@ -430,17 +450,21 @@ class AtlasRun:
         gene_of = self.tokens.obs["gene_name"].astype(str).to_numpy()
         k = int(self.opts["cell_genes"])
 
+        wanted = np.zeros(max(self.n_cells, int(cell_of.max()) + 1 if len(cell_of) else 0), bool)
+
         def genes(f: int, cells: np.ndarray) -> dict[int, list[dict]]:
             a, b = T.indptr[f], T.indptr[f + 1]
             rows, vals = T.indices[a:b], T.data[a:b]
-            sel = np.isin(cell_of[rows], cells) & (vals > 0)
+            wanted[cells] = True
+            sel = wanted[cell_of[rows]] & (vals > 0)
+            wanted[cells] = False
             rows, vals = rows[sel], vals[sel]
             out: dict[int, list[dict]] = {}
             order = np.argsort(-vals, kind="stable")
-            for r, v in zip(rows[order], vals[order]):
-                lst = out.setdefault(int(cell_of[r]), [])
+            for c, g, v in zip(cell_of[rows[order]].tolist(), gene_of[rows[order]], _nums(vals[order], 4)):
+                lst = out.setdefault(c, [])
                 if len(lst) < k:
-                    lst.append({"gene": gene_of[r], "activation": _num(v, 4)})
+                    lst.append({"gene": g, "activation": v})
             return out
 
         return genes
@@ -513,7 +537,7 @@ def feature_records(run_dir: Path, options: Mapping | None = None) -> Iterator[d
     yield from AtlasRun(run_dir, options).records()
 
 
-def embed_2d(X, svd_components: int, n_neighbors: int, seed: int, metric: str = "euclidean") -> np.ndarray:
+def embed_2d(X, svd_components: int, n_neighbors: int, seed: int) -> np.ndarray:
     """[n, 2] layout of the rows of ``X``: TruncatedSVD to ``svd_components`` (0 = none), then UMAP;
     fewer than 5 rows are placed by their first two SVD axes."""
     from sklearn.decomposition import TruncatedSVD
@@ -529,5 +553,5 @@ def embed_2d(X, svd_components: int, n_neighbors: int, seed: int, metric: str = 
         return out
     import umap
 
-    return umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed, metric=metric,
+    return umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed,
                      n_components=2, n_jobs=1, init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
