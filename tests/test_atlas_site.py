@@ -126,6 +126,8 @@ def test_records_equal_the_runs_numbers(demo):
             assert a["auroc"] == pytest.approx(mine[a["label"]], abs=5e-4)
         assert [a["auroc"] for a in rec["label_auroc"]] == sorted((a["auroc"] for a in rec["label_auroc"]), reverse=True)
         assert [a["label"] for a in rec["label_auroc"] if a["auroc_eval"] is not None] == [best[f]]
+        top = rec["label_auroc"][0]  # the explanation names the best label only when its AUROC is >= 0.75
+        assert rec["explanation"].startswith(f"{top['label']} (AUROC {top['auroc']:.2f})") == (top["auroc"] >= 0.75)
         # top cells: the argmax cells of features.h5ad X, with the genes where the feature fires in each
         col = X[:, f].toarray().ravel()
         order = np.argsort(-col, kind="stable")[: len(rec["top_cells"])]
@@ -242,3 +244,24 @@ def test_build_passes_every_record_to_the_export_when_it_exists(demo, tmp_path, 
     assert all(written for _, written in seen)  # each record's page file exists when the export sees it
     assert json.loads((site / "export" / "marker").read_text()) == [run_id_of(run_dir)]
     assert read_js(site / "data" / "manifest.js")[1]["export"] == {run_id_of(run_dir): f"export/{run_id_of(run_dir)}/"}
+
+
+def test_cells_above_max_cells_are_subsampled_and_large_layer_maps_use_pca(demo):
+    from sae4scfm.atlas.records import AtlasRun
+
+    run_dir = demo["dirs"][2]
+    run = AtlasRun(run_dir, {"max_cells": 50, "layer_map_umap_max": 100})
+    layout = run.cell_layout()
+    assert len(layout.cells) == 50 == len(np.unique(layout.cells)) and layout.xy.shape == (50, 2)
+    assert (np.diff(layout.cells) > 0).all() and layout.cells.max() < 300
+    rec = next(run.records())
+    X = ad.read_h5ad(run_dir / "features" / "features.h5ad").X.tocsc()
+    col = X[:, 0].toarray().ravel()
+    idx = np.asarray(rec["cell_activations"]["index"])
+    assert len(idx) == (col[layout.cells] > 0).sum() and idx.max() < 50
+    assert rec["cell_activations"]["value"] == pytest.approx(col[layout.cells[idx]].tolist(), rel=1e-3)
+    xy, method = run.layer_map()
+    assert method == "pca" and xy.shape == (512, 2)
+    W = run.decoder()
+    assert abs(np.corrcoef(xy[:, 0], (W - W.mean(0)) @ np.linalg.svd(W - W.mean(0), full_matrices=False)[2][0])[0, 1]) \
+        == pytest.approx(1, abs=1e-4)  # the first axis is PC1 of the unit decoder directions
