@@ -265,3 +265,16 @@ def test_cells_above_max_cells_are_subsampled_and_large_layer_maps_use_pca(demo)
     W = run.decoder()
     assert abs(np.corrcoef(xy[:, 0], (W - W.mean(0)) @ np.linalg.svd(W - W.mean(0), full_matrices=False)[2][0])[0, 1]) \
         == pytest.approx(1, abs=1e-4)  # the first axis is PC1 of the unit decoder directions
+
+
+def test_flow_draws_each_run_pair_once_from_the_shallower_layer(demo):
+    site, dirs = demo["site"], demo["dirs"]
+    _, flow = read_js(site / "data" / "flow.js")
+    assert {(p["layer_a"], p["layer_b"]) for p in flow["pairs"]} == {(1, 2), (2, 1)}
+    assert all(p["in_site"] for p in flow["pairs"])
+    nodes = flow["nodes"]
+    assert all(nodes[lk["source"]].startswith("L1: ") and nodes[lk["target"]].startswith("L2: ") for lk in flow["links"])
+    long = read_tidy_results(dirs[1] / "analysis")
+    cos = long[(long["analysis"] == "cross_layer") & (long["metric"] == "decoder_cos")]["value"]
+    assert sum(lk["value"] for lk in flow["links"]) == int((cos >= 0.5).sum()) > 0  # layer 1's own matching
+    assert all(s["a"].startswith(run_id_of(dirs[1])) and s["b"].startswith(run_id_of(dirs[2])) for s in flow["strongest"])

@@ -188,31 +188,42 @@ def layer_map_payload(run: AtlasRun, summary: dict) -> dict:
 
 
 def flow_payload(runs: dict[str, AtlasRun], colours: dict[str, list[str]]) -> dict:
-    """Cross-layer flow: persistence per run pair and a Sankey of decoder matches between the runs' groups
-    (module or best label) for the runs present in the site."""
-    pairs, nodes, links = [], {}, defaultdict(int)
-    strongest = []
+    """Cross-layer flow: persistence per matched run pair, and for the pairs of runs both in the site a Sankey
+    from the shallower layer's groups (module or best label) to the deeper one's, counting decoder matches with
+    cosine >= the analysis's ``cross_layer_cosine`` (a pair matched both ways is drawn once, from the shallower
+    run's matching when it exists), plus the strongest matches as links."""
+    pairs, nodes, links, strongest, drawn = [], {}, defaultdict(int), [], set()
+    matched = []
     for run_id, run in runs.items():
+        table = _read_csv(run.analysis_dir / "cross_layer.csv")
         for layer, other_id, label in run.cross_layer_partners():
-            table = _read_csv(run.analysis_dir / "cross_layer.csv")
-            row = table[table["layer_b"] == layer].iloc[0].to_dict() if table is not None else {}
+            row = table[table["layer_b"] == layer].iloc[0].to_dict()
             pairs.append({"run_a": run_id, "layer_a": run.layer, "run_b": other_id, "layer_b": layer,
                           "in_site": other_id in runs,
                           "decoder_persistence": _num(row.get("decoder_persistence")),
                           "cofiring_persistence": _num(row.get("cofiring_persistence"))})
-            match = run.column("cross_layer", "decoder_match", "layer", label)
-            cos = run.column("cross_layer", "decoder_cos", "layer", label)
-            if match is None or other_id not in runs:
-                continue
-            threshold = float(run.analysis_params("cross_layer").get("cross_layer_cosine", 0.5))
-            for f in np.flatnonzero(np.nan_to_num(cos, nan=-1) >= threshold):
-                a = f"L{run.layer}: {colours[run_id][f]}"
-                b = f"L{layer}: {colours[other_id][int(match[f])]}"
-                links[(nodes.setdefault(a, len(nodes)), nodes.setdefault(b, len(nodes)))] += 1
-            for f in np.argsort(-np.nan_to_num(cos, nan=-1))[:30]:
-                strongest.append({"a": run.feature_id(f), "b": feature_id_of(other_id, layer, int(match[f])),
-                                  "cosine": _num(cos[f], 4)})
-    return {"pairs": pairs, "nodes": list(nodes),
+            if other_id in runs:
+                matched.append((layer < run.layer, run_id, other_id, layer, label))
+    for _, run_id, other_id, layer, label in sorted(matched):  # shallower -> deeper matchings first
+        if frozenset((run_id, other_id)) in drawn:
+            continue
+        drawn.add(frozenset((run_id, other_id)))
+        run = runs[run_id]
+        match = run.column("cross_layer", "decoder_match", "layer", label)
+        cos = np.nan_to_num(run.column("cross_layer", "decoder_cos", "layer", label), nan=-1.0)
+        if match is None:
+            continue
+        threshold = float(run.analysis_params("cross_layer").get("cross_layer_cosine", 0.5))
+        for f in np.flatnonzero(cos >= threshold):  # nodes: (run, group), shown as "L<layer>: <group>"
+            a = (run_id, f"L{run.layer}: {colours[run_id][f]}")
+            b = (other_id, f"L{layer}: {colours[other_id][int(match[f])]}")
+            a, b = (a, b) if run.layer <= layer else (b, a)
+            links[(nodes.setdefault(a, len(nodes)), nodes.setdefault(b, len(nodes)))] += 1
+        for f in np.argsort(-cos, kind="stable")[:60]:
+            ids = (run.feature_id(f), feature_id_of(other_id, layer, int(match[f])))
+            a, b = ids if run.layer <= layer else ids[::-1]
+            strongest.append({"a": a, "b": b, "cosine": _num(cos[f], 4)})
+    return {"pairs": pairs, "nodes": [label for _, label in nodes],
             "links": [{"source": s, "target": t, "value": v} for (s, t), v in links.items()],
             "strongest": sorted(strongest, key=lambda r: -(r["cosine"] or 0))[:60]}
 
