@@ -278,3 +278,26 @@ def test_flow_draws_each_run_pair_once_from_the_shallower_layer(demo):
     cos = long[(long["analysis"] == "cross_layer") & (long["metric"] == "decoder_cos")]["value"]
     assert sum(lk["value"] for lk in flow["links"]) == int((cos >= 0.5).sum()) > 0  # layer 1's own matching
     assert all(s["a"].startswith(run_id_of(dirs[1])) and s["b"].startswith(run_id_of(dirs[2])) for s in flow["strongest"])
+
+
+def test_overview_shows_the_control_table_and_the_runs_density(demo, tmp_path):
+    import shutil
+
+    from sae4scfm.analysis.control import COMPARISON_FILE, control_comparison
+    from sae4scfm.atlas.build import overview
+    from sae4scfm.atlas.records import AtlasRun
+
+    run_dir = tmp_path / "exp" / "stamp"
+    shutil.copytree(demo["dirs"][2], run_dir)
+    # a real comparison table (the layer-1 run standing in for the random-init twin)
+    table = control_comparison(run_dir, demo["dirs"][1], sae4scfm.compose("analyze").analysis)
+    table.to_csv(run_dir / "analysis" / COMPARISON_FILE, index=False)
+    o = overview(AtlasRun(run_dir))
+    assert [r["metric"] for r in o["control"]] == table["metric"].tolist() and len(table) > 0
+    assert [r["trained"] for r in o["control"]] == pytest.approx(table["trained"].tolist())
+    X = ad.read_h5ad(run_dir / "features" / "features.h5ad").X
+    fires = np.asarray((X > 0).sum(0)).ravel() / X.shape[0]
+    assert sum(o["density"]["counts"]) + o["density"]["dead"] == 512 and o["density"]["dead"] == (fires == 0).sum()
+    assert o["density"]["median"] == pytest.approx(np.median(fires), rel=1e-4)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert o["curves"]["step"] == steps
