@@ -45,9 +45,10 @@ def shard_of(key: str, n_shards: int) -> int:
     return h % n_shards
 
 
-def write_js(path: Path, key: str, payload) -> None:
+def write_js(path: Path, key: str, payload, mkdir: bool = True) -> None:
     """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     path.write_text(f"window.atlasData({json.dumps(key)},{body});\n", encoding="utf-8")
 
@@ -72,16 +73,18 @@ def _records_written(run: AtlasRun, site: Path, search: dict, summary: dict) -> 
     from tqdm import tqdm
 
     min_auroc = float(run.opts["label_min_auroc"])
+    folder = site / "data" / run.run_id / "features"
+    folder.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(run.records(), total=run.n_features, desc=f"atlas {run.run_id}", unit="feature",
                     mininterval=2.0):
-        write_js(site / "data" / run.run_id / "features" / f"{rec['index']}.js", f"feature/{rec['id']}", rec)
+        write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
         scores = {"gene": {g["gene"].lower(): g["score"] if g["score"] is not None else 1.0 for g in rec["top_genes"]},
                   "label": {a["label"].lower(): a["auroc"] for a in rec["label_auroc"]},
                   "term": {}}
         for g in rec["firing_genes"]:
             scores["gene"].setdefault(g["gene"].lower(), (g["freq"] or 0.0) - 1.0)  # after the top genes
         for e in rec["enrichment"]:
-            s = -math.log10(max(e["fdr"] or 1.0, 1e-300))
+            s = -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300))
             for k in [e["term"].lower(), *_words(e["term"])]:
                 scores["term"][k] = max(scores["term"].get(k, -1.0), s)
         for kind, keys in search_terms(rec, min_auroc).items():
