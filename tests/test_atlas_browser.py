@@ -51,7 +51,7 @@ def _distinct_colours(png: bytes) -> int:
     return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(1 << 24))
 
 
-def test_atlas_in_headless_chromium(demo, browser, tmp_path):
+def test_atlas_in_headless_chromium(browser, demo, tmp_path):  # browser first: a missing one fails fast
     site, dirs = demo["site"], demo["dirs"]
     artifacts = Path(os.environ.get("SAE4SCFM_ATLAS_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,8 @@ def test_records_equal_the_runs_numbers(demo):
             assert a["auroc"] == pytest.approx(mine[a["label"]], abs=5e-4)
         assert [a["auroc"] for a in rec["label_auroc"]] == sorted((a["auroc"] for a in rec["label_auroc"]), reverse=True)
         assert [a["label"] for a in rec["label_auroc"] if a["auroc_eval"] is not None] == [best[f]]
+        top = rec["label_auroc"][0]  # the explanation names the best label only when its AUROC is >= 0.75
+        assert rec["explanation"].startswith(f"{top['label']} (AUROC {top['auroc']:.2f})") == (top["auroc"] >= 0.75)
         # top cells: the argmax cells of features.h5ad X, with the genes where the feature fires in each
         col = X[:, f].toarray().ravel()
         order = np.argsort(-col, kind="stable")[: len(rec["top_cells"])]
@@ -242,3 +244,60 @@ def test_build_passes_every_record_to_the_export_when_it_exists(demo, tmp_path, 
     assert all(written for _, written in seen)  # each record's page file exists when the export sees it
     assert json.loads((site / "export" / "marker").read_text()) == [run_id_of(run_dir)]
     assert read_js(site / "data" / "manifest.js")[1]["export"] == {run_id_of(run_dir): f"export/{run_id_of(run_dir)}/"}
+
+
+def test_cells_above_max_cells_are_subsampled_and_large_layer_maps_use_pca(demo):
+    from sae4scfm.atlas.records import AtlasRun
+
+    run_dir = demo["dirs"][2]
+    run = AtlasRun(run_dir, {"max_cells": 50, "layer_map_umap_max": 100})
+    layout = run.cell_layout()
+    assert len(layout.cells) == 50 == len(np.unique(layout.cells)) and layout.xy.shape == (50, 2)
+    assert (np.diff(layout.cells) > 0).all() and layout.cells.max() < 300
+    rec = next(run.records())
+    X = ad.read_h5ad(run_dir / "features" / "features.h5ad").X.tocsc()
+    col = X[:, 0].toarray().ravel()
+    idx = np.asarray(rec["cell_activations"]["index"])
+    assert len(idx) == (col[layout.cells] > 0).sum() and idx.max() < 50
+    assert rec["cell_activations"]["value"] == pytest.approx(col[layout.cells[idx]].tolist(), rel=1e-3)
+    xy, method = run.layer_map()
+    assert method == "pca" and xy.shape == (512, 2)
+    W = run.decoder()
+    assert abs(np.corrcoef(xy[:, 0], (W - W.mean(0)) @ np.linalg.svd(W - W.mean(0), full_matrices=False)[2][0])[0, 1]) \
+        == pytest.approx(1, abs=1e-4)  # the first axis is PC1 of the unit decoder directions
+
+
+def test_flow_draws_each_run_pair_once_from_the_shallower_layer(demo):
+    site, dirs = demo["site"], demo["dirs"]
+    _, flow = read_js(site / "data" / "flow.js")
+    assert {(p["layer_a"], p["layer_b"]) for p in flow["pairs"]} == {(1, 2), (2, 1)}
+    assert all(p["in_site"] for p in flow["pairs"])
+    nodes = flow["nodes"]
+    assert all(nodes[lk["source"]].startswith("L1: ") and nodes[lk["target"]].startswith("L2: ") for lk in flow["links"])
+    long = read_tidy_results(dirs[1] / "analysis")
+    cos = long[(long["analysis"] == "cross_layer") & (long["metric"] == "decoder_cos")]["value"]
+    assert sum(lk["value"] for lk in flow["links"]) == int((cos >= 0.5).sum()) > 0  # layer 1's own matching
+    assert all(s["a"].startswith(run_id_of(dirs[1])) and s["b"].startswith(run_id_of(dirs[2])) for s in flow["strongest"])
+
+
+def test_overview_shows_the_control_table_and_the_runs_density(demo, tmp_path):
+    import shutil
+
+    from sae4scfm.analysis.control import COMPARISON_FILE, control_comparison
+    from sae4scfm.atlas.build import overview
+    from sae4scfm.atlas.records import AtlasRun
+
+    run_dir = tmp_path / "exp" / "stamp"
+    shutil.copytree(demo["dirs"][2], run_dir)
+    # a real comparison table (the layer-1 run standing in for the random-init twin)
+    table = control_comparison(run_dir, demo["dirs"][1], sae4scfm.compose("analyze").analysis)
+    table.to_csv(run_dir / "analysis" / COMPARISON_FILE, index=False)
+    o = overview(AtlasRun(run_dir))
+    assert [r["metric"] for r in o["control"]] == table["metric"].tolist() and len(table) > 0
+    assert [r["trained"] for r in o["control"]] == pytest.approx(table["trained"].tolist())
+    X = ad.read_h5ad(run_dir / "features" / "features.h5ad").X
+    fires = np.asarray((X > 0).sum(0)).ravel() / X.shape[0]
+    assert sum(o["density"]["counts"]) + o["density"]["dead"] == 512 and o["density"]["dead"] == (fires == 0).sum()
+    assert o["density"]["median"] == pytest.approx(np.median(fires), rel=1e-4)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert o["curves"]["step"] == steps

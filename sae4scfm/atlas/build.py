@@ -45,9 +45,10 @@ def shard_of(key: str, n_shards: int) -> int:
     return h % n_shards
 
 
-def write_js(path: Path, key: str, payload) -> None:
+def write_js(path: Path, key: str, payload, mkdir: bool = True) -> None:
     """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     path.write_text(f"window.atlasData({json.dumps(key)},{body});\n", encoding="utf-8")
 
@@ -72,16 +73,18 @@ def _records_written(run: AtlasRun, site: Path, search: dict, summary: dict) -> 
     from tqdm import tqdm
 
     min_auroc = float(run.opts["label_min_auroc"])
+    folder = site / "data" / run.run_id / "features"
+    folder.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(run.records(), total=run.n_features, desc=f"atlas {run.run_id}", unit="feature",
                     mininterval=2.0):
-        write_js(site / "data" / run.run_id / "features" / f"{rec['index']}.js", f"feature/{rec['id']}", rec)
+        write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
         scores = {"gene": {g["gene"].lower(): g["score"] if g["score"] is not None else 1.0 for g in rec["top_genes"]},
                   "label": {a["label"].lower(): a["auroc"] for a in rec["label_auroc"]},
                   "term": {}}
         for g in rec["firing_genes"]:
             scores["gene"].setdefault(g["gene"].lower(), (g["freq"] or 0.0) - 1.0)  # after the top genes
         for e in rec["enrichment"]:
-            s = -math.log10(max(e["fdr"] or 1.0, 1e-300))
+            s = -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300))
             for k in [e["term"].lower(), *_words(e["term"])]:
                 scores["term"][k] = max(scores["term"].get(k, -1.0), s)
         for kind, keys in search_terms(rec, min_auroc).items():
@@ -188,31 +191,42 @@ def layer_map_payload(run: AtlasRun, summary: dict) -> dict:
 
 
 def flow_payload(runs: dict[str, AtlasRun], colours: dict[str, list[str]]) -> dict:
-    """Cross-layer flow: persistence per run pair and a Sankey of decoder matches between the runs' groups
-    (module or best label) for the runs present in the site."""
-    pairs, nodes, links = [], {}, defaultdict(int)
-    strongest = []
+    """Cross-layer flow: persistence per matched run pair, and for the pairs of runs both in the site a Sankey
+    from the shallower layer's groups (module or best label) to the deeper one's, counting decoder matches with
+    cosine >= the analysis's ``cross_layer_cosine`` (a pair matched both ways is drawn once, from the shallower
+    run's matching when it exists), plus the strongest matches as links."""
+    pairs, nodes, links, strongest, drawn = [], {}, defaultdict(int), [], set()
+    matched = []
     for run_id, run in runs.items():
+        table = _read_csv(run.analysis_dir / "cross_layer.csv")
         for layer, other_id, label in run.cross_layer_partners():
-            table = _read_csv(run.analysis_dir / "cross_layer.csv")
-            row = table[table["layer_b"] == layer].iloc[0].to_dict() if table is not None else {}
+            row = table[table["layer_b"] == layer].iloc[0].to_dict()
             pairs.append({"run_a": run_id, "layer_a": run.layer, "run_b": other_id, "layer_b": layer,
                           "in_site": other_id in runs,
                           "decoder_persistence": _num(row.get("decoder_persistence")),
                           "cofiring_persistence": _num(row.get("cofiring_persistence"))})
-            match = run.column("cross_layer", "decoder_match", "layer", label)
-            cos = run.column("cross_layer", "decoder_cos", "layer", label)
-            if match is None or other_id not in runs:
-                continue
-            threshold = float(run.analysis_params("cross_layer").get("cross_layer_cosine", 0.5))
-            for f in np.flatnonzero(np.nan_to_num(cos, nan=-1) >= threshold):
-                a = f"L{run.layer}: {colours[run_id][f]}"
-                b = f"L{layer}: {colours[other_id][int(match[f])]}"
-                links[(nodes.setdefault(a, len(nodes)), nodes.setdefault(b, len(nodes)))] += 1
-            for f in np.argsort(-np.nan_to_num(cos, nan=-1))[:30]:
-                strongest.append({"a": run.feature_id(f), "b": feature_id_of(other_id, layer, int(match[f])),
-                                  "cosine": _num(cos[f], 4)})
-    return {"pairs": pairs, "nodes": list(nodes),
+            if other_id in runs:
+                matched.append((layer < run.layer, run_id, other_id, layer, label))
+    for _, run_id, other_id, layer, label in sorted(matched):  # shallower -> deeper matchings first
+        if frozenset((run_id, other_id)) in drawn:
+            continue
+        drawn.add(frozenset((run_id, other_id)))
+        run = runs[run_id]
+        match = run.column("cross_layer", "decoder_match", "layer", label)
+        cos = np.nan_to_num(run.column("cross_layer", "decoder_cos", "layer", label), nan=-1.0)
+        if match is None:
+            continue
+        threshold = float(run.analysis_params("cross_layer").get("cross_layer_cosine", 0.5))
+        for f in np.flatnonzero(cos >= threshold):  # nodes: (run, group), shown as "L<layer>: <group>"
+            a = (run_id, f"L{run.layer}: {colours[run_id][f]}")
+            b = (other_id, f"L{layer}: {colours[other_id][int(match[f])]}")
+            a, b = (a, b) if run.layer <= layer else (b, a)
+            links[(nodes.setdefault(a, len(nodes)), nodes.setdefault(b, len(nodes)))] += 1
+        for f in np.argsort(-cos, kind="stable")[:60]:
+            ids = (run.feature_id(f), feature_id_of(other_id, layer, int(match[f])))
+            a, b = ids if run.layer <= layer else ids[::-1]
+            strongest.append({"a": a, "b": b, "cosine": _num(cos[f], 4)})
+    return {"pairs": pairs, "nodes": [label for _, label in nodes],
             "links": [{"source": s, "target": t, "value": v} for (s, t), v in links.items()],
             "strongest": sorted(strongest, key=lambda r: -(r["cosine"] or 0))[:60]}
 

@@ -12,7 +12,9 @@ Absent analyses give empty lists / null. :class:`AtlasRun` loads a run once and 
 Search rule (the gene index of the site): a feature is listed under a gene when the gene is in its
 ``top_genes`` (gene scoring's adaptive top genes, at most ``atlas.top_genes``) or in its ``firing_genes``
 (the genes whose tokens it fires on most often, gene scoring's ``top_token_genes``, at most
-``atlas.firing_genes``) - see :func:`search_terms`.
+``atlas.firing_genes``); under a term when the term is enriched (FDR < the analysis's ``max_fdr``), and
+under each of its words; under a label when the label is among its ``atlas.auroc_labels`` best labels with
+AUROC >= ``atlas.label_min_auroc`` - see :func:`search_terms`.
 """
 
 from __future__ import annotations
@@ -437,7 +439,7 @@ class AtlasRun:
                 "cross_layer": cl,
                 "causal": causal(f) if causal else None,
             }
-            record["explanation"] = explanation(record)
+            record["explanation"] = explanation(record, float(o["label_min_auroc"]))
             yield record
 
     def _token_columns(self):
@@ -497,10 +499,11 @@ class AtlasRun:
         return causal
 
 
-def explanation(record: dict) -> str | None:
-    """Auto text: the best label (by AUROC) and the most significant enriched term, or None."""
+def explanation(record: dict, min_auroc: float) -> str | None:
+    """Auto text: the best label (by AUROC, when at least ``min_auroc``) and the most significant enriched
+    term; else the first top genes; None without any."""
     parts = []
-    if record["label_auroc"]:
+    if record["label_auroc"] and record["label_auroc"][0]["auroc"] >= min_auroc:
         b = record["label_auroc"][0]
         parts.append(f"{b['label']} (AUROC {b['auroc']:.2f})")
     if record["enrichment"]:
@@ -514,7 +517,8 @@ def explanation(record: dict) -> str | None:
 def search_terms(record: dict, min_auroc: float) -> dict[str, set[str]]:
     """What the site's search indexes list this feature under, by kind (lower-cased keys):
     gene: its top genes and firing genes; term: each enriched term (FDR below the analysis's max_fdr)
-    and each word of it; label: each label with AUROC >= ``min_auroc``."""
+    and each word of it; label: each label of its ``label_auroc`` (its ``atlas.auroc_labels`` best) with
+    AUROC >= ``min_auroc``."""
     genes = {g["gene"].lower() for g in record["top_genes"]} | {g["gene"].lower() for g in record["firing_genes"]}
     terms = set()
     for e in record["enrichment"]:

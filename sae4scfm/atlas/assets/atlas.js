@@ -217,7 +217,7 @@
       ["to", (p) => `${esc(p.run_b)} (L${esc(p.layer_b)})${p.in_site ? "" : ' <span class="muted">not in site</span>'}`],
       ["decoder persistence", (p) => fmt(p.decoder_persistence), true], ["co-firing persistence", (p) => fmt(p.cofiring_persistence), true]], d.pairs)}</div>
       <div class="card"><h2>Decoder matches between groups</h2><div id="flow-sankey" class="plot tall"></div></div>
-      <div class="card"><h2>Strongest matches</h2>${table([["feature", (x) => featureLink(x.a)], ["match", (x) => featureLink(x.b)], ["cosine", (x) => fmt(x.cosine), true]], d.strongest)}</div>`;
+      <div class="card"><h2>Strongest matches</h2>${table([["shallower feature", (x) => featureLink(x.a)], ["deeper match", (x) => featureLink(x.b)], ["cosine", (x) => fmt(x.cosine), true]], d.strongest)}</div>`;
     if (d.links.length) {
       await Plotly.newPlot("flow-sankey", [{ type: "sankey", node: { label: d.nodes, pad: 10 },
         link: { source: d.links.map((l) => l.source), target: d.links.map((l) => l.target), value: d.links.map((l) => l.value) } }], layout(), config);
