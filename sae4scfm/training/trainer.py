@@ -44,7 +44,15 @@ from sae4scfm.store.buffer import ShufflingBuffer
 from sae4scfm.store.extract import CELL_HOOK_POINTS, activation_stores, cls_token_id, sae_hook_point
 from sae4scfm.store.shards import ActivationStore
 from sae4scfm.training.checkpoint import CheckpointWriter, load_checkpoint
-from sae4scfm.training.distributed import Ranks, all_reduce_, barrier, broadcast_object, data_parallel, rank_device, ranks
+from sae4scfm.training.distributed import (
+    Ranks,
+    all_reduce_,
+    barrier,
+    broadcast_object,
+    data_parallel,
+    rank_device,
+    ranks,
+)
 from sae4scfm.training.evaluation import evaluate
 from sae4scfm.training.schedules import base_lr, geometric_median, input_scale, lr_factor
 
