@@ -4,7 +4,7 @@ Shards hold whole extraction batches of similar lengths (length tracks cell type
 depth), so mixing a few whole shards would give batches of few bands. Instead every epoch draws
 *chunks* of ``chunk_tokens`` contiguous rows from all shards: a seeded permutation of all chunks
 of the store is cut into *fills* of ``buffer_tokens // chunk_tokens`` chunks; each fill is read
-(the ``acts`` tensor only), shuffled row by row, and the epoch's rows are the fills one after the
+(the ``acts`` tensor only, through a memory map), shuffled row by row, and the epoch's rows are the fills one after the
 other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
 the head of the next). A batch is thus a uniform sample of the store's chunks, whatever the
 on-disk order and the store size (the band fractions of a batch deviate from the store's by about
@@ -28,7 +28,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from sae4scfm.store.shards import ActivationStore
 
@@ -135,10 +134,11 @@ class ShufflingBuffer:
         return pool.pin_memory() if torch.cuda.is_available() else pool
 
     def _read(self, chunks: np.ndarray) -> torch.Tensor:
-        """The float32 activations of ``chunks`` (rows of ``chunks()``), each shard opened once."""
+        """The float32 activations of ``chunks`` (rows of ``chunks()``): per shard one gather of
+        those rows from its memory map (``ActivationStore.acts``)."""
         out = []
         for shard in np.unique(chunks[:, 0]):
-            with safe_open(self.store.root / self.store.meta["shards"][shard]["file"], framework="pt") as f:
-                acts = f.get_slice("acts")
-                out += [acts[int(a):int(b)].float() for a, b in chunks[chunks[:, 0] == shard, 1:]]
-        return torch.cat(out)
+            rows = np.concatenate([np.arange(a, b) for a, b in chunks[chunks[:, 0] == shard, 1:]])
+            acts = torch.from_numpy(self.store.acts(int(shard))[rows])
+            out.append(acts.view(torch.bfloat16) if self.store.meta["dtype"] == "bfloat16" else acts)
+        return torch.cat(out).float()

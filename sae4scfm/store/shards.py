@@ -67,6 +67,21 @@ class ActivationStore:
     def n_shards(self) -> int:
         return len(self.meta["shards"])
 
+    def acts(self, i: int) -> np.memmap:
+        """Shard ``i``'s activations [n, d_model] as a read-only memory map of the file (no copy;
+        rows are read from disk when indexed). bfloat16 rows come as int16 bit patterns
+        (``torch.from_numpy(a).view(torch.bfloat16)``)."""
+        path = self.root / self.meta["shards"][i]["file"]
+        with open(path, "rb") as f:
+            n_header = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(n_header))["acts"]
+        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}[entry["dtype"]]
+        start = 8 + n_header + entry["data_offsets"][0]
+        n, d = entry["shape"]
+        if n == 0:
+            return np.zeros((0, d), dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(n, d))
+
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.root / self.meta["shards"][i]["file"])
 
