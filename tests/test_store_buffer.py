@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import threading
 
+import pytest
 import torch
 
 from sae4scfm.store.buffer import ShufflingBuffer
+from sae4scfm.store.shards import ActivationStore, _ShardWriter
 from tests.test_training_parts import make_store
 
 
@@ -41,3 +43,20 @@ def test_prefetch_thread_keeps_the_order_and_stops_with_the_consumer(tmp_path):
     for _ in itertools.islice(ahead.epoch(1), 3):  # the consumer stops early (calibration does)
         pass
     assert threading.active_count() == before  # the reader thread was joined
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stores_read_through_the_memory_map(tmp_path, dtype):
+    """The buffer's memory-mapped reads give the stored values (as float32) of every dtype."""
+    g = torch.Generator().manual_seed(0)
+    w = _ShardWriter(tmp_path / "s", layer=0, d_model=6, dtype=dtype, shard_tokens=50, include_special=False)
+    zeros = torch.zeros(30, dtype=torch.long)
+    for _ in range(5):
+        w.add(torch.randn(30, 6, generator=g) * 3, zeros, zeros, zeros.bool())
+    w.close(n_cells=1)
+    store = ActivationStore(tmp_path / "s")
+    stored = torch.cat([s["acts"] for s in store.iter_shards()]).float()
+    got = torch.cat(list(ShufflingBuffer(store, 10, 0, 40, 7).epoch(0)))
+    assert len(got) == 150 and got.dtype == torch.float32
+    order = lambda t: t[torch.argsort(t[:, 0] * 1e4 + t[:, 1])]  # noqa: E731 - rows compared as a set
+    assert torch.equal(order(got), order(stored))
