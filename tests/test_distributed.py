@@ -106,3 +106,18 @@ def test_world_larger_than_the_cells_is_one_error_line(tmp_path):
     errors = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if line.startswith("error:")]
     assert errors and all(re.search(r"world size 2 exceeds the 1 cells", e) for e in errors), done.stderr[-2000:]
     assert np.unique(errors).size == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=1001"], "train.batch_size=1001 is not divisible by the torchrun world size 2"),
+    (["sae=p_anneal"], "sae=p_anneal resamples latents from the batch"),
+])
+def test_data_parallel_rejects_what_ranks_cannot_share(overrides, message):
+    from sae4scfm.errors import InputError
+    from sae4scfm.training.distributed import Ranks
+    from sae4scfm.training.trainer import _check_data_parallel
+
+    cfg = sae4scfm.compose("train", overrides)
+    with pytest.raises(InputError, match=message):
+        _check_data_parallel(cfg, Ranks(0, 2, 0))
+    _check_data_parallel(sae4scfm.compose("train", []), Ranks(0, 2, 0))  # the defaults pass
