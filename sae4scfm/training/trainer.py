@@ -17,6 +17,10 @@ the default) or one vector per cell (``cell_mean``, ``cls``; ``store.extract.cel
 batch sizes and ``dead_after_tokens`` count cells and the model-loss splice is not evaluated (NaN in
 eval.json: a per-cell code has no place in the forward). After the last step ``SAE.calibrate`` sets inference
 statistics at the final weights from ``calibration_batches`` such batches (BatchTopK's threshold).
+Under torchrun (``training.distributed``) one SAE trains with DistributedDataParallel at the same
+global batch (each rank steps on its slice; firing counters and logged metrics are all-reduced), and
+the members of a sweep are spread over the ranks round robin. Checkpoints are written in the
+background (``CheckpointWriter``) and a resumed run seeks the buffer to its step.
 """
 
 from __future__ import annotations
