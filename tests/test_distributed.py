@@ -83,19 +83,26 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     assert any(r["dead_fraction"] > 0 for r in m1)  # dead latents: the all-reduced firing counters are in play
 
 
-def test_sweep_members_spread_over_ranks(tmp_path):
-    """train.sweep with 2 members on 2 ranks: each rank trains one whole SAE; equal to one process."""
-    sweep = [*SMALL, "train.sweep={k:[2,4]}", "buffer.shard_tokens=100000"]
+def test_sweep_members_and_layers_spread_over_ranks(tmp_path):
+    """train.sweep x train.layers (4 SAEs) on 2 ranks: each rank trains two whole SAEs from the
+    stores of one extraction pass; every SAE equals its one-process twin."""
+    sweep = [*SMALL, "train.sweep={k:[2,4]}", "train.layers=[1,2]", "buffer.shard_tokens=100000"]
     one = sae4scfm.train(sae4scfm.compose("train", [*sweep, f"runs_dir={tmp_path / 'one'}",
                                                     f"buffer.store_dir={tmp_path / 'store'}"]))
     done = torchrun(2, [*sweep, f"runs_dir={tmp_path / 'two'}", f"buffer.store_dir={tmp_path / 'store'}"])
     assert done.returncode == 0, done.stderr[-3000:]
-    two = sorted((tmp_path / "two" / "dist").iterdir())
-    assert [p.name.split("-")[-1] for p in sorted(one)] == [p.name.split("-")[-1] for p in two] == ["k2", "k4"]
-    for a, b in zip(sorted(one), two):
+    suffix = lambda p: p.name.split("-", 3)[-1]  # noqa: E731 - Dec01-21-37-k2-layer1 -> k2-layer1
+    one, two = sorted(one, key=suffix), sorted((tmp_path / "two" / "dist").iterdir(), key=suffix)
+    assert [suffix(p) for p in one] == [suffix(p) for p in two] == ["k2-layer1", "k2-layer2", "k4-layer1",
+                                                                    "k4-layer2"]
+    for a, b in zip(one, two):
+        cfg = json.loads((b / "cfg.json").read_text())
+        assert (cfg["layer"], cfg["hyperparams"]["k"]) == (int(suffix(b)[-1]), int(suffix(b)[1])), cfg
         w1, w2 = load_file(a / "sae.safetensors"), load_file(b / "sae.safetensors")
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-4, msg=f"{b.name}: {k}")
+    layers = {p.name for p in (next((tmp_path / "store").iterdir()) / "train").iterdir()}
+    assert layers == {"layer_1", "layer_2"}
 
 
 def test_world_larger_than_the_cells_is_one_error_line(tmp_path):

@@ -156,8 +156,9 @@ class Member:
 
 
 def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """(run-dir suffix, config) for every combination in ``train.sweep`` ({hyperparam: [values]});
-    one ("", cfg) without a sweep. Each config names its own values and no sweep."""
+    """(run-dir suffix, config) for every combination in ``train.sweep`` ({hyperparam: [values]})
+    and every layer of ``train.layers``; one ("", cfg) without either. Each config names its own
+    values (and ``sae.target_layer``) and no sweep."""
     sweep = cfg.train.get("sweep")
     sweep = OmegaConf.to_container(sweep, resolve=True) if sweep else {}
     if not isinstance(sweep, dict):
@@ -173,13 +174,25 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         raise InputError(f"train.sweep: {', '.join(unknown)} not in sae.hyperparams "
                          f"({', '.join(cfg.sae.hyperparams)}); only SAE hyperparameters can share a pass.")
     combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())] if sweep else [{}]
+    layers = cfg.train.get("layers")
+    layers = OmegaConf.to_container(layers, resolve=True) if layers is not None else None
+    if layers is not None and (not isinstance(layers, list) or not layers
+                               or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers)):
+        raise InputError(f"train.layers={layers!r} must be a non-empty list of layer numbers, e.g. "
+                         "'train.layers=[1,2,3]' (or null for sae.target_layer alone).")
     out = []
-    for combo in combos:
-        member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        member.train.sweep = None
-        for key, value in combo.items():
-            member.sae.hyperparams[key] = value
-        out.append(("".join(f"-{k}{v}" for k, v in combo.items()), member))
+    for layer in layers or [None]:
+        for combo in combos:
+            member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            member.train.sweep = None
+            member.train.layers = None
+            suffix = "".join(f"-{k}{v}" for k, v in combo.items())
+            if layer is not None:
+                member.sae.target_layer = layer
+                suffix += f"-layer{layer}"
+            for key, value in combo.items():
+                member.sae.hyperparams[key] = value
+            out.append((suffix, member))
     return out
 
 
@@ -313,19 +326,32 @@ def train(cfg: DictConfig) -> Path | list[Path]:
     if r.is_main:
         for run_dir, _ in plan:
             print(f"run dir: {run_dir}")
-    layer = int(cfg.sae.target_layer)
-    stores = activation_stores(cfg, adapter, adata, tokens, [layer])  # each rank extracts its shards
-    train_store, eval_store = stores["train"][layer], stores["eval"][layer]
-
-    seed, d_in = int(cfg.seed), adapter.d_model
-    buffer = shuffling_buffer(cfg, train_store, r if ddp else Ranks())
-    total = len(buffer) * int(cfg.train.n_epochs)
+    layers = sorted({adapter.check_layer(int(c.sae.target_layer), "train.layers") for _, c in plan})
+    stores = activation_stores(cfg, adapter, adata, tokens, layers)  # one pass; each rank extracts its shards
     mine = plan if ddp else plan[r.rank::r.world]
+    for layer in layers:
+        group = [(run_dir, c) for run_dir, c in mine if int(c.sae.target_layer) == layer]
+        if group:
+            _train_layer(cfg, group, stores["train"][layer], stores["eval"][layer], layer, adapter,
+                         split_tokens(tokens, adata, "eval"), device, r if ddp else None)
+    barrier()
+    dirs = [run_dir for run_dir, _ in plan]
+    return dirs[0] if len(dirs) == 1 else dirs
+
+
+def _train_layer(cfg: DictConfig, group: list[tuple[Path, DictConfig]], train_store: ActivationStore,
+                 eval_store: ActivationStore, layer: int, adapter: ScFMAdapter, eval_tokens: TokenizedCells,
+                 device: str, ddp: Ranks | None) -> None:
+    """Train the SAEs of ``group`` (run dir, config) on the batches of ``train_store`` in one pass
+    (``ddp``: this rank's part of one DistributedDataParallel SAE), then finish their run dirs."""
+    seed, d_in = int(cfg.seed), adapter.d_model
+    buffer = shuffling_buffer(cfg, train_store, ddp or Ranks())
+    total = len(buffer) * int(cfg.train.n_epochs)
     sample = train_store.sample(8192, seed)
     scale = input_scale(sample)
     b_dec = geometric_median(sample.to(device) * scale)
     members = []
-    for run_dir, member_cfg in mine:
+    for run_dir, member_cfg in group:
         torch.manual_seed(seed)
         hp = OmegaConf.to_container(member_cfg.sae.hyperparams, resolve=True)
         sae = build_sae(member_cfg.sae.architecture, d_in, int(member_cfg.sae.dictionary_multiplier * d_in), hp).to(device)
@@ -337,14 +363,13 @@ def train(cfg: DictConfig) -> Path | list[Path]:
             with torch.no_grad():
                 sae.b_dec.copy_(b_dec)
             start, member_scale, since_fired = 0, scale, torch.zeros(sae.d_sae, dtype=torch.long)
-        main = r.is_main or not ddp  # writes this member's run dir
+        main = ddp is None or ddp.is_main  # writes this member's run dir
         members.append(Member(member_cfg, run_dir, sae, opt, since_fired.to(device), start, member_scale,
                               MetricsLog(run_dir, member_cfg, start) if main else None,
                               CheckpointWriter(run_dir) if main else None,
-                              data_parallel(sae) if ddp else None, r.world if ddp else 1))
+                              data_parallel(sae) if ddp else None, ddp.world if ddp else 1))
     try:
-        if members:
-            _fit(members, buffer, cfg)
+        _fit(members, buffer, cfg)
     except KeyboardInterrupt:
         for m in members:
             print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
@@ -354,13 +379,10 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         for m in members:
             if m.checkpoints is not None:
                 m.checkpoints.wait()
-    whole = buffer if not ddp else shuffling_buffer(cfg, train_store)  # calibration on whole batches
+    whole = shuffling_buffer(cfg, train_store) if ddp else buffer  # calibration on whole batches
     for m in members:
         if m.log is not None:
-            _finish(m, adapter, eval_store, split_tokens(tokens, adata, "eval"), layer, whole, total)
-    barrier()
-    dirs = [run_dir for run_dir, _ in plan]
-    return dirs[0] if len(dirs) == 1 else dirs
+            _finish(m, adapter, eval_store, eval_tokens, layer, whole, total)
 
 
 def _check_data_parallel(cfg: DictConfig, r: Ranks) -> None:
