@@ -128,3 +128,16 @@ def test_data_parallel_rejects_what_ranks_cannot_share(overrides, message):
     with pytest.raises(InputError, match=message):
         _check_data_parallel(cfg, Ranks(0, 2, 0))
     _check_data_parallel(sae4scfm.compose("train", []), Ranks(0, 2, 0))  # the defaults pass
+
+
+def test_train_layers_members_and_bad_values():
+    from sae4scfm.errors import InputError
+    from sae4scfm.training.trainer import sweep_configs
+
+    members = sweep_configs(sae4scfm.compose("train", ["train.layers=[0,3]", "train.sweep={k:[8,16]}"]))
+    assert [(s, int(c.sae.target_layer), int(c.sae.hyperparams.k)) for s, c in members] == [
+        ("-k8-layer0", 0, 8), ("-k16-layer0", 0, 16), ("-k8-layer3", 3, 8), ("-k16-layer3", 3, 16)]
+    assert all(c.train.layers is None and c.train.sweep is None for _, c in members)
+    for bad in ("train.layers=[]", "train.layers=2", "train.layers=[a]"):
+        with pytest.raises(InputError, match="train.layers=.* must be a non-empty list of layer numbers"):
+            sweep_configs(sae4scfm.compose("train", [bad]))

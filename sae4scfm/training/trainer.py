@@ -175,7 +175,7 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
                          f"({', '.join(cfg.sae.hyperparams)}); only SAE hyperparameters can share a pass.")
     combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())] if sweep else [{}]
     layers = cfg.train.get("layers")
-    layers = OmegaConf.to_container(layers, resolve=True) if layers is not None else None
+    layers = OmegaConf.to_container(layers, resolve=True) if OmegaConf.is_config(layers) else layers
     if layers is not None and (not isinstance(layers, list) or not layers
                                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers)):
         raise InputError(f"train.layers={layers!r} must be a non-empty list of layer numbers, e.g. "
