@@ -101,3 +101,24 @@ def test_world_larger_than_cells_is_an_input_error(monkeypatch, tmp_path):
                             np.arange(4), np.arange(3), 0, 0.0)
     with pytest.raises(InputError, match="world size 4 exceeds the 3 cells"):
         extract.extract_activations(Adapter(), tokens, [0], tmp_path)
+
+
+def test_a_store_with_missing_shards_is_not_finished(tmp_path):
+    """Rank 0 lists the plan's shards in meta.json only when all are on disk (a rank on a node that
+    does not share the store folder leaves gaps): one error line naming the fix."""
+    import torch
+
+    from sae4scfm.store.shards import _ShardWriter
+
+    w = _ShardWriter(tmp_path / "layer_0.partial", 0, 2, "float32", 0, False, plan_id="p")
+    for index in (0, 2):
+        w.add(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+              torch.zeros(3, dtype=torch.bool))
+        w.write(index)
+    with pytest.raises(InputError, match=r"shards \[1\] are missing .* buffer.store_dir must be a folder all nodes share"):
+        w.close(n_cells=6, n_shards=3)
+    assert not (tmp_path / "layer_0.partial" / "meta.json").exists()
+    again = _ShardWriter(tmp_path / "layer_0.partial", 0, 2, "float32", 0, False, plan_id="p")  # same plan: kept
+    assert again.has(0) and again.has(2) and not again.has(1)
+    other = _ShardWriter(tmp_path / "layer_0.partial", 0, 2, "float32", 0, False, plan_id="q")  # new plan: afresh
+    assert not other.has(0)

@@ -83,7 +83,7 @@ def extraction_plan(rows_per_cell: np.ndarray, cells_per_batch: int, shard_token
     shuffled by ``seed`` and consecutive batches form a shard once they hold >= ``shard_tokens``
     rows (``rows_per_cell`` [n_cells]: stored rows of each cell)."""
     n = len(rows_per_cell)
-    rng = np.random.default_rng([seed, 12])
+    rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     order = perm[np.argsort(rows_per_cell[perm], kind="stable")]
     batches = [order[i:i + cells_per_batch] for i in range(0, n, cells_per_batch)]

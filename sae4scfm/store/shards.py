@@ -158,7 +158,8 @@ class _ShardWriter:
         n_shards = self.written if n_shards is None else n_shards
         missing = [i for i in range(n_shards) if not self.has(i)]
         if missing:
-            raise RuntimeError(f"{self.root}: shards {missing[:5]} were not written (did a rank fail?)")
+            raise InputError(f"{self.root}: shards {missing[:5]} are missing after every rank finished; under "
+                             "torchrun on several nodes, buffer.store_dir must be a folder all nodes share.")
         for i in range(n_shards):
             with safe_open(self.root / self.shard_name(i), framework="pt") as f:
                 n = int(f.get_slice("acts").get_shape()[0])
