@@ -1,38 +1,50 @@
 """The shuffling buffer that streams a store's activations into training as uniform batches.
 
-Extraction writes cells in length order (similar lengths share a forward), so a shard holds
-one band of cells (length tracks cell type and sequencing depth) and mixing a few whole shards
-gives batches of one band. Instead every epoch draws *chunks* of ``chunk_tokens`` contiguous
-tokens from all shards: a seeded permutation of all chunks of the store is read
-``buffer_tokens // chunk_tokens`` chunks at a time, and each fill is shuffled token by token and
-released as batches. A batch is thus a uniform sample of the store's chunks, whatever the
-on-disk order and the store size (the band fractions of a batch deviate from the store's by
-about sqrt(p(1 − p) / chunks_per_fill); tests/test_store.py), memory stays at about two fills,
-and the order is a pure function of (seed, epoch), so resume is exact.
+Shards hold whole extraction batches of similar lengths (length tracks cell type and sequencing
+depth), so mixing a few whole shards would give batches of few bands. Instead every epoch draws
+*chunks* of ``chunk_tokens`` contiguous rows from all shards: a seeded permutation of all chunks
+of the store is cut into *fills* of ``buffer_tokens // chunk_tokens`` chunks; each fill is read
+(the ``acts`` tensor only, through a memory map), shuffled row by row, and the epoch's rows are the fills one after the
+other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
+the head of the next). A batch is thus a uniform sample of the store's chunks, whatever the
+on-disk order and the store size (the band fractions of a batch deviate from the store's by about
+sqrt(p(1 − p) / chunks_per_fill); tests/test_store.py).
+
+The order is a pure function of (seed, epoch): the chunk permutation draws from
+``rng(seed, epoch)`` and fill f's row shuffle from ``rng(seed, epoch, f)``, so ``epoch(e, start)``
+*seeks* to batch ``start`` by reading only the fills from the one that holds it (resume costs one
+fill, not a replay of the epoch). Fills are read ``prefetch`` ahead in a background thread (into
+pinned memory when CUDA is available, so the copy to the GPU can be asynchronous): memory stays at
+about ``prefetch + 1`` fills. ``rank``/``world``: each rank gets its ``batch_size / world`` slice
+of every global batch (DistributedDataParallel at the same global batch).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from sae4scfm.store.shards import ActivationStore
 
 
 @dataclass
 class ShufflingBuffer:
-    """Shuffled float32 batches [batch_size, d_model] of ``store``; each epoch covers every token
-    once, the last partial batch dropped."""
+    """Shuffled float32 batches [batch_size // world, d_model] of ``store`` (this rank's slice of
+    each global batch); each epoch covers every row once, the last partial batch dropped."""
 
     store: ActivationStore
-    batch_size: int
+    batch_size: int  # global batch (rows per optimizer step, all ranks together)
     seed: int
-    buffer_tokens: int  # tokens shuffled together in memory
-    chunk_tokens: int  # contiguous tokens read from a shard at a time
+    buffer_tokens: int  # rows shuffled together in memory (one fill)
+    chunk_tokens: int  # contiguous rows read from a shard at a time
+    prefetch: int = 2  # fills read ahead in a background thread (0: read in the caller's thread)
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
         """Batches per epoch (the same for every epoch)."""
@@ -45,24 +57,88 @@ class ShufflingBuffer:
                 for start in range(0, int(s["n_tokens"]), self.chunk_tokens)]
         return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
-    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
-        rng = np.random.default_rng([self.seed, epoch])
+    def fills(self, epoch: int) -> list[np.ndarray]:
+        """The chunks of each fill of ``epoch``, in order."""
         chunks = self.chunks()
-        chunks = chunks[rng.permutation(len(chunks))]
+        chunks = chunks[np.random.default_rng([self.seed, epoch]).permutation(len(chunks))]
         per_fill = max(1, self.buffer_tokens // self.chunk_tokens)
-        carry = torch.empty(0, self.store.d_model)
-        for first in range(0, len(chunks), per_fill):
-            pool = torch.cat([carry, self._read(chunks[first:first + per_fill])])
-            pool = pool[torch.from_numpy(rng.permutation(len(pool)))]
+        return [chunks[i:i + per_fill] for i in range(0, len(chunks), per_fill)]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """Batches ``start``, ``start + 1``, ... of ``epoch`` (this rank's slice of each)."""
+        if self.batch_size % self.world:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by the world size {self.world}")
+        fills = self.fills(epoch)
+        ends = np.cumsum([int((f[:, 2] - f[:, 1]).sum()) for f in fills])
+        first = start * self.batch_size
+        f0 = int(np.searchsorted(ends, first, side="right"))
+        skip = first - (int(ends[f0 - 1]) if f0 else 0)  # rows of fill f0 before batch `start`
+        part = self.batch_size // self.world
+        lo, hi = self.rank * part, (self.rank + 1) * part
+        carry = None
+        for f, pool in self._read_ahead(epoch, fills, f0):
+            if f == f0:
+                pool = pool[skip:]
+            if carry is not None:  # the batch straddling the previous fill and this one
+                need = self.batch_size - len(carry)
+                if len(pool) < need:
+                    carry = torch.cat([carry, pool])
+                    continue
+                yield torch.cat([carry, pool[:need]])[lo:hi]
+                pool = pool[need:]
             n_out = len(pool) // self.batch_size * self.batch_size
-            yield from pool[:n_out].split(self.batch_size)
+            for i in range(0, n_out, self.batch_size):
+                yield pool[i + lo:i + hi]
             carry = pool[n_out:]
 
+    def _read_ahead(self, epoch: int, fills: list[np.ndarray], first: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(f, fill f's shuffled rows) for f >= ``first``, read ``prefetch`` fills ahead in a thread."""
+        if self.prefetch <= 0:
+            for f in range(first, len(fills)):
+                yield f, self._fill(epoch, f, fills[f])
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for f in range(first, len(fills)):
+                    item = (f, self._fill(epoch, f, fills[f]))
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="sae4scfm-buffer")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _fill(self, epoch: int, f: int, chunks: np.ndarray) -> torch.Tensor:
+        """Fill ``f``: its chunks' float32 rows, shuffled by rng(seed, epoch, f) (pinned on CUDA)."""
+        pool = self._read(chunks)
+        pool = pool[torch.from_numpy(np.random.default_rng([self.seed, epoch, f]).permutation(len(pool)))]
+        return pool.pin_memory() if torch.cuda.is_available() else pool
+
     def _read(self, chunks: np.ndarray) -> torch.Tensor:
-        """The float32 activations of ``chunks`` (rows of ``chunks()``), each shard opened once."""
+        """The float32 activations of ``chunks`` (rows of ``chunks()``): per shard one gather of
+        those rows from its memory map (``ActivationStore.acts``)."""
         out = []
         for shard in np.unique(chunks[:, 0]):
-            with safe_open(self.store.root / self.store.meta["shards"][shard]["file"], framework="pt") as f:
-                acts = f.get_slice("acts")
-                out += [acts[int(a):int(b)].float() for a, b in chunks[chunks[:, 0] == shard, 1:]]
-        return torch.cat(out)
+            rows = np.concatenate([np.arange(a, b) for a, b in chunks[chunks[:, 0] == shard, 1:]])
+            acts = torch.from_numpy(self.store.acts(int(shard))[rows])
+            out.append(acts.view(torch.bfloat16) if self.store.meta["dtype"] == "bfloat16" else acts)
+        return torch.cat(out).float()

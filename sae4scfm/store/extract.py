@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -73,47 +75,117 @@ def store_name(layer: int, hook: str = "tokens") -> str:
     return f"layer_{layer}" if hook == "tokens" else f"{hook}_{layer}"
 
 
-@torch.inference_mode()
+def extraction_plan(rows_per_cell: np.ndarray, cells_per_batch: int, shard_tokens: int,
+                    seed: int) -> list[list[np.ndarray]]:
+    """Shards -> batches -> cell positions, a pure function of its arguments (so every rank, and a
+    rerun after a kill, computes the same plan). Cells in one seeded permutation are sorted by
+    length (stable) and cut into batches of ``cells_per_batch`` similar lengths; the batch order is
+    shuffled by ``seed`` and consecutive batches form a shard once they hold >= ``shard_tokens``
+    rows (``rows_per_cell`` [n_cells]: stored rows of each cell)."""
+    n = len(rows_per_cell)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    order = perm[np.argsort(rows_per_cell[perm], kind="stable")]
+    batches = [order[i:i + cells_per_batch] for i in range(0, n, cells_per_batch)]
+    batches = [batches[j] for j in rng.permutation(len(batches))]
+    shards, current, rows = [], [], 0
+    for b in batches:
+        current.append(b)
+        rows += int(rows_per_cell[b].sum())
+        if rows >= shard_tokens:
+            shards.append(current)
+            current, rows = [], 0
+    return shards + [current] if current else shards
+
+
+class _Collate:
+    """DataLoader ``collate_fn``: a list of cell positions -> ``tokens.collate`` (a padded Batch);
+    a class, not a closure, so DataLoader workers can receive it."""
+
+    def __init__(self, tokens: TokenizedCells):
+        self.tokens = tokens
+
+    def __call__(self, cells: list[int]) -> Batch:
+        return self.tokens.collate(np.asarray(cells, dtype=np.int64))
+
+
+def _sleep_after_shard(shard: int) -> None:
+    """Test hook for kill-and-resume tests: ``SAE4SCFM_SLEEP_AFTER_SHARD=<n>`` sleeps 60 s after
+    shard n is written, so a test can SIGKILL the process mid-extraction."""
+    if os.environ.get("SAE4SCFM_SLEEP_AFTER_SHARD") == str(shard):
+        time.sleep(60)
+
+
 def extract_activations(adapter: ScFMAdapter, tokens: TokenizedCells, layers: list[int], out_dir: str | Path, *,
                         batch_size: int = 32, shard_tokens: int = 65536, dtype: str = "float32",
                         include_special: bool = False, desc: str = "extracting",
-                        hook: str = "tokens") -> dict[int, ActivationStore]:
+                        hook: str = "tokens", seed: int = 0, num_workers: int = 0) -> dict[int, ActivationStore]:
     """Run the model over ``tokens`` once and store the residual stream of every layer in
     ``layers`` under ``out_dir/<store_name(l, hook)>``. ``hook=tokens``: one row per gene token,
     special tokens too with ``include_special`` (padding is never stored); a cell-level ``hook``
     (``CELL_HOOK_POINTS``): one row per cell, ``cell_vectors`` (gene = -1). Finished stores are
-    reused as they are."""
+    reused as they are.
+
+    Batches and shards follow ``extraction_plan`` (``seed``); a DataLoader with ``num_workers``
+    processes collates batches while the model runs (0: in this process). Resumable: each shard of
+    each layer is written under a temp name and renamed, so a file under its final name in
+    ``<store>.partial/`` is a finished shard, and a rerun (after a kill) computes only the missing
+    ones; the store equals an uninterrupted run's (byte-identical in float32 on CPU). Under torchrun
+    rank r computes shards r, r + W, ... and rank 0 writes ``meta.json`` (the manifest) once all
+    ranks are done."""
+    from sae4scfm.training.distributed import barrier, ranks  # training imports this module
+
+    r = ranks(str(adapter.device))
     out_dir = Path(out_dir)
     stores = {layer: out_dir / store_name(layer, hook) for layer in layers}
     cls_id = cls_token_id(adapter, tokens) if hook == "cls" else None
     todo = [layer for layer, path in stores.items() if not (path / "meta.json").is_file()]
-    if todo:
-        writers = {}
-        for layer in todo:
-            partial = stores[layer].with_name(stores[layer].name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            writers[layer] = _ShardWriter(partial, layer, adapter.d_model, dtype, shard_tokens, include_special, hook)
-        with tqdm(total=len(tokens), desc=desc, unit="cell") as bar:
-            for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
-                hidden = adapter.capture(batch, todo)
-                if hook != "tokens":
-                    cell = batch.cell_index.to(adapter.device)
-                    for layer in todo:
-                        writers[layer].add(cell_vectors(hidden[layer], batch, hook, cls_id), cell,
-                                           torch.full_like(cell, -1), torch.zeros_like(cell, dtype=torch.bool))
-                    bar.update(len(batch.cell_index))
-                    continue
+    if not todo:
+        return {layer: ActivationStore(path) for layer, path in stores.items()}
+    if r.world > len(tokens):
+        raise InputError(f"torchrun world size {r.world} exceeds the {len(tokens)} cells to extract; "
+                         f"run with --nproc_per_node (x nodes) <= {len(tokens)} or select more cells.")
+    # shard boundaries count every token of a cell (special ones too), or one row per cell
+    rows_per_cell = np.asarray(tokens.lengths) if hook == "tokens" else np.ones(len(tokens), dtype=np.int64)
+    plan = extraction_plan(rows_per_cell, adapter.cells_per_batch(batch_size), shard_tokens, seed)
+    plan_id = hashlib.sha256(b"".join(c.astype(np.int64).tobytes() + b"|" for s in plan for c in s)).hexdigest()
+    writers = {layer: _ShardWriter(stores[layer].with_name(stores[layer].name + ".partial"), layer,
+                                   adapter.d_model, dtype, 0, include_special, hook, plan_id, r.is_main)
+               for layer in todo}
+    barrier()  # rank 0 has (re)started the partial folders
+    mine = [s for s in range(r.rank, len(plan), r.world) if not all(w.has(s) for w in writers.values())]
+    batches = [b for s in mine for b in plan[s]]
+    loader = torch.utils.data.DataLoader(np.arange(len(tokens)), batch_sampler=batches, collate_fn=_Collate(tokens),
+                                         num_workers=num_workers)
+    ends = dict(zip(np.cumsum([len(plan[s]) for s in mine]) - 1, mine))  # last batch index -> shard
+    with tqdm(total=sum(len(c) for s in mine for c in plan[s]), desc=desc, unit="cell",
+              disable=not r.is_main) as bar, torch.inference_mode():
+        for i, batch in enumerate(loader):
+            hidden = adapter.capture(batch, todo)
+            if hook != "tokens":
+                cell = batch.cell_index.to(adapter.device)
+                for layer in todo:
+                    writers[layer].add(cell_vectors(hidden[layer], batch, hook, cls_id), cell,
+                                       torch.full_like(cell, -1), torch.zeros_like(cell, dtype=torch.bool))
+            else:
                 keep = (batch.gene_mask | (~batch.padding_mask if include_special else batch.gene_mask)).to(adapter.device)
                 cell = batch.cell_index[:, None].expand_as(batch.gene_ids).to(adapter.device)[keep]
                 gene = batch.gene_ids.to(adapter.device)[keep]
                 special = ~batch.gene_mask.to(adapter.device)[keep]
                 for layer in todo:
                     writers[layer].add(hidden[layer][keep], cell, gene, special)
-                bar.update(len(batch.cell_index))
+            bar.update(len(batch.cell_index))
+            if i in ends:
+                for layer in todo:
+                    writers[layer].write(ends[i])
+                _sleep_after_shard(ends[i])
+    barrier()  # every rank's shards are on disk
+    if r.is_main:
         for layer in todo:
-            writers[layer].close(len(tokens))
+            writers[layer].close(len(tokens), len(plan))
             shutil.rmtree(stores[layer], ignore_errors=True)
             writers[layer].root.rename(stores[layer])
+    barrier()
     return {layer: ActivationStore(path) for layer, path in stores.items()}
 
 
@@ -134,6 +206,7 @@ def activation_stores(cfg: DictConfig, adapter: ScFMAdapter, adata: ad.AnnData, 
             adapter, split_tokens(tokens, adata, split), layers, root / split,
             batch_size=cfg.buffer.extract_batch_size, shard_tokens=cfg.buffer.shard_tokens,
             dtype=cfg.buffer.dtype, include_special=cfg.buffer.include_special,
-            desc=f"extracting {split} activations", hook=hook,
+            desc=f"extracting {split} activations", hook=hook, seed=int(cfg.seed),
+            num_workers=int(cfg.buffer.get("extract_workers", 0)),
         )
     return stores

@@ -15,22 +15,26 @@ cell-level hook point (``cell_mean`` | ``cls``: one row per cell, ``store.extrac
 ``n_tokens`` counts rows either way.
 
 A store is written into ``<folder>.partial`` and renamed when complete, so an
-interrupted extraction never leaves a store that looks finished. Cells are written in
-length order (extraction batches similar lengths); ``store.buffer`` makes batches uniform
-anyway. Memory during extraction and streaming is bounded by ``shard_tokens`` and
+interrupted extraction never leaves a store that looks finished; inside it each shard is written
+under a temp name and renamed, so a rerun keeps the finished shards (``store.extract``). A shard
+holds whole length-bucketed batches (similar lengths share a forward) in a seeded batch order;
+``store.buffer`` makes batches uniform anyway. Memory during extraction and streaming is bounded by ``shard_tokens`` and
 ``buffer_tokens``, not by the number of cells.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sae4scfm.atomic import atomic_write, atomic_write_json
 from sae4scfm.errors import InputError
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -63,6 +67,21 @@ class ActivationStore:
     def n_shards(self) -> int:
         return len(self.meta["shards"])
 
+    def acts(self, i: int) -> np.memmap:
+        """Shard ``i``'s activations [n, d_model] as a read-only memory map of the file (no copy;
+        rows are read from disk when indexed). bfloat16 rows come as int16 bit patterns
+        (``torch.from_numpy(a).view(torch.bfloat16)``)."""
+        path = self.root / self.meta["shards"][i]["file"]
+        with open(path, "rb") as f:
+            n_header = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(n_header))["acts"]
+        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}[entry["dtype"]]
+        start = 8 + n_header + entry["data_offsets"][0]
+        n, d = entry["shape"]
+        if n == 0:
+            return np.zeros((0, d), dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(n, d))
+
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.root / self.meta["shards"][i]["file"])
 
@@ -84,36 +103,68 @@ class ActivationStore:
 
 
 class _ShardWriter:
+    """Writes one layer's store into ``root`` (``<store>.partial``), shard by shard, each shard
+    through the atomic writer, so a file named ``shard_*.safetensors`` is always complete.
+
+    ``shard_tokens`` > 0: a shard is written whenever that many rows are pending (in-memory use);
+    0: the caller names each shard (``write(index)``, extraction's plan). ``plan_id`` identifies
+    the shard plan: ``main`` (rank 0) keeps the finished shards of a folder left by a killed run
+    with the same plan and starts afresh otherwise."""
+
     def __init__(self, root: Path, layer: int, d_model: int, dtype: str, shard_tokens: int, include_special: bool,
-                 rows: str = "tokens"):
-        self.root, self.shard_tokens = root, shard_tokens
+                 rows: str = "tokens", plan_id: str = "", main: bool = True):
+        self.root, self.shard_tokens = Path(root), shard_tokens
         self.dtype = DTYPES[dtype]
         self.meta = {"format": 1, "layer": layer, "d_model": d_model, "dtype": dtype, "n_tokens": 0,
                      "include_special": include_special, "rows": rows, "shards": []}
         self.parts: list[dict[str, torch.Tensor]] = []
-        self.pending = 0
-        root.mkdir(parents=True)
+        self.pending, self.written = 0, 0
+        plan_file = self.root / "plan.json"
+        if main:
+            if not plan_file.is_file() or json.loads(plan_file.read_text()).get("plan") != plan_id:
+                shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stray in self.root.glob(".*.tmp"):  # temp files of a killed write
+                stray.unlink()
+            atomic_write_json(plan_file, {"plan": plan_id})
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"shard_{index:05d}.safetensors"
+
+    def has(self, index: int) -> bool:
+        """Whether shard ``index`` is finished (written by this or an earlier, killed run)."""
+        return (self.root / self.shard_name(index)).is_file()
 
     def add(self, acts: torch.Tensor, cell: torch.Tensor, gene: torch.Tensor, special: torch.Tensor) -> None:
         self.parts.append({"acts": acts.to("cpu", self.dtype), "cell": cell.cpu(), "gene": gene.cpu(),
                            "special": special.cpu().to(torch.uint8)})
         self.pending += len(acts)
-        if self.pending >= self.shard_tokens:
-            self.flush()
+        if self.shard_tokens and self.pending >= self.shard_tokens:
+            self.write(self.written)
 
-    def flush(self) -> None:
+    def write(self, index: int) -> None:
+        """Write the pending rows as shard ``index`` (atomically) and start the next shard."""
         if not self.parts:
             return
         tensors = {k: torch.cat([p[k] for p in self.parts]).contiguous() for k in self.parts[0]}
-        name = f"shard_{len(self.meta['shards']):05d}.safetensors"
-        save_file(tensors, self.root / name)
-        self.meta["shards"].append({"file": name, "n_tokens": len(tensors["acts"])})
-        self.meta["n_tokens"] += len(tensors["acts"])
-        self.parts, self.pending = [], 0
+        atomic_write(self.root / self.shard_name(index), lambda tmp: save_file(tensors, tmp))
+        self.parts, self.pending, self.written = [], 0, self.written + 1
 
-    def close(self, n_cells: int) -> None:
-        self.flush()
+    def close(self, n_cells: int, n_shards: int | None = None) -> None:
+        """Write the pending rows, then ``meta.json`` listing shards 0 .. ``n_shards`` - 1 (default:
+        those written here), with their row counts read from the shard headers."""
+        self.write(self.written)
+        n_shards = self.written if n_shards is None else n_shards
+        missing = [i for i in range(n_shards) if not self.has(i)]
+        if missing:
+            raise InputError(f"{self.root}: shards {missing[:5]} are missing after every rank finished; under "
+                             "torchrun on several nodes, buffer.store_dir must be a folder all nodes share.")
+        for i in range(n_shards):
+            with safe_open(self.root / self.shard_name(i), framework="pt") as f:
+                n = int(f.get_slice("acts").get_shape()[0])
+            self.meta["shards"].append({"file": self.shard_name(i), "n_tokens": n})
+            self.meta["n_tokens"] += n
         self.meta["n_cells"] = n_cells
-        (self.root / "meta.json").write_text(json.dumps(self.meta, indent=1))
-
-
+        (self.root / "plan.json").unlink(missing_ok=True)
+        atomic_write_json(self.root / "meta.json", self.meta)

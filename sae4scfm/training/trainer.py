@@ -17,6 +17,10 @@ the default) or one vector per cell (``cell_mean``, ``cls``; ``store.extract.cel
 batch sizes and ``dead_after_tokens`` count cells and the model-loss splice is not evaluated (NaN in
 eval.json: a per-cell code has no place in the forward). After the last step ``SAE.calibrate`` sets inference
 statistics at the final weights from ``calibration_batches`` such batches (BatchTopK's threshold).
+Under torchrun (``training.distributed``) one SAE trains with DistributedDataParallel at the same
+global batch (each rank steps on its slice; firing counters and logged metrics are all-reduced), and
+the members of a sweep are spread over the ranks round robin. Checkpoints are written in the
+background (``CheckpointWriter``) and a resumed run seeks the buffer to its step.
 """
 
 from __future__ import annotations
@@ -36,14 +40,23 @@ from sae4scfm import __version__
 from sae4scfm.atomic import atomic_write_json, atomic_write_text
 from sae4scfm.errors import InputError
 from sae4scfm.runs import load_run_config, new_run_dir, resolve_checkpointed_run
-from sae4scfm.saes import SAE, build_sae, check_hyperparams
+from sae4scfm.saes import SAE, build_sae, check_hyperparams, sae_class
 from sae4scfm.scfm import ScFMAdapter
 from sae4scfm.scfm.loading import load_model_and_data, pick_device, split_tokens
 from sae4scfm.scfm.tokens import TokenizedCells
 from sae4scfm.store.buffer import ShufflingBuffer
 from sae4scfm.store.extract import CELL_HOOK_POINTS, activation_stores, cls_token_id, sae_hook_point
 from sae4scfm.store.shards import ActivationStore
-from sae4scfm.training.checkpoint import load_checkpoint, save_checkpoint
+from sae4scfm.training.checkpoint import CheckpointWriter, load_checkpoint
+from sae4scfm.training.distributed import (
+    Ranks,
+    all_reduce_,
+    barrier,
+    broadcast_object,
+    data_parallel,
+    rank_device,
+    ranks,
+)
 from sae4scfm.training.evaluation import evaluate
 from sae4scfm.training.schedules import base_lr, geometric_median, input_scale, lr_factor
 
@@ -137,11 +150,15 @@ class Member:
     start: int  # steps already done
     scale: float  # input scaling factor s (the SAE trains on s·x)
     log: MetricsLog | None  # None: metrics rows are returned by ``train_step``, not written
+    checkpoints: CheckpointWriter | None = None  # None: no checkpoints (a rank other than 0 under DDP)
+    loss_fn: torch.nn.Module | None = None  # DistributedDataParallel of the SAE's loss; None: ``sae.loss``
+    world: int = 1  # ranks whose slices make up each batch (DDP); 1: ``x`` is the whole batch
 
 
 def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """(run-dir suffix, config) for every combination in ``train.sweep`` ({hyperparam: [values]});
-    one ("", cfg) without a sweep. Each config names its own values and no sweep."""
+    """(run-dir suffix, config) for every combination in ``train.sweep`` ({hyperparam: [values]})
+    and every layer of ``train.layers``; one ("", cfg) without either. Each config names its own
+    values (and ``sae.target_layer``) and no sweep."""
     sweep = cfg.train.get("sweep")
     sweep = OmegaConf.to_container(sweep, resolve=True) if sweep else {}
     if not isinstance(sweep, dict):
@@ -157,41 +174,51 @@ def sweep_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         raise InputError(f"train.sweep: {', '.join(unknown)} not in sae.hyperparams "
                          f"({', '.join(cfg.sae.hyperparams)}); only SAE hyperparameters can share a pass.")
     combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())] if sweep else [{}]
+    layers = cfg.train.get("layers")
+    layers = OmegaConf.to_container(layers, resolve=True) if OmegaConf.is_config(layers) else layers
+    if layers is not None and (not isinstance(layers, list) or not layers
+                               or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers)):
+        raise InputError(f"train.layers={layers!r} must be a non-empty list of layer numbers, e.g. "
+                         "'train.layers=[1,2,3]' (or null for sae.target_layer alone).")
     out = []
-    for combo in combos:
-        member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        member.train.sweep = None
-        for key, value in combo.items():
-            member.sae.hyperparams[key] = value
-        out.append(("".join(f"-{k}{v}" for k, v in combo.items()), member))
+    for layer in layers or [None]:
+        for combo in combos:
+            member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            member.train.sweep = None
+            member.train.layers = None
+            suffix = "".join(f"-{k}{v}" for k, v in combo.items())
+            if layer is not None:
+                member.sae.target_layer = layer
+                suffix += f"-layer{layer}"
+            for key, value in combo.items():
+                member.sae.hyperparams[key] = value
+            out.append((suffix, member))
     return out
 
 
-def shuffling_buffer(cfg: DictConfig, store: ActivationStore) -> ShufflingBuffer:
-    """The training batches of ``cfg`` (train.batch_size, seed, buffer.*) drawn from ``store``."""
+def shuffling_buffer(cfg: DictConfig, store: ActivationStore, r: Ranks = Ranks()) -> ShufflingBuffer:
+    """The training batches of ``cfg`` (train.batch_size, seed, buffer.*) drawn from ``store``;
+    rank ``r.rank``'s slice of each (``Ranks()``: whole batches)."""
     return ShufflingBuffer(store, int(cfg.train.batch_size), int(cfg.seed), int(cfg.buffer.buffer_tokens),
-                           int(cfg.buffer.chunk_tokens))
+                           int(cfg.buffer.chunk_tokens), int(cfg.buffer.get("prefetch", 2)), r.rank, r.world)
 
 
 def _fit(members: list[Member], buffer: ShufflingBuffer, cfg: DictConfig) -> None:
     """One pass over the training batches that steps every member SAE on each batch, from
-    the earliest member's ``start``; each member checkpoints as it goes."""
+    the earliest member's ``start`` (the buffer seeks there); each member checkpoints as it goes."""
     tc = cfg.train
     per_epoch = len(buffer)
     total, step, start = per_epoch * int(tc.n_epochs), 0, min(m.start for m in members)
     warmup = max(1, int(tc.lr_warmup_frac * total))
     device = members[0].since_fired.device
     name = cfg.sae.architecture + (f" x{len(members)}" if len(members) > 1 else "")
-    bar = tqdm(total=total, initial=start, desc=f"training {name} SAE", unit="step")
+    bar = tqdm(total=total, initial=start, desc=f"training {name} SAE", unit="step", disable=members[0].log is None)
     for epoch in range(int(tc.n_epochs)):
-        if step + per_epoch <= start:  # whole epoch already done
-            step += per_epoch
-            continue
-        for x in buffer.epoch(epoch):
+        skip = min(per_epoch, max(0, start - step))  # batches of this epoch already done
+        step += skip
+        for x in buffer.epoch(epoch, skip):
             step += 1
-            if step <= start:
-                continue
-            x, row = x.to(device), None
+            x, row = x.to(device, non_blocking=True), None
             for m in members:
                 if step > m.start:
                     row = train_step(m, x * m.scale, step, total, warmup, epoch)
@@ -214,31 +241,49 @@ def train_step(m: Member, x: torch.Tensor, step: int, total: int, warmup: int, e
     sparsity_warmup = int(float(tc.sparsity_warmup_frac) * total)
     sae.sparsity_scale = min(1.0, step / sparsity_warmup) if sparsity_warmup > 0 else 1.0
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and tc.autocast == "bf16"):
-        out = sae.loss(x, dead=m.since_fired >= dead_after)  # parameters stay float32 (master weights)
+        # parameters stay float32 (master weights); under DDP the backward averages gradients over ranks
+        out = (m.loss_fn or sae.loss)(x, m.since_fired >= dead_after)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     sae.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), float(tc.grad_clip))
     opt.step()
     sae.normalize_decoder()
-    m.since_fired += len(x)
-    m.since_fired[out["fired"]] = 0
+    fired = out["fired"]
+    if m.world > 1:  # a latent fired if it fired on any rank's slice
+        fired = all_reduce_(fired.to(torch.int32)) > 0
+    m.since_fired += len(x) * m.world
+    m.since_fired[fired] = 0
     resampled = sae.after_step(step, total, m.since_fired >= dead_after, x)
     if resampled is not None and len(resampled):
         reset_adam_rows(opt, sae, resampled)
         m.since_fired[resampled] = 0
     row = None
     if step % int(tc.log_every) == 0 or step == total:
-        fvu = float(out["mse"].detach() * len(x) / (x - x.mean(0)).pow(2).sum())
-        row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), "mse": out["mse"].item(),
-               "fvu": fvu, "l0": float(out["l0"]), "lr": opt.param_groups[0]["lr"],
+        row = {"step": step, "epoch": epoch, **_batch_metrics(out, x, m.world), "lr": opt.param_groups[0]["lr"],
                "dead_fraction": float((m.since_fired >= dead_after).float().mean())}
-        row.update({k: float(out[k]) for k in ("auxk", "l1") if k in out})
         if m.log is not None:
             m.log.log(row)
-    if step % int(tc.checkpoint_every) == 0 or step == total:
-        save_checkpoint(m.run_dir, sae, opt, m.since_fired, step, m.scale)
+    if m.checkpoints is not None and (step % int(tc.checkpoint_every) == 0 or step == total):
+        m.checkpoints.save(sae, opt, m.since_fired, step, m.scale)
     return row
+
+
+def _batch_metrics(out: dict, x: torch.Tensor, world: int) -> dict[str, float]:
+    """loss, mse, fvu, l0 (and auxk, l1) of the step's whole batch: under DDP the mean of the ranks'
+    slices (equal sizes), with FVU = Σ squared error / Σ‖x − x̄‖² over the global batch."""
+    names = ["loss", "mse", "l0"] + [k for k in ("auxk", "l1") if k in out]
+    x = x.detach().float()
+    means = torch.stack([out[k].detach().float() for k in names])
+    if world == 1:
+        sq_dev = float((x - x.mean(0)).pow(2).sum())
+    else:  # Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖² / N over the N = n·world rows of the global batch
+        stats = all_reduce_(torch.cat([means, x.sum(0), x.pow(2).sum()[None]]))
+        means, total_sum, total_sq = stats[:len(names)] / world, stats[len(names):-1], stats[-1]
+        sq_dev = float(total_sq - total_sum.pow(2).sum() / (len(x) * world))
+    row = {k: float(v) for k, v in zip(names, means)}
+    row["fvu"] = row["mse"] * len(x) * world / sq_dev
+    return {k: row[k] for k in ["loss", "mse", "fvu", "l0", *names[3:]]}
 
 
 def train(cfg: DictConfig) -> Path | list[Path]:
@@ -259,6 +304,12 @@ def train(cfg: DictConfig) -> Path | list[Path]:
         check_hyperparams(member.sae.architecture, OmegaConf.to_container(member.sae.hyperparams, resolve=True))
     hook = sae_hook_point(cfg.sae)
     device = pick_device(cfg.device)
+    r = ranks(device)  # under torchrun: joins the process group
+    device = rank_device(device, r)
+    # one SAE on several ranks: DistributedDataParallel; several: spread over the ranks round robin
+    ddp = r.world > 1 and len(sweep) == 1
+    if ddp:
+        _check_data_parallel(cfg, r)
     adapter, adata, tokens = load_model_and_data(cfg, device)  # validates the inputs first
     if hook == "cls":
         cls_token_id(adapter, tokens)
@@ -266,23 +317,41 @@ def train(cfg: DictConfig) -> Path | list[Path]:
     if resuming:
         plan = [(run_dir, cfg)]
     else:
-        plan = [(new_run_dir(cfg.runs_dir, cfg.experiment, suffix), member) for suffix, member in sweep]
-        for run_dir, member in plan:
-            OmegaConf.save(member, run_dir / "config.yaml", resolve=True)
-    for run_dir, _ in plan:
-        print(f"run dir: {run_dir}")
-    layer = int(cfg.sae.target_layer)
-    stores = activation_stores(cfg, adapter, adata, tokens, [layer])
-    train_store, eval_store = stores["train"][layer], stores["eval"][layer]
+        dirs = None
+        if r.is_main:
+            dirs = [new_run_dir(cfg.runs_dir, cfg.experiment, suffix) for suffix, _ in sweep]
+            for run_dir, (_, member) in zip(dirs, sweep):
+                OmegaConf.save(member, run_dir / "config.yaml", resolve=True)
+        plan = list(zip(broadcast_object(dirs), [member for _, member in sweep]))
+    if r.is_main:
+        for run_dir, _ in plan:
+            print(f"run dir: {run_dir}")
+    layers = sorted({adapter.check_layer(int(c.sae.target_layer), "train.layers") for _, c in plan})
+    stores = activation_stores(cfg, adapter, adata, tokens, layers)  # one pass; each rank extracts its shards
+    mine = plan if ddp else plan[r.rank::r.world]
+    for layer in layers:
+        group = [(run_dir, c) for run_dir, c in mine if int(c.sae.target_layer) == layer]
+        if group:
+            _train_layer(cfg, group, stores["train"][layer], stores["eval"][layer], layer, adapter,
+                         split_tokens(tokens, adata, "eval"), device, r if ddp else None)
+    barrier()
+    dirs = [run_dir for run_dir, _ in plan]
+    return dirs[0] if len(dirs) == 1 else dirs
 
+
+def _train_layer(cfg: DictConfig, group: list[tuple[Path, DictConfig]], train_store: ActivationStore,
+                 eval_store: ActivationStore, layer: int, adapter: ScFMAdapter, eval_tokens: TokenizedCells,
+                 device: str, ddp: Ranks | None) -> None:
+    """Train the SAEs of ``group`` (run dir, config) on the batches of ``train_store`` in one pass
+    (``ddp``: this rank's part of one DistributedDataParallel SAE), then finish their run dirs."""
     seed, d_in = int(cfg.seed), adapter.d_model
-    buffer = shuffling_buffer(cfg, train_store)
+    buffer = shuffling_buffer(cfg, train_store, ddp or Ranks())
     total = len(buffer) * int(cfg.train.n_epochs)
     sample = train_store.sample(8192, seed)
     scale = input_scale(sample)
     b_dec = geometric_median(sample.to(device) * scale)
     members = []
-    for run_dir, member_cfg in plan:
+    for run_dir, member_cfg in group:
         torch.manual_seed(seed)
         hp = OmegaConf.to_container(member_cfg.sae.hyperparams, resolve=True)
         sae = build_sae(member_cfg.sae.architecture, d_in, int(member_cfg.sae.dictionary_multiplier * d_in), hp).to(device)
@@ -294,8 +363,11 @@ def train(cfg: DictConfig) -> Path | list[Path]:
             with torch.no_grad():
                 sae.b_dec.copy_(b_dec)
             start, member_scale, since_fired = 0, scale, torch.zeros(sae.d_sae, dtype=torch.long)
+        main = ddp is None or ddp.is_main  # writes this member's run dir
         members.append(Member(member_cfg, run_dir, sae, opt, since_fired.to(device), start, member_scale,
-                              MetricsLog(run_dir, member_cfg, start)))
+                              MetricsLog(run_dir, member_cfg, start) if main else None,
+                              CheckpointWriter(run_dir) if main else None,
+                              data_parallel(sae) if ddp else None, ddp.world if ddp else 1))
     try:
         _fit(members, buffer, cfg)
     except KeyboardInterrupt:
@@ -303,9 +375,28 @@ def train(cfg: DictConfig) -> Path | list[Path]:
             print(f"\ninterrupted; continue from the last checkpoint with: resume=true "
                   f"sae_checkpoint.experiment={m.cfg.experiment} sae_checkpoint.timestamp={m.run_dir.name}")
         raise
+    finally:
+        for m in members:
+            if m.checkpoints is not None:
+                m.checkpoints.wait()
+    whole = shuffling_buffer(cfg, train_store) if ddp else buffer  # calibration on whole batches
     for m in members:
-        _finish(m, adapter, eval_store, split_tokens(tokens, adata, "eval"), layer, buffer, total)
-    return members[0].run_dir if len(members) == 1 else [m.run_dir for m in members]
+        if m.log is not None:
+            _finish(m, adapter, eval_store, eval_tokens, layer, whole, total)
+
+
+def _check_data_parallel(cfg: DictConfig, r: Ranks) -> None:
+    """One SAE under DistributedDataParallel: the global batch splits evenly over the ranks, and
+    the architecture does not change its weights from the batch outside the gradient step
+    (resampling draws from one rank's slice, so ranks would diverge)."""
+    bs = int(cfg.train.batch_size)
+    if bs % r.world:
+        raise InputError(f"train.batch_size={bs} is not divisible by the torchrun world size {r.world}; "
+                         f"each rank takes batch_size / world rows of every global batch.")
+    if sae_class(cfg.sae.architecture).after_step is not SAE.after_step:
+        raise InputError(f"sae={cfg.sae.architecture} resamples latents from the batch, which one rank's slice "
+                         "cannot do under DistributedDataParallel; train it in one process, or as one of "
+                         "several train.sweep members (spread over the ranks, one whole SAE each).")
 
 
 def _check_splits(cfg: DictConfig, adata, tokens: TokenizedCells) -> None:
