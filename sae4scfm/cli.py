@@ -1,5 +1,5 @@
 """Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``,
-``sae4scfm-steer``, ``sae4scfm-patch``,
+``sae4scfm-steer``, ``sae4scfm-patch``, ``sae4scfm-trace``,
 ``sae4scfm-benchmark-integration``).
 
 Bad input (``InputError``) is reported as one line on stderr with exit status 2.
@@ -75,6 +75,13 @@ def patch_main(cfg: DictConfig) -> None:
     from sae4scfm.causal.patching import patch_features
 
     _report_input_errors(patch_features, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="trace", version_base="1.3")
+def trace_main(cfg: DictConfig) -> None:
+    from sae4scfm.causal.tracing import trace_features
+
+    _report_input_errors(trace_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")

@@ -168,3 +168,23 @@ def test_patch_features_stage_compares_specificity_with_the_null(trained, runs_d
     assert summary["specificity_p"].between(0.25, 1).all() and summary["n_own"].between(1, 10).all()
     null = pd.read_csv(run_dir / "causal" / "patching" / "null.csv")
     assert len(null) == 6 and not set(null["feature_id"]) & set(summary["target"])
+
+
+def test_trace_stage_traces_into_a_deeper_run_and_names_bad_targets(trained, runs_dir):
+    """The small run's layer-2 SAE traced into a layer-3 run of the same model and data (few steps)."""
+    from sae4scfm.causal.tracing import trace_features
+    from tests.conftest import SMALL_RUN
+
+    cfg, run_dir, *_ = trained
+    deep = sae4scfm.train(sae4scfm.compose("train", [*SMALL_RUN, f"runs_dir={runs_dir}", "experiment=small_l3",
+                                                     "sae.target_layer=3", "train.n_epochs=1",
+                                                     f"buffer.store_dir={cfg.buffer.store_dir}"]))
+    address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
+    edges = trace_features(sae4scfm.compose("trace", [*address, f"tracing.targets=[small_l3/{deep.name}]",
+                                                      "tracing.n_cells=6", "tracing.features=[1,2,3,4,5]",
+                                                      "tracing.n_perm=63", "tracing.chunk=2"]))
+    assert set(edges["source"]) <= {1, 2, 3, 4, 5} and set(edges["target_layer"]) == {3}
+    assert (run_dir / "causal" / "tracing" / "edges.csv").is_file()
+    assert edges["p"].min() >= 1 / 64
+    with pytest.raises(InputError, match="tracing.targets is empty"):
+        trace_features(sae4scfm.compose("trace", address))

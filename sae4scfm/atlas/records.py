@@ -5,7 +5,7 @@ Everything a feature page shows is read from what the earlier stages wrote (READ
 and ``features/token_features.h5ad`` (tokens x features), ``analysis/results_long.parquet`` (label AUROCs,
 top genes, best sets, modules, cross-layer matches), ``analysis/enrichment.csv`` (significant Fisher tests),
 ``analysis/gene_scores.parquet`` (per-token gene statistics), ``analysis/coactivation_pairs.csv`` and
-``analysis/cross_layer.csv``; ``<run>/causal/{steering,ablation,edges}.csv`` when a causal run wrote them.
+``analysis/cross_layer.csv``; the causal commands' tables (``sae4scfm.causal.RESULT_TABLES``) when they ran.
 Absent analyses give empty lists / null. :class:`AtlasRun` loads a run once and streams records
 (:meth:`AtlasRun.records`): per-feature rows are kept as sorted numpy slices, never as all records at once.
 
@@ -36,7 +36,6 @@ DEFAULTS = {"max_cells": 20000, "umap_neighbors": 15, "svd_components": 30, "lay
             "top_genes": 20, "firing_genes": 10, "top_cells": 10, "cell_genes": 8, "histogram_bins": 30,
             "neighbours": 10, "decoder_neighbours_max": 20000, "label_min_auroc": 0.75, "auroc_labels": 12,
             "seed": 0}
-CAUSAL_FILES = ("steering", "ablation", "edges")  # <run>/causal/<name>.csv, rows naming a feature
 
 
 def run_id_of(run_dir: Path) -> str:
@@ -472,29 +471,22 @@ class AtlasRun:
         return genes
 
     def _causal_tables(self):
-        """``causal(f) -> {steering, ablation, edges}`` from ``<run>/causal/<name>.csv`` (rows whose ``feature``
-        column, or ``source``/``target`` for edges, is f); None when no causal file exists."""
+        """``causal(f) -> {steering, patching, edges}``: the rows of each causal command's table
+        (``sae4scfm.causal.RESULT_TABLES``: path under ``<run>/causal/`` and the column naming this run's
+        feature) that are about f; None when no causal command has run."""
+        from sae4scfm.causal import RESULT_TABLES
+
         tables = {}
-        for name in CAUSAL_FILES:
-            t = _read_csv(self.run_dir / "causal" / f"{name}.csv")
-            if t is not None:
-                tables[name] = t
+        for name, (path, column) in RESULT_TABLES.items():
+            t = _read_csv(self.run_dir / "causal" / path)
+            if t is not None and column in t:
+                tables[name] = (t, column)
         if not tables:
             return None
 
         def causal(f: int) -> dict:
-            out = {}
-            for name in CAUSAL_FILES:
-                t = tables.get(name)
-                if t is None:
-                    out[name] = []
-                    continue
-                cols = [c for c in ("feature", "source", "target") if c in t]
-                sel = np.zeros(len(t), bool)
-                for c in cols:
-                    sel |= t[c].to_numpy() == f
-                out[name] = json.loads(t[sel].to_json(orient="records"))
-            return out
+            return {name: json.loads(t[t[column].to_numpy() == f].to_json(orient="records"))
+                    for name, (t, column) in tables.items()}
 
         return causal
 

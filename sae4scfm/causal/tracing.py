@@ -194,3 +194,35 @@ def higher_order_ablation(adapter: ScFMAdapter, sae: SAE, layer: int, batch: Bat
         rows.append({"features": " ".join(map(str, s)), "joint": effect[s], "sum_of_singles": singles,
                      "additivity": effect[s] / singles if singles else np.nan, "interaction": interaction})
     return pd.DataFrame(rows)
+
+
+def trace_features(cfg) -> pd.DataFrame:
+    """``scripts/trace_circuits.py``: trace the run ``sae_checkpoint`` (source layer) into the SAEs of the runs
+    ``tracing.targets`` (``experiment/timestamp`` of the same model and data at deeper layers) on
+    ``tracing.n_cells`` eval cells; writes ``<run>/causal/tracing/{edges.csv, hubs.csv, trace.json, parts/}``."""
+    from sae4scfm.causal.run import open_causal_run
+    from sae4scfm.runs import resolve_run_dir
+    from sae4scfm.saes.base import load_sae
+
+    t = cfg.tracing
+    ctx = open_causal_run(cfg, "tracing")
+    if not t.targets:
+        raise InputError("tracing.targets is empty; give the downstream runs, e.g. tracing.targets=[demo/Jan29-10-00].")
+    targets = {}
+    for address in t.targets:
+        experiment, _, stamp = str(address).partition("/")
+        run_dir = resolve_run_dir(cfg.runs_dir, experiment, stamp or "latest")
+        sae, sae_cfg = load_sae(run_dir, ctx.adapter.device)
+        if sae_cfg["d_in"] != ctx.sae.d_in or sae_cfg.get("model") != ctx.run.sae_cfg.get("model"):
+            raise InputError(f"tracing.targets: {run_dir} is an SAE of another model ({sae_cfg.get('model_family')}, "
+                             f"d_in {sae_cfg['d_in']}); trace runs of the same model.")
+        targets[int(sae_cfg["layer"])] = sae
+    cells = ctx.eval_tokens(int(t.n_cells), np.random.default_rng(int(t.seed)))
+    batch = cells.collate(np.arange(len(cells)))
+    features = [int(j) for j in t.features] if t.features is not None else None
+    edges = trace_circuit(ctx.adapter, ctx.sae, ctx.layer, targets, batch, ctx.run.run_dir / "causal" / "tracing",
+                          features=features, pool=t.pool, n_perm=int(t.n_perm), per_forward=int(t.per_forward),
+                          chunk=int(t.chunk), seed=int(t.seed))
+    sig = edges[edges["q"] < float(t.fdr)] if len(edges) else edges
+    print(f"{len(edges)} edges tested, {len(sig)} with q < {t.fdr}; wrote {ctx.run.run_dir}/causal/tracing/edges.csv")
+    return edges

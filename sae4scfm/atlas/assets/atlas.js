@@ -158,7 +158,7 @@
         <div class="card"><h2>Decoder neighbours</h2>${table([["feature", (x) => featureLink(x.feature_id)], ["cosine", (x) => fmt(x.cosine), true]], f.decoder_neighbours)}</div>
         <div class="card" id="cross-layer"><h2>Cross-layer matches</h2>${table([["feature", crossLink], ["by", (x) => esc(x.by || "")],
           ["cosine", (x) => fmt(x.cosine), true], ["Jaccard", (x) => fmt(x.jaccard), true]], f.cross_layer)}</div>
-        <div class="card"><h2>Causal effects</h2>${f.causal ? ["steering", "ablation", "edges"].map((k) => `<h3>${k}</h3>${recordsTable(f.causal[k])}`).join("") : '<p class="muted">no causal run</p>'}</div>
+        <div class="card"><h2>Causal effects</h2>${f.causal ? Object.keys(f.causal).map((k) => `<h3>${k}</h3>${recordsTable(f.causal[k])}`).join("") : '<p class="muted">no causal run</p>'}</div>
       </div>`;
     const act = new Float64Array(cells.n);
     f.cell_activations.index.forEach((p, i) => { act[p] = f.cell_activations.value[i]; });
