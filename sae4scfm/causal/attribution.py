@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from sae4scfm.causal.interventions import Intervention, stack_batch, stacked_run
+from sae4scfm.causal.interventions import Intervention, clean_prefix, stack_batch, stacked_run
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
@@ -100,14 +100,16 @@ def attribute(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: 
 def exact_ablation(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: Batch, metric: Metric,
                    features: list[int] | np.ndarray, *, per_forward: int = 16) -> torch.Tensor:
     """Measured zero-ablation effect of each of ``features`` on ``metric`` per cell: [B, len(features)],
-    ``per_forward`` ablations stacked in each forward (error_preserving, every gene token)."""
+    ``per_forward`` ablations stacked in each forward (error_preserving, every gene token), each forward
+    starting from the cached clean residual stream at ``hook_point``."""
     batch = batch.to(adapter.device)
     clean = metric(adapter.run(batch))
+    prefix = clean_prefix(adapter, hook_point, batch)
     cols = []
     features = [int(j) for j in features]
     for start in range(0, len(features), per_forward):
         chunk = features[start:start + per_forward]
-        out = stacked_run(adapter, sae, hook_point, batch, [Intervention((j,), "zero") for j in chunk])
+        out = stacked_run(adapter, sae, hook_point, batch, [Intervention((j,), "zero") for j in chunk], prefix=prefix)
         E, B = len(chunk), len(batch.cell_index)
         m = metric({k: v.reshape(E * B, *v.shape[2:]) for k, v in out.items()}).reshape(E, B)
         cols.append((m - clean[None]).T)

@@ -18,6 +18,7 @@ Only the union U of the features any intervention touches is edited, so the work
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -158,13 +159,33 @@ def latent_edit(sae: SAE, interventions: Sequence[Intervention], gene_ids: torch
     return fn
 
 
+def resid_layer(hook_point: HookPointName) -> int | None:
+    """The residual-stream layer of ``hook_point`` (an int, or ``resid.{l}``); None for attn/mlp hook points."""
+    if isinstance(hook_point, int) and not isinstance(hook_point, bool):
+        return hook_point
+    name = str(hook_point)
+    return int(name.split(".", 1)[1]) if name.startswith("resid.") else None
+
+
+def clean_prefix(adapter: ScFMAdapter, hook_point: HookPointName, batch: Batch) -> torch.Tensor | None:
+    """The batch's clean residual stream at ``hook_point`` [B, T, d] for ``stacked_run(prefix=...)`` (None
+    where the hook point is not on the residual stream)."""
+    layer = resid_layer(hook_point)
+    return None if layer is None else adapter.capture(batch, [layer])[layer]
+
+
 def stacked_run(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: Batch,
-                interventions: Sequence[Intervention], *, mode: str = "error_preserving") -> dict[str, torch.Tensor]:
+                interventions: Sequence[Intervention], *, mode: str = "error_preserving",
+                prefix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The model's outputs under each intervention, in one forward: {output: [E, B, ...]} for
     E = len(interventions) and the B cells of ``batch``; ``hook_point`` is where the SAE reads
-    (a residual-stream layer number or a hook point name)."""
+    (a residual-stream layer number or a hook point name). ``prefix`` [B, T, d] (``clean_prefix``): the
+    batch's clean residual stream there, so the forward runs only the blocks after it."""
     E, B = len(interventions), len(batch.cell_index)
     stacked = stack_batch(batch, E)
-    with adapter.intervene(hook_point, latent_edit(sae, interventions, stacked.gene_ids, mode=mode)):
+    with ExitStack() as stack:
+        if prefix is not None:
+            stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix.repeat(E, 1, 1)))
+        stack.enter_context(adapter.intervene(hook_point, latent_edit(sae, interventions, stacked.gene_ids, mode=mode)))
         out = adapter.run(stacked)
     return {k: v.reshape(E, B, *v.shape[1:]) for k, v in out.items()}

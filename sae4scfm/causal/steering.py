@@ -17,7 +17,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from sae4scfm.analysis.primitives import bh_fdr
-from sae4scfm.causal.interventions import Intervention, latent_edit, stacked_run
+from sae4scfm.causal.interventions import Intervention, clean_prefix, latent_edit, stacked_run
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
@@ -114,12 +114,13 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             batch = batch.to(adapter.device)
             B = len(batch.cell_index)
             clean = adapter.run(batch)
+            prefix = clean_prefix(adapter, hook_point, batch)
             output = output or default_output(clean)
             base = readout(clean, output, batch.gene_ids)
             ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
             for start in range(0, E, per_forward):
                 chunk = interventions[start:start + per_forward]
-                out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode)
+                out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode, prefix=prefix)
                 for c in range(len(chunk)):
                     e = start + c
                     steered = {k: v[c] for k, v in out.items()}

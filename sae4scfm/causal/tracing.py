@@ -55,19 +55,22 @@ def pooled_codes(h: torch.Tensor, gene_mask: torch.Tensor, sae: SAE, pool: str =
 def edge_deltas(adapter: ScFMAdapter, source: SAE, source_layer: int, targets: dict[int, SAE], batch: Batch,
                 features: Sequence[int], *, pool: str = "mean", per_forward: int = 16) -> dict[int, np.ndarray]:
     """{target layer: Δ [len(features), B, d_sae of that layer]}: the change of each cell's pooled target
-    code when each source feature is zero-ablated (``per_forward`` ablations stacked per forward)."""
+    code when each source feature is zero-ablated (``per_forward`` ablations stacked per forward, each
+    forward starting from the cached clean state at the source layer)."""
     batch = batch.to(adapter.device)
     layers = sorted(targets)
     if any(layer <= source_layer for layer in layers):
         raise InputError(f"tracing: target layers {layers} must be downstream of the source layer {source_layer}.")
-    clean_h = adapter.capture(batch, layers)
+    clean_h = adapter.capture(batch, [source_layer, *layers])
     clean = {layer: pooled_codes(clean_h[layer], batch.gene_mask, targets[layer], pool) for layer in layers}
     out = {layer: [] for layer in layers}
     features = [int(j) for j in features]
     for start in range(0, len(features), per_forward):
         chunk = features[start:start + per_forward]
         stacked = stack_batch(batch, len(chunk))
-        with adapter.intervene(source_layer, latent_edit(source, [Intervention((j,), "zero") for j in chunk])):
+        edit = latent_edit(source, [Intervention((j,), "zero") for j in chunk])
+        with adapter.starting_at(source_layer, clean_h[source_layer].repeat(len(chunk), 1, 1)), \
+                adapter.intervene(source_layer, edit):
             h = adapter.capture(stacked, layers)
         for layer in layers:
             codes = pooled_codes(h[layer], stacked.gene_mask, targets[layer], pool)

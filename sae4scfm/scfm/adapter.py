@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sae4scfm.errors import InputError
-from sae4scfm.scfm.hooks import HookPoint, acting
+from sae4scfm.scfm.hooks import HookPoint, acting, resuming
 from sae4scfm.scfm.tokens import Batch, TokenizedCells
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,19 @@ class ScFMAdapter:
             except _StopForward:
                 pass
         return {key: captured[name] for key, name in names.items()}
+
+    @contextmanager
+    def starting_at(self, layer: int, h: torch.Tensor) -> Iterator[None]:
+        """Within the context (this thread only), every forward takes ``h`` [B, T, d] (e.g. from ``capture``
+        of the same batch) as its residual stream at ``layer`` and skips the blocks before it: "run from
+        layer l" on cached inputs. Interventions at ``layer`` or later still apply (to ``h`` first)."""
+        with resuming(self.model.hook_resid, self.check_layer(layer, "layer"), h):
+            yield
+
+    def run_from(self, layer: int, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's outputs on ``batch`` whose residual stream at ``layer`` is ``h`` [B, T, d]."""
+        with self.starting_at(layer, h.to(self.device)):
+            return self.run(batch)
 
     @contextmanager
     def intervene(self, hook_point: HookPointName,

@@ -46,3 +46,29 @@ def acting(point: HookPoint, fn: Action) -> Iterator[None]:
         yield
     finally:
         _ACTIONS.reset(token)
+
+
+# A forward may start from a cached residual stream: ``resuming(hook_resid, l, h)`` makes the model whose
+# residual hook points are ``hook_resid`` take ``h`` [B, T, d] as its layer-l state and skip blocks 1..l
+# (the embedding itself is still computed where other heads need it). Actions at hook points at or after l
+# still apply; the cached state passes through hook_resid[l] first.
+_RESUME: ContextVar[tuple] = ContextVar("sae4scfm_resume", default=())
+
+
+@contextmanager
+def resuming(hook_resid: nn.ModuleList, layer: int, h: torch.Tensor) -> Iterator[None]:
+    """Within the context (this thread only), forwards of the model owning ``hook_resid`` start at ``layer``
+    from ``h``."""
+    token = _RESUME.set((hook_resid, int(layer), h))
+    try:
+        yield
+    finally:
+        _RESUME.reset(token)
+
+
+def resume_point(hook_resid: nn.ModuleList) -> tuple[int, torch.Tensor | None]:
+    """(layer, cached state) a model's forward starts from: (0, None) unless inside ``resuming``."""
+    state = _RESUME.get()
+    if state and state[0] is hook_resid:
+        return state[1], state[2]
+    return 0, None

@@ -31,6 +31,7 @@ from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import ScFMAdapter
 from sae4scfm.scfm.aido_cell.model import AIDOCellConfig, AIDOCellModel, load_aido_cell_checkpoint
 from sae4scfm.scfm.aido_cell.preprocess import DEPTH_TOKENS, AIDOCellTokens, model_genes, tokenize_cells
+from sae4scfm.scfm.hooks import resume_point, resuming
 from sae4scfm.scfm.tokens import Batch
 
 STORE_GENES = ("expressed", "all")
@@ -133,16 +134,29 @@ class AIDOCellAdapter(ScFMAdapter):
                                                          batch.gene_mask, batch.cell_index)))
                 for start in range(0, n_cells, size)]
 
+    def _by_chunk(self, batch: Batch, fn) -> dict[str, torch.Tensor]:
+        """``fn(chunk)`` for each chunk of ``batch``, concatenated; a cached residual stream of ``starting_at``
+        is cut into the same chunks."""
+        start, cached = resume_point(self.model.hook_resid)
+        parts, offset = [], 0
+        for chunk in self.chunks(batch):
+            n = len(chunk.cell_index)
+            if cached is None:
+                parts.append(fn(chunk))
+            else:
+                with resuming(self.model.hook_resid, start, cached[offset:offset + n]):
+                    parts.append(fn(chunk))
+            offset += n
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
     def run(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Outputs of ``batch``, computed chunk by chunk (interventions see each chunk's gene mask)."""
-        parts = [super(AIDOCellAdapter, self).run(chunk) for chunk in self.chunks(batch)]
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        return self._by_chunk(batch, super(AIDOCellAdapter, self).run)
 
     @torch.inference_mode()
     def capture(self, batch: Batch, hook_points: list) -> dict:
         """Activations {hook point: [B, T, d]} (``ScFMAdapter.capture``), captured chunk by chunk."""
-        parts = [super(AIDOCellAdapter, self).capture(chunk, hook_points) for chunk in self.chunks(batch)]
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        return self._by_chunk(batch, lambda chunk: super(AIDOCellAdapter, self).capture(chunk, hook_points))
 
     @torch.no_grad()
     def output_loss(self, batch: Batch, generator: torch.Generator) -> tuple[float, int]:

@@ -41,7 +41,7 @@ from torch import nn
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
 from sae4scfm.scfm.attention import attend
-from sae4scfm.scfm.hooks import HookPoint
+from sae4scfm.scfm.hooks import HookPoint, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +253,13 @@ class AIDOCellModel(nn.Module):
         Returns ``hidden`` [B, T, d] (final-normed encoder output) and ``pred`` [B, T]
         (the expression head's value at every position).
         """
-        x = self.bert.gene_embedding(values) + self.bert.position_embedding(positions)
-        x = self.hook_resid[0](x, gene_mask)
-        for layer, hook in zip(self.blocks, self.hook_resid[1:]):
-            x = hook(layer(x, padding_mask, gene_mask), gene_mask)
+        start, cached = resume_point(self.hook_resid)
+        if cached is None:
+            cached = self.bert.gene_embedding(values) + self.bert.position_embedding(positions)
+        x = self.hook_resid[start](cached, gene_mask)
+        for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
+            if layer > start:
+                x = hook(block(x, padding_mask, gene_mask), gene_mask)
         hidden = self.bert.encoder.ln(x)
         return {"hidden": hidden, "pred": self.cls["predictions"](hidden)}
 

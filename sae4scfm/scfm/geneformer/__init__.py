@@ -179,9 +179,12 @@ class GeneformerAdapter(ScFMAdapter):
         return (hidden * weights).sum(1) / weights.sum(1)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``logits`` [B, T, vocab] and ``cell_emb`` [B, d]."""
+        """``logits`` [B, T, vocab] and ``cell_emb`` [B, d] (read at layer ``emb_hidden_layer``, so a forward
+        started after that layer by ``starting_at`` has no ``cell_emb``)."""
         layer = self.emb_hidden_layer
         out = self.model(batch.gene_ids, batch.padding_mask, keep=(layer,), gene_mask=batch.gene_mask)
+        if layer not in out["hidden"]:
+            return {"logits": out["logits"]}
         return {"logits": out["logits"], "cell_emb": self.cell_embedding(out["hidden"][layer], batch.gene_mask)}
 
     def mask_tokens(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

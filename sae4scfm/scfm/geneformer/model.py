@@ -32,7 +32,7 @@ from torch import nn
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
 from sae4scfm.scfm.attention import attend
-from sae4scfm.scfm.hooks import HookPoint
+from sae4scfm.scfm.hooks import HookPoint, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +239,15 @@ class GeneformerModel(nn.Module):
             raise InputError(f"{token_ids.shape[1]} tokens exceed max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; lower scfm.model_input_size.")
         keep, hidden = set(keep), {}
-        x = self.hook_resid[0](self.bert.embeddings(token_ids), gene_mask)
-        if 0 in keep:
-            hidden[0] = x
+        start, cached = resume_point(self.hook_resid)
+        x = self.hook_resid[start](self.bert.embeddings(token_ids) if cached is None else cached, gene_mask)
+        if start in keep:
+            hidden[start] = x
         for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
-            x = hook(block(x, padding_mask, gene_mask), gene_mask)
-            if layer in keep:
-                hidden[layer] = x
+            if layer > start:
+                x = hook(block(x, padding_mask, gene_mask), gene_mask)
+                if layer in keep:
+                    hidden[layer] = x
         logits = self.cls.predictions(x if predict is None else x[predict])
         return {"logits": logits, "hidden": hidden}
 

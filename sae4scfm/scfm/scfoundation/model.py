@@ -46,7 +46,7 @@ from torch import nn
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
 from sae4scfm.scfm.attention import PackedSelfAttention
-from sae4scfm.scfm.hooks import HookPoint
+from sae4scfm.scfm.hooks import HookPoint, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -346,9 +346,12 @@ class ScFoundationModel(nn.Module):
         (padding plus masked tokens, i.e. tokens whose value is ``mask_token_id``); ``gene_mask``
         [B, T] goes to the hook points."""
         hidden_pad = padding_mask | (values == self.cfg.mask_token_id)
-        x = self.hook_resid[0](self.token_emb(values) + self.pos_emb(gene_ids), gene_mask)
-        for block, hook in zip(self.blocks, self.hook_resid[1:]):
-            x = hook(block(x, padding_mask=hidden_pad, gene_mask=gene_mask), gene_mask)
+        start, cached = resume_point(self.hook_resid)
+        x = self.hook_resid[start](self.token_emb(values) + self.pos_emb(gene_ids) if cached is None else cached,
+                                   gene_mask)
+        for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
+            if layer > start:
+                x = hook(block(x, padding_mask=hidden_pad, gene_mask=gene_mask), gene_mask)
         return self.encoder.norm(x), hidden_pad
 
     def cell_embedding(self, x: torch.Tensor, gene_ids: torch.Tensor, hidden_pad: torch.Tensor) -> torch.Tensor:

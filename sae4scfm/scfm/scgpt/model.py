@@ -33,7 +33,7 @@ from torch import nn
 from sae4scfm.errors import InputError
 from sae4scfm.scfm.adapter import load_official_state
 from sae4scfm.scfm.attention import PackedSelfAttention
-from sae4scfm.scfm.hooks import HookPoint
+from sae4scfm.scfm.hooks import HookPoint, resume_point
 from sae4scfm.scfm.tokens import Batch
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,11 @@ class ScGPTModel(nn.Module):
         and ``mvc_zero_probs`` [B, T], ``cls_output`` [B, n_cls] cell-type logits.
         """
         x, gene_embs = self.embed(gene_ids, values)
-        x = self.hook_resid[0](x, gene_mask)
-        for layer, hook in zip(self.blocks, self.hook_resid[1:]):
-            x = hook(layer(x, padding_mask, gene_mask), gene_mask)
+        start, cached = resume_point(self.hook_resid)
+        x = self.hook_resid[start](x if cached is None else cached, gene_mask)
+        for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
+            if layer > start:
+                x = hook(block(x, padding_mask, gene_mask), gene_mask)
         cell_emb = x[:, 0, :]
         mlm = self.decoder(x)
         out = {"mlm": mlm["pred"], "cell_emb": cell_emb}
