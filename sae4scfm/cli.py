@@ -1,5 +1,6 @@
 """Hydra entry points (also installed as ``sae4scfm-train``, ``sae4scfm-features``, ``sae4scfm-analyze``,
 ``sae4scfm-steer``, ``sae4scfm-patch``, ``sae4scfm-trace``,
+``sae4scfm-contrast``,
 ``sae4scfm-benchmark-integration``).
 
 Bad input (``InputError``) is reported as one line on stderr with exit status 2.
@@ -82,6 +83,13 @@ def trace_main(cfg: DictConfig) -> None:
     from sae4scfm.causal.tracing import trace_features
 
     _report_input_errors(trace_features, cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="contrast", version_base="1.3")
+def contrast_main(cfg: DictConfig) -> None:
+    from sae4scfm.causal.contrastive import contrast_features
+
+    _report_input_errors(contrast_features, cfg)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")
