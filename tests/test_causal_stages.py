@@ -188,3 +188,41 @@ def test_trace_stage_traces_into_a_deeper_run_and_names_bad_targets(trained, run
     assert edges["p"].min() >= 1 / 64
     with pytest.raises(InputError, match="tracing.targets is empty"):
         trace_features(sae4scfm.compose("trace", address))
+
+
+def test_scaled_edit_is_the_identity_at_one_and_ablation_at_zero(trained):
+    from sae4scfm.causal.contrastive import scaled_edit
+
+    _, _, adapter, sae, tokens, layer = trained
+    batch = tokens.collate(np.arange(4))
+    with torch.no_grad():
+        clean = adapter.run(batch)
+        with adapter.intervene(layer, scaled_edit(sae, torch.ones(sae.d_sae))):
+            same = adapter.run(batch)
+        alpha = torch.ones(sae.d_sae)
+        alpha[[3, 9]] = 0.0
+        with adapter.intervene(layer, scaled_edit(sae, alpha)):
+            scaled = adapter.run(batch)
+        with adapter.intervene(layer, latent_edit(sae, [Intervention((3, 9), "zero")])):
+            ablated = adapter.run(batch)
+    for key in clean:
+        torch.testing.assert_close(same[key], clean[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scaled[key], ablated[key], atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trained, runs_dir):
+    from sae4scfm.causal.contrastive import contrast_features
+
+    _, run_dir, *_ = trained
+    address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
+    summary = contrast_features(sae4scfm.compose("contrast", [
+        *address, "contrastive.source=CD14+ Monocyte", "contrastive.target=CD19+ B", "contrastive.n_cells=12",
+        "contrastive.steps=25", "contrastive.null_draws=3", "contrastive.lr=0.1"]))
+    assert summary["n_recruited"] > 0
+    assert summary["fitted_closer_fraction"] > 0.5  # the fitted alpha moves most held-out cells toward the target
+    assert 0.25 <= summary["p_closer_fraction"] <= 1
+    alpha = pd.read_csv(run_dir / "causal" / "contrastive" / "alpha.csv")
+    assert len(alpha) == summary["n_recruited"] and (alpha["alpha"] != 1).all()
+    with pytest.raises(InputError, match="Martian"):
+        contrast_features(sae4scfm.compose("contrast", [*address, "contrastive.source=Martian",
+                                                        "contrastive.target=CD19+ B"]))

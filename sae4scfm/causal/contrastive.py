@@ -112,7 +112,7 @@ def fit_contrastive(adapter: ScFMAdapter, sae: SAE, layer: int, source: Tokenize
             opt.zero_grad()
             loss.backward()
             opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     a = alpha.detach().cpu().numpy().astype(np.float64)
     a[np.abs(a - 1) < tol] = 1.0
     moved = np.flatnonzero(a != 1.0)
