@@ -195,6 +195,42 @@ def test_label_index_uses_the_auroc_threshold(demo):
     assert ranked == sorted(ranked, reverse=True)
 
 
+def test_label_words_are_indexed(demo):
+    """``monocyte`` lists the features listed under ``cd14+ monocyte`` (and the other monocyte labels)."""
+    site = demo["site"]
+    _, manifest = read_js(site / "data" / "manifest.js")
+    n = manifest["search"]["label"]
+    shard = {k: read_js(site / "data" / "search" / "label" / f"{shard_of(k, n)}.js")[1] for k in
+             ("monocyte", "cd14+ monocyte", "cd14")}
+    full = set(shard["cd14+ monocyte"]["cd14+ monocyte"])
+    assert full and full <= set(shard["monocyte"]["monocyte"]) and full <= set(shard["cd14"]["cd14"])
+
+
+def test_a_run_without_a_layer_is_an_input_error(demo, tmp_path):
+    from sae4scfm.atlas.records import AtlasRun
+    from sae4scfm.errors import InputError
+
+    run_dir = tmp_path / "exp" / "stamp"
+    run_dir.mkdir(parents=True)
+    cfg = json.loads((demo["dirs"][1] / "cfg.json").read_text())
+    del cfg["layer"]
+    (run_dir / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"exp/stamp/cfg\.json: no integer `layer`"):
+        AtlasRun(run_dir)
+
+
+def test_a_one_feature_layer_map_is_padded_to_two_axes(demo, monkeypatch):
+    from sae4scfm.atlas.build import layer_map_payload
+    from sae4scfm.atlas.records import AtlasRun
+
+    run = AtlasRun(demo["dirs"][1])
+    W = run.decoder()[:1]
+    monkeypatch.setattr(run, "decoder", lambda: W)
+    run.n_features = 1
+    d = layer_map_payload(run, {"colour": ["unlabelled"], "hover": ["#0"], "density": [0.1]})
+    assert (d["x"], d["y"], d["method"], d["colour"]) == ([0.0], [0.0], "pca", [0])
+
+
 def test_records_stream_in_index_order_with_the_ids_of_the_site(demo):
     run_dir = demo["dirs"][1]
     it = feature_records(run_dir, {"top_cells": 3})

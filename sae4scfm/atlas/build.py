@@ -79,14 +79,14 @@ def _records_written(run: AtlasRun, site: Path, search: dict, summary: dict) -> 
                     mininterval=2.0):
         write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
         scores = {"gene": {g["gene"].lower(): g["score"] if g["score"] is not None else 1.0 for g in rec["top_genes"]},
-                  "label": {a["label"].lower(): a["auroc"] for a in rec["label_auroc"]},
-                  "term": {}}
+                  "label": {}, "term": {}}
         for g in rec["firing_genes"]:
             scores["gene"].setdefault(g["gene"].lower(), (g["freq"] or 0.0) - 1.0)  # after the top genes
-        for e in rec["enrichment"]:
-            s = -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300))
-            for k in [e["term"].lower(), *_words(e["term"])]:
-                scores["term"][k] = max(scores["term"].get(k, -1.0), s)
+        for kind, text, s in [("term", e["term"], -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300)))
+                              for e in rec["enrichment"]] + \
+                             [("label", a["label"], a["auroc"]) for a in rec["label_auroc"] if a["auroc"] is not None]:
+            for k in [text.lower(), *_words(text)]:  # a term / label and each of its words: its best score
+                scores[kind][k] = max(scores[kind].get(k, -1.0), s)
         for kind, keys in search_terms(rec, min_auroc).items():
             for k in keys:
                 search[kind][k].append((scores[kind].get(k, 0.0), rec["id"]))

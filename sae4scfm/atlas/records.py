@@ -13,8 +13,8 @@ Search rule (the gene index of the site): a feature is listed under a gene when 
 ``top_genes`` (gene scoring's adaptive top genes, at most ``atlas.top_genes``) or in its ``firing_genes``
 (the genes whose tokens it fires on most often, gene scoring's ``top_token_genes``, at most
 ``atlas.firing_genes``); under a term when the term is enriched (FDR < the analysis's ``max_fdr``), and
-under each of its words; under a label when the label is among its ``atlas.auroc_labels`` best labels with
-AUROC >= ``atlas.label_min_auroc`` - see :func:`search_terms`.
+under each of its words; under a label (and each of its words) when the label is among its
+``atlas.auroc_labels`` best labels with AUROC >= ``atlas.label_min_auroc`` - see :func:`search_terms`.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ class AtlasRun:
             raise InputError(f"{self.run_dir}: not a run dir (no cfg.json); address a trained run with "
                              "sae_checkpoint.experiment / sae_checkpoint.timestamp or atlas.runs=[exp/stamp].")
         self.cfg = json.loads((self.run_dir / "cfg.json").read_text())
+        self.layer = self.cfg.get("layer")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise InputError(f"{self.run_dir / 'cfg.json'}: no integer `layer` (got {self.layer!r}); the atlas names "
+                             "features <run>/L<layer>/<index>: retrain the run, or add the SAE's layer to cfg.json.")
         eval_file = self.run_dir / "eval.json"
         self.eval = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
         self.run = open_run(self.run_dir)
@@ -134,7 +138,6 @@ class AtlasRun:
         self.n_features = int(self.features.n_vars)
         self.n_cells = int(self.features.n_obs)
         self.run_id = run_id_of(self.run_dir)
-        self.layer = self.cfg.get("layer")
         data = self.cfg.get("dataset") or {}
         self.dataset = data.get("name")
         self.cell_type_key = data.get("cell_type_key")
@@ -301,7 +304,9 @@ class AtlasRun:
             return embed_2d(W, 0, int(self.opts["umap_neighbors"]), int(self.opts["seed"])), "umap"
         W = W - W.mean(0)
         _, _, vt = np.linalg.svd(W[:: max(1, len(W) // 20000)], full_matrices=False)
-        return W @ vt[:2].T, "pca"
+        xy = np.zeros((len(W), 2), np.float32)  # fewer than 2 axes (1 feature, d_in 1): the rest stay 0
+        xy[:, : min(2, len(vt))] = W @ vt[:2].T
+        return xy, "pca"
 
     def decoder_neighbours(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Each feature's nearest decoder directions by cosine ([n, k] indices, [n, k] cosines), or None
@@ -510,14 +515,18 @@ def search_terms(record: dict, min_auroc: float) -> dict[str, set[str]]:
     """What the site's search indexes list this feature under, by kind (lower-cased keys):
     gene: its top genes and firing genes; term: each enriched term (FDR below the analysis's max_fdr)
     and each word of it; label: each label of its ``label_auroc`` (its ``atlas.auroc_labels`` best) with
-    AUROC >= ``min_auroc``."""
+    AUROC >= ``min_auroc``, and each word of it (``monocyte`` finds ``CD14+ Monocyte``)."""
     genes = {g["gene"].lower() for g in record["top_genes"]} | {g["gene"].lower() for g in record["firing_genes"]}
     terms = set()
     for e in record["enrichment"]:
         t = e["term"].lower()
         terms.add(t)
         terms.update(w for w in _words(t))
-    labels = {a["label"].lower() for a in record["label_auroc"] if a["auroc"] is not None and a["auroc"] >= min_auroc}
+    labels = set()
+    for a in record["label_auroc"]:
+        if a["auroc"] is not None and a["auroc"] >= min_auroc:
+            labels.add(a["label"].lower())
+            labels.update(_words(a["label"]))
     return {"gene": genes, "term": terms, "label": labels}
 
 

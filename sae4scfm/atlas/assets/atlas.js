@@ -184,13 +184,13 @@
     document.getElementById("search-kind").value = kind;
     const m = await manifest();
     const n = (m.search || {})[kind] || 1;
-    const words = kind === "term" ? (q.toLowerCase().match(/[0-9a-z]+/g) || []) : [q.toLowerCase()];
+    const words = kind !== "gene" ? (q.toLowerCase().match(/[0-9a-z]+/g) || []) : [q.toLowerCase()];
     const key = q.toLowerCase();
     let hits = [];
     const lookup = async (k) => (await load(`search/${kind}/${shardOf(k, n)}`, `data/search/${kind}/${shardOf(k, n)}.js`))[k] || [];
     const exact = await lookup(key);
-    if (exact.length || kind !== "term" || words.length < 2) hits = exact;
-    else {  // a term query of several words: features indexed under every word
+    if (exact.length || kind === "gene" || words.length < 2) hits = exact;
+    else {  // a term / label query of several words: features indexed under every word
       const lists = await Promise.all(words.map(lookup));
       const common = lists.reduce((a, b) => a.filter((x) => b.includes(x)));
       hits = common;
