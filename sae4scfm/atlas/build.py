@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -331,7 +332,7 @@ def build_atlas(cfg: DictConfig) -> Path:
             raise InputError("atlas.serve=true needs sae4scfm.atlas.server, not in this version; open "
                              f"{site / 'index.html'} from disk instead.") from None
         server, url = serve(site, host=str(cfg.atlas.host), port=int(cfg.atlas.port))
-        print(f"serving {site} at {url} (Ctrl-C stops)")
+        print(f"serving {site} at {url} (Ctrl-C stops)", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -340,8 +341,13 @@ def build_atlas(cfg: DictConfig) -> Path:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="atlas", version_base="1.3")
-def atlas_main(cfg: DictConfig) -> None:
-    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``."""
+def _hydra_main(cfg: DictConfig) -> None:
     _report_input_errors(build_atlas, cfg)
+
+
+def atlas_main() -> None:
+    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``: Hydra overrides; ``--serve`` is ``atlas.serve=true``."""
+    sys.argv[1:] = ["atlas.serve=true" if a == "--serve" else a for a in sys.argv[1:]]
+    _hydra_main()
 
 

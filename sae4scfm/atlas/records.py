@@ -542,9 +542,12 @@ def feature_records(run_dir: Path, options: Mapping | None = None) -> Iterator[d
     yield from AtlasRun(run_dir, options).records()
 
 
+EXACT_KNN_MAX = 20000  # embed_2d: exact kNN (sklearn, brute force) up to this many rows, UMAP's own search above
+
+
 def embed_2d(X, svd_components: int, n_neighbors: int, seed: int) -> np.ndarray:
-    """[n, 2] layout of the rows of ``X``: TruncatedSVD to ``svd_components`` (0 = none), then UMAP;
-    fewer than 5 rows are placed by their first two SVD axes."""
+    """[n, 2] layout of the rows of ``X``: TruncatedSVD to ``svd_components`` (0 = none), then UMAP (euclidean;
+    kNN graph exact up to :data:`EXACT_KNN_MAX` rows); fewer than 5 rows are placed by their first two SVD axes."""
     from sklearn.decomposition import TruncatedSVD
 
     n = X.shape[0]
@@ -556,7 +559,19 @@ def embed_2d(X, svd_components: int, n_neighbors: int, seed: int) -> np.ndarray:
         out = np.zeros((n, 2), np.float32)
         out[:, : min(2, X.shape[1])] = X[:, :2]
         return out
-    import umap
+    import warnings
 
-    return umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed,
-                     n_components=2, n_jobs=1, init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    k = max(2, min(n_neighbors, n - 1))
+    knn = (None, None, None)
+    if n <= EXACT_KNN_MAX:
+        # exact kNN by sklearn (each row's first neighbour is itself, as UMAP's own search returns): UMAP
+        # then skips its numba-compiled neighbour search, about half its time in a fresh process
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
+        knn = (idx, dist.astype(np.float32), None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # no .transform needed
+        return umap.UMAP(n_neighbors=k, random_state=seed, n_components=2, n_jobs=1, precomputed_knn=knn,
+                         init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
