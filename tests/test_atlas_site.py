@@ -261,6 +261,31 @@ def test_build_atlas_command_reports_a_missing_run(demo, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_build_atlas_command_serves_the_site_with_dash_dash_serve(demo, tmp_path):
+    import re
+    import urllib.request
+
+    run_dir = demo["dirs"][1]
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "build_atlas.py"), f"runs_dir={demo['runs']}",
+                             f"sae_checkpoint.experiment={run_dir.parent.name}",
+                             f"sae_checkpoint.timestamp={run_dir.name}", f"atlas.out={tmp_path / 'site'}",
+                             "atlas.export=false", "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        lines = []
+        for line in proc.stdout:  # the build's lines, then "serving <site> at <url> (Ctrl-C stops)"
+            lines.append(line)
+            if m := re.search(r"serving .* at (http://127\.0\.0\.1:\d+/)", line):
+                break
+        assert m, "".join(lines[-20:])
+        with urllib.request.urlopen(m.group(1) + "index.html", timeout=10) as r:
+            assert r.status == 200 and r.read() == (tmp_path / "site" / "index.html").read_bytes()
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_build_passes_every_record_to_the_export_when_it_exists(demo, tmp_path, monkeypatch):
     import types
 

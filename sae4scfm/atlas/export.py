@@ -52,8 +52,10 @@ def _list(items: dict) -> dict:
     return {"type": "array", "items": items}
 
 
-def _object(properties: dict) -> dict:
-    return {"type": "object", "required": list(properties), "properties": properties, "additionalProperties": False}
+def _object(properties: dict, optional: tuple[str, ...] = ()) -> dict:
+    """A JSON Schema object of exactly these properties, all required but ``optional``."""
+    return {"type": "object", "required": [k for k in properties if k not in optional], "properties": properties,
+            "additionalProperties": False}
 
 
 # JSON Schemas written from the upstream examples (docs/atlas.md cites them): the field names and
@@ -62,7 +64,7 @@ def _object(properties: dict) -> dict:
 SAEDASHBOARD_ACTIVATION_SCHEMA = _object({
     "bin_min": _num, "bin_max": _num, "bin_contains": _num, "tokens": _list(_str), "values": _list(_num),
     "qualifying_token_index": _int, "dfa_values": _list(_num), "dfa_maxValue": _num, "dfa_targetIndex": _int,
-})
+}, optional=("dfa_values", "dfa_maxValue", "dfa_targetIndex"))  # upstream writes dfa_* only when computed
 SAEDASHBOARD_FEATURE_SCHEMA = _object({
     "feature_index": _int,
     "neuron_alignment_indices": _list(_int), "neuron_alignment_values": _list(_num),
@@ -116,7 +118,8 @@ def neuronpedia_feature(record: Mapping, *, n_prompts_total: int = 0, n_tokens_i
     its top genes and gene scores (the genes it stands for, where a language model's dashboard lists
     the tokens it promotes); one "activation" per top cell: tokens = the genes where it fires in that
     cell, values = their activations, bin_max = the feature's max activation, bin_min = bin_contains
-    = -1 (upstream's marker of the top-activations group), qualifying_token_index = argmax of values.
+    = -1 (upstream's marker of the top-activations group), qualifying_token_index = argmax of values; the
+    optional dfa_* fields (direct feature attribution) are left out.
     n_prompts_total: cells the statistics ran on; n_tokens_in_prompt: gene tokens read per cell.
     Lists with no single-cell counterpart (logit histogram, neuron alignment, correlations) are empty.
     """
@@ -135,8 +138,7 @@ def neuronpedia_feature(record: Mapping, *, n_prompts_total: int = 0, n_tokens_i
             "bin_contains": -1,
             "tokens": [str(g["gene"]) for g in genes], "values": values,
             "qualifying_token_index": max(range(len(values)), key=values.__getitem__) if values else -1,
-            "dfa_values": [], "dfa_maxValue": 0, "dfa_targetIndex": -1,
-        })
+        })  # no dfa_* fields: upstream omits them where no direct feature attribution was computed
     top_genes = record.get("top_genes") or []
     density = (record.get("density") or {}).get("cells")
     return {
