@@ -146,6 +146,17 @@ def test_atlas_in_headless_chromium(browser, demo):  # browser first: a missing 
     expect(page.locator("h1")).to_contain_text(f"Feature {target.rsplit('/', 1)[1]} · {run_id_of(dirs[1])}")
     _shot(page, artifacts, "cross_layer")
 
+    # causal tables: a circuit edge of a layer-1 feature links to its target, whose page lists the edge coming in
+    src, dst = f"{run_id_of(dirs[1])}/L1/3", f"{run_id_of(dirs[2])}/L2/7"
+    page.evaluate(f"location.hash = '#/feature/{src}'")
+    _wait(page, "feature", f"#/feature/{src}")
+    expect(page.locator("#causal-edges tbody tr")).to_have_count(2)
+    page.click(f"#causal-edges a[href='#/feature/{dst}']")
+    _wait(page, "feature", f"#/feature/{dst}")
+    expect(page.locator("#causal-incoming_edges")).to_contain_text(src)
+    expect(page.locator("#causal-steering tbody tr")).to_have_count(2)
+    _shot(page, artifacts, "causal")
+
     # the layer map and the flow render too
     page.evaluate(f"location.hash = '#/layer/{run_id_of(run_dir)}'")
     _wait(page, "layer")

@@ -46,9 +46,26 @@ def build_demo_site(tmp_path_factory) -> dict:
         sae4scfm.analyze_features(sae4scfm.compose("analyze", [
             *_address(runs, dirs[layer]), *[f"analysis.run_{a}=true" for a in ANALYSES],
             "analysis.gene_sets=[markers]", f"analysis.cross_layer_runs=[{other.parent.name}/{other.name}]"]))
+    _write_causal_tables(dirs)
     site = build_site([dirs[layer] for layer in LAYERS], root / "site", {})
     _BUILT.update(runs=runs, dirs=dirs, site=site)
     return _BUILT
+
+
+# hand-written causal tables (the columns of sae4scfm.causal's writers): steering and patching of layer-2
+# features, circuit edges from layer-1 features into layer 2 (in the site) and layer 5 (not in it)
+CAUSAL_EDGES = [(3, 2, 7, 0.5, 0.01), (3, 2, 9, -0.25, 0.2), (4, 5, 1, 1.5, 0.001)]  # source, target_layer, target,
+CAUSAL_STEERING = [(7, 2.0, 0.8), (7, 4.0, 1.6), (8, 2.0, -0.1)]  # effect, q / target, alpha, effect
+
+
+def _write_causal_tables(dirs) -> None:
+    tracing = dirs[1] / "causal" / "tracing"
+    tracing.mkdir(parents=True)
+    pd.DataFrame(CAUSAL_EDGES, columns=["source", "target_layer", "target", "effect", "q"]).to_csv(
+        tracing / "edges.csv", index=False)
+    steering = dirs[2] / "causal" / "steering"
+    steering.mkdir(parents=True)
+    pd.DataFrame(CAUSAL_STEERING, columns=["target", "alpha", "effect"]).to_csv(steering / "steering.csv", index=False)
 
 
 def _address(runs, run_dir):
@@ -158,6 +175,21 @@ def test_records_equal_the_runs_numbers(demo):
     assert [e["term"] for e in rec["enrichment"]] == want["gene_set"].tolist()
     assert rec["enrichment"][0]["genes"] == want["overlap_genes"].iloc[0].split(";")
     assert rec["explanation"].endswith(f"markers: {want['gene_set'].iloc[0]} (FDR {rec['enrichment'][0]['fdr']:.1g})")
+
+
+def test_causal_tables_on_feature_pages_with_incoming_edges_linked(demo):
+    site, dirs = demo["site"], demo["dirs"]
+    src, dst = run_id_of(dirs[1]), run_id_of(dirs[2])
+    out = _record(site, dirs[1], 3)["causal"]
+    assert [(e["target_layer"], e["target"], e["effect"], e["target_id"]) for e in out["edges"]] == [
+        (2, 7, 0.5, f"{dst}/L2/7"), (2, 9, -0.25, f"{dst}/L2/9")]
+    assert _record(site, dirs[1], 4)["causal"]["edges"][0]["target_id"] is None  # layer 5: not in the site
+    assert _record(site, dirs[1], 5)["causal"] == {"edges": []}
+    into = _record(site, dirs[2], 7)["causal"]
+    assert into["incoming_edges"] == [{"source_id": f"{src}/L1/3", "effect": 0.5, "q": 0.01}]
+    assert [(r["alpha"], r["effect"]) for r in into["steering"]] == [(2.0, 0.8), (4.0, 1.6)]
+    assert _record(site, dirs[2], 8)["causal"] == {"steering": [{"target": 8, "alpha": 2.0, "effect": -0.1}],
+                                                  "incoming_edges": []}
 
 
 def test_search_index_lists_a_feature_under_a_gene_exactly_when_it_is_a_top_or_firing_gene(demo):

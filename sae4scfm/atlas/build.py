@@ -26,7 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, search_terms
+from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, link_causal_edges, search_terms
 from sae4scfm.cli import CONFIG_DIR, _report_input_errors
 from sae4scfm.errors import InputError
 
@@ -265,10 +265,13 @@ def build_site(run_dirs: list[Path], out_dir: Path, options: Mapping | None = No
         copy_assets(tmp)
         search = {k: defaultdict(list) for k in SEARCH_KINDS}
         runs, colours, entries, exports = {}, {}, [], {}
+        site_runs = []
         for run_dir in run_dirs:
-            run = AtlasRun(run_dir, options)
-            if run.run_id in runs:
+            site_runs.append(AtlasRun(run_dir, options))
+            if site_runs[-1].run_id in {r.run_id for r in site_runs[:-1]}:
                 raise InputError(f"{run_dir} is listed twice in atlas.runs.")
+        link_causal_edges(site_runs)
+        for run in site_runs:
             summary = {"colour": [], "hover": [], "density": []}
             exports[run.run_id] = _export(_records_written(run, tmp, search, summary), tmp / "export",
                                           run.manifest_entry(), bool(options.get("export", True)))

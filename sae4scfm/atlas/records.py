@@ -65,8 +65,22 @@ def _num(x, digits: int = 5):
 
 
 def _nums(values, digits: int = 5) -> list:
-    """``_num`` of every element of a float array (NaN/inf -> None)."""
-    return [_num(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
+    """``_num`` of every element of a float array (NaN/inf -> None), vectorised: the integer of ``digits``
+    significant digits divided (or multiplied) by an exact power of ten is the double nearest the decimal."""
+    x = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(x) & (x != 0)
+    out = np.zeros_like(x)
+    v = x[ok]
+    e = (digits - 1 - np.floor(np.log10(np.abs(v)))).astype(np.int64)
+    pos = e >= 0
+    p = 10.0 ** np.abs(e)
+    out[ok] = np.where(pos, np.round(v * np.where(pos, p, 1.0)) / np.where(pos, p, 1.0),
+                       np.round(v / np.where(pos, 1.0, p)) * np.where(pos, 1.0, p))
+    lst = out.tolist()
+    if not ok.all():
+        for i in np.flatnonzero(~np.isfinite(x)).tolist():
+            lst[i] = None
+    return lst
 
 
 def _histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +162,8 @@ class AtlasRun:
         self.analysis_dir = self.run_dir / "analysis"
         self.long = self._read_long()
         self._cell_layout: CellLayout | None = None
+        self.edge_runs: dict[int, str] = {}  # circuit edges: target layer -> the site's run of it (link_causal_edges)
+        self.incoming: dict[int, list[dict]] = {}  # feature -> circuit edges into it from the site's runs
 
     # ---- metadata ------------------------------------------------------------------------------------
     def feature_id(self, index: int) -> str:
@@ -475,25 +491,65 @@ class AtlasRun:
 
         return genes
 
+    def causal_table(self, name: str) -> tuple[pd.DataFrame, str] | None:
+        """(table, the column naming this run's feature) of causal command ``name`` (``sae4scfm.causal.RESULT_TABLES``:
+        steering / patching / edges, under ``<run>/causal/``), None when it has not run."""
+        from sae4scfm.causal import RESULT_TABLES
+
+        path, column = RESULT_TABLES[name]
+        t = _read_csv(self.run_dir / "causal" / path)
+        return (t, column) if t is not None and column in t else None
+
     def _causal_tables(self):
-        """``causal(f) -> {steering, patching, edges}``: the rows of each causal command's table
-        (``sae4scfm.causal.RESULT_TABLES``: path under ``<run>/causal/`` and the column naming this run's
-        feature) that are about f; None when no causal command has run."""
+        """``causal(f) -> {steering, patching, edges, incoming_edges}``: the rows of each causal table about f
+        (edges: with ``target_id``, the target's feature id when its run is in the site, else null) and the
+        circuit edges into f from the site's runs (``incoming_edges``, with ``source_id``); None when no causal
+        command has run on this run and no edge comes in."""
         from sae4scfm.causal import RESULT_TABLES
 
         tables = {}
-        for name, (path, column) in RESULT_TABLES.items():
-            t = _read_csv(self.run_dir / "causal" / path)
-            if t is not None and column in t:
-                tables[name] = (t, column)
-        if not tables:
+        for name in RESULT_TABLES:
+            found = self.causal_table(name)
+            if found is not None:
+                t, column = found
+                tables[name] = {int(k): json.loads(g.to_json(orient="records")) for k, g in t.groupby(column)}
+        if not tables and not self.incoming:
             return None
+        for row in (r for rows in tables.get("edges", {}).values() for r in rows):
+            run_id = self.edge_runs.get(int(row["target_layer"]))
+            row["target_id"] = None if run_id is None else feature_id_of(run_id, row["target_layer"], row["target"])
 
         def causal(f: int) -> dict:
-            return {name: json.loads(t[t[column].to_numpy() == f].to_json(orient="records"))
-                    for name, (t, column) in tables.items()}
+            out = {name: rows.get(f, []) for name, rows in tables.items()}
+            if self.incoming:
+                out["incoming_edges"] = self.incoming.get(f, [])
+            return out
 
         return causal
+
+
+def link_causal_edges(runs: list[AtlasRun]) -> None:
+    """Resolve the circuit edges (``causal/tracing/edges.csv``: source feature, target_layer, target) among the
+    site's runs: an edge's target run is the first run of the site at ``target_layer`` deeper than the source
+    of the same model (``cfg.json`` model); sets each run's ``edge_runs`` and the targets' ``incoming``
+    (rows with ``source_id`` and the edge's statistics)."""
+    for run in runs:
+        run.edge_runs, run.incoming = {}, {}
+        for other in runs:
+            if other is not run and other.layer > run.layer and other.cfg.get("model") == run.cfg.get("model"):
+                run.edge_runs.setdefault(other.layer, other.run_id)
+    by_id = {r.run_id: r for r in runs}
+    for run in runs:
+        found = run.causal_table("edges")
+        if found is None:
+            continue
+        t, column = found
+        for row in json.loads(t.to_json(orient="records")):
+            target = by_id.get(run.edge_runs.get(int(row["target_layer"]), ""))
+            if target is not None:
+                target.incoming.setdefault(int(row["target"]), []).append(
+                    {"source_id": run.feature_id(row[column]),
+                     **{k: v for k, v in row.items() if k not in (column, "target_layer", "target")}})
 
 
 def explanation(record: dict, min_auroc: float) -> str | None:
