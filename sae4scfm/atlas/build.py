@@ -26,6 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sae4scfm.atlas.export import DumpedRecord
 from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, link_causal_edges, search_terms
 from sae4scfm.cli import CONFIG_DIR, _report_input_errors
 from sae4scfm.errors import InputError
@@ -46,12 +47,14 @@ def shard_of(key: str, n_shards: int) -> int:
     return h % n_shards
 
 
-def write_js(path: Path, key: str, payload, mkdir: bool = True) -> None:
-    """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN)."""
+def write_js(path: Path, key: str, payload, mkdir: bool = True) -> str:
+    """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN); returns the payload's JSON text."""
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    path.write_text(f"window.atlasData({json.dumps(key)},{body});\n", encoding="utf-8")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"window.atlasData({json.dumps(key)},{body});\n")
+    return body
 
 
 def copy_assets(site: Path) -> None:
@@ -78,7 +81,8 @@ def _records_written(run: AtlasRun, site: Path, search: dict, summary: dict) -> 
     folder.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(run.records(), total=run.n_features, desc=f"atlas {run.run_id}", unit="feature",
                     mininterval=2.0):
-        write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
+        rec = DumpedRecord(rec)
+        rec.json = write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
         scores = {"gene": {g["gene"].lower(): g["score"] if g["score"] is not None else 1.0 for g in rec["top_genes"]},
                   "label": {}, "term": {}}
         for g in rec["firing_genes"]:

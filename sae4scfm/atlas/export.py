@@ -211,6 +211,13 @@ def dumps(obj, where: str) -> str:
                          "missing number as null") from None
 
 
+class DumpedRecord(dict):
+    """A feature record with its strict JSON text already made (``.json``, one line, no NaN): the atlas build
+    dumps each record once for its page file and the export writes that text as is."""
+
+    json: str
+
+
 class _RunExport:
     """The files of one run's export, written into a temp folder renamed into place by ``finish``."""
 
@@ -222,7 +229,7 @@ class _RunExport:
         (self.tmp / SAEDASHBOARD_DIR).mkdir()
         (self.tmp / NEURONPEDIA_DIR).mkdir()
         shutil.copyfile(SCHEMA_FILE, self.tmp / SCHEMA_FILE.name)
-        self.features = gzip.open(self.tmp / FEATURES_JSONL, "wt", compresslevel=1)
+        self.features = gzip.open(self.tmp / FEATURES_JSONL, "wt", compresslevel=1, encoding="utf-8")
         self.explanations = open(self.tmp / NEURONPEDIA_DIR / EXPLANATIONS_JSONL, "w")
         self.model_id = model_id or slug(first.get("model") or "scfm")
         self.layer = int(first["layer"])
@@ -241,7 +248,8 @@ class _RunExport:
         if int(record["layer"]) != self.layer:
             raise InputError(f"{where}: layer {record['layer']} differs from layer {self.layer} of the run's "
                              f"other records; one run has one layer")
-        self.features.write(dumps(record, where) + "\n")
+        text = record.json if isinstance(record, DumpedRecord) else dumps(record, where)
+        self.features.write(text + "\n")
         self.batch.append(neuronpedia_feature(record, n_prompts_total=self.n_prompts_total,
                                               n_tokens_in_prompt=self.n_tokens_in_prompt))
         if record.get("explanation"):
@@ -326,7 +334,7 @@ def export_run(records: Iterable[Mapping], out_dir: Path, *, runs: Iterable[Mapp
 
 def read_records(run_export_dir: Path) -> Iterable[dict]:
     """Stream the records of one run's export (``<out_dir>/<run_id>/features.jsonl.gz``)."""
-    with gzip.open(Path(run_export_dir) / FEATURES_JSONL, "rt") as f:
+    with gzip.open(Path(run_export_dir) / FEATURES_JSONL, "rt", encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
 

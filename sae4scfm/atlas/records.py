@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from sae4scfm.errors import InputError
 
 SCHEMA = "sae4scfm.atlas.feature/1"
-DEFAULTS = {"max_cells": 20000, "umap_neighbors": 15, "svd_components": 30, "layer_map_umap_max": 20000,
+DEFAULTS = {"max_cells": 100_000, "umap_neighbors": 15, "svd_components": 30, "layer_map_umap_max": 20000,
             "top_genes": 20, "firing_genes": 10, "top_cells": 10, "cell_genes": 8, "histogram_bins": 30,
             "neighbours": 10, "decoder_neighbours_max": 20000, "label_min_auroc": 0.75, "auroc_labels": 12,
             "seed": 0}
