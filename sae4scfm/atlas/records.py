@@ -65,9 +65,12 @@ def _num(x, digits: int = 5):
 
 
 def _nums(values, digits: int = 5) -> list:
-    """``_num`` of every element of a float array (NaN/inf -> None), vectorised: the integer of ``digits``
-    significant digits divided (or multiplied) by an exact power of ten is the double nearest the decimal."""
+    """``_num`` of every element of a float array (NaN/inf -> None), vectorised for long arrays: the integer of
+    ``digits`` significant digits divided (or multiplied) by an exact power of ten is the double nearest the
+    decimal, as ``round`` gives."""
     x = np.asarray(values, dtype=np.float64)
+    if x.size < 64:  # numpy's per-call overhead exceeds the scalar loop's
+        return [_num(v, digits) for v in x.tolist()]
     ok = np.isfinite(x) & (x != 0)
     out = np.zeros_like(x)
     v = x[ok]
@@ -161,6 +164,7 @@ class AtlasRun:
         self.X = sp.csc_matrix(self.features.X, dtype=np.float32)  # [cells, features], per-feature columns
         self.analysis_dir = self.run_dir / "analysis"
         self.long = self._read_long()
+        self._long_groups: dict | None = None  # (analysis, metric) -> row positions of results_long
         self._cell_layout: CellLayout | None = None
         self.edge_runs: dict[int, str] = {}  # circuit edges: target layer -> the site's run of it (link_causal_edges)
         self.incoming: dict[int, list[dict]] = {}  # feature -> circuit edges into it from the site's runs
@@ -192,20 +196,27 @@ class AtlasRun:
 
     def column(self, analysis: str, metric: str, label_key=None, label=None, text: bool = False) -> np.ndarray | None:
         """One per-feature column of results_long [n_features] (value, or text when ``text``), None if absent."""
-        t = self.long
-        sel = (t["analysis"] == analysis) & (t["metric"] == metric)
-        sel &= t["label_key"].isna() if label_key is None else t["label_key"] == label_key
-        sel &= t["label"].isna() if label is None else t["label"] == label
+        t = self._long_rows(analysis, metric)
+        sel = t["label_key"].isna() if label_key is None else t["label_key"] == label_key
+        sel = sel & (t["label"].isna() if label is None else t["label"] == label)
         rows = t[sel]
         if rows.empty:
             return None
         s = rows.set_index("feature_id")["text" if text else "value"]
         return s.reindex(range(self.n_features)).to_numpy()
 
+    def _long_rows(self, analysis: str, metric: str) -> pd.DataFrame:
+        """The rows of results_long of one (analysis, metric): the table is grouped once (string compares over
+        millions of rows per column would dominate a 100k-feature build)."""
+        if self._long_groups is None:
+            self._long_groups = self.long.groupby(["analysis", "metric"], sort=False).indices
+        idx = self._long_groups.get((analysis, metric))
+        return self.long.iloc[idx] if idx is not None else self.long.iloc[:0]
+
     def label_aurocs(self) -> tuple[list[tuple[str, str]], np.ndarray]:
         """Label scoring's one-vs-rest AUROCs: [(label_key, label)] and [n_features, n_labels] (NaN if absent)."""
-        t = self.long[(self.long["analysis"] == "label_scoring") & (self.long["metric"] == "auroc")
-                      & self.long["label"].notna()]
+        t = self._long_rows("label_scoring", "auroc")
+        t = t[t["label"].notna()]
         if t.empty:
             return [], np.zeros((self.n_features, 0))
         wide = t.pivot_table(index="feature_id", columns=["label_key", "label"], values="value", aggfunc="first")
