@@ -3,7 +3,7 @@
 Steps and what is reported:
   run       ``sae4scfm.atlas.synthetic.synthetic_run`` (``--features`` x ``--cells``, planted cell-type
             features; not part of the bars); ``--run-dir`` reuses a run made before.
-  build     wall time of ``build_site([run], out)`` (site + Neuronpedia/SAEDashboard export), the site's
+  build     wall and CPU time of ``build_site([run], out)`` (site + Neuronpedia/SAEDashboard export), the site's
             size on disk and file count (bar: < 120 s).
   browser   real headless Chromium (``/usr/bin/chromium`` driven by Playwright): wall time from
             ``page.goto(file://…/index.html)`` until the overview has rendered (``body[data-ready=1]``)
@@ -95,16 +95,18 @@ def main(argv=None) -> int:
               f"({run_dir})")
     truth = json.loads((run_dir / "synthetic.json").read_text())
     site = args.out or work / "atlas"
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if args.no_build:
         if args.out is None:
             p.error("--no-build needs --out (the built site)")
     else:
         build_site([run_dir], site, {})
     build_s = 0.0 if args.no_build else time.perf_counter() - t
+    build_cpu_s = 0.0 if args.no_build else time.process_time() - cpu
     size, n_files = site_size(site)
     export_size, export_files = site_size(site / "export") if (site / "export").is_dir() else (0, 0)
-    print(f"build: {truth['n_features']} features in {build_s:.1f} s{' (not rebuilt)' if args.no_build else ''} (bar < {BUILD_BAR_S:.0f} s); site "
+    print(f"build: {truth['n_features']} features in {build_s:.1f} s wall, {build_cpu_s:.1f} s CPU"
+          f"{' (not rebuilt)' if args.no_build else ''} (bar < {BUILD_BAR_S:.0f} s); site "
           f"{size / 2**20:.1f} MiB in {n_files} files (export {export_size / 2**20:.1f} MiB in {export_files} files)")
 
     run_id = f"{run_dir.parent.name}--{run_dir.name}"

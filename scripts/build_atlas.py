@@ -1,7 +1,7 @@
 """The feature atlas (`sae4scfm.atlas.build`, config/atlas.yaml):
 
     python scripts/build_atlas.py sae_checkpoint.experiment=E sae_checkpoint.timestamp=T [atlas.out=DIR]
-    python scripts/build_atlas.py 'atlas.runs=[E1/T1,E2/latest]' [atlas.serve=true]
+    python scripts/build_atlas.py 'atlas.runs=[E1/T1,E2/latest]' [--serve | atlas.serve=true]
 """
 
 from sae4scfm.atlas.build import atlas_main

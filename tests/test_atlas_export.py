@@ -114,6 +114,39 @@ def test_upstream_schema_rejects_wrong_names_and_types(tmp_path):
         export.validate_export(tmp_path / RUN)
 
 
+# The keys of upstream's to_dict(), copied from SAEDashboard (github.com/jbloomAus/SAEDashboard) at commit
+# 234ea3211ce7dbf84d101c4e8bfe844c3903b16a, sae_dashboard/neuronpedia/neuronpedia_dashboard.py:
+# NeuronpediaDashboardBatch / NeuronpediaDashboardFeature / NeuronpediaDashboardActivation.to_dict;
+# Activation writes the dfa_* keys only when they are not None.
+UPSTREAM_BATCH_KEYS = ["model_id", "layer", "sae_set", "features"]
+UPSTREAM_FEATURE_KEYS = [
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
+    "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson", "neg_str",
+    "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
+    "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+    "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations"]
+UPSTREAM_ACTIVATION_KEYS = ["bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"]
+UPSTREAM_ACTIVATION_OPTIONAL = ["dfa_values", "dfa_maxValue", "dfa_targetIndex"]
+
+
+def test_upstream_schema_has_upstreams_keys_and_dfa_is_optional(tmp_path):
+    batch = export.SAEDASHBOARD_BATCH_SCHEMA
+    feature = export.SAEDASHBOARD_FEATURE_SCHEMA
+    act = export.SAEDASHBOARD_ACTIVATION_SCHEMA
+    assert (list(batch["properties"]), batch["required"]) == (UPSTREAM_BATCH_KEYS, UPSTREAM_BATCH_KEYS)
+    assert sorted(feature["properties"]) == sorted(feature["required"]) == sorted(UPSTREAM_FEATURE_KEYS)
+    assert sorted(act["properties"]) == sorted(UPSTREAM_ACTIVATION_KEYS + UPSTREAM_ACTIVATION_OPTIONAL)
+    assert sorted(act["required"]) == sorted(UPSTREAM_ACTIVATION_KEYS)
+    validator = jsonschema.Draft202012Validator(batch)
+    export.export_run([make_record(0)], tmp_path)
+    ours = batches(tmp_path / RUN)[0]
+    assert validator.is_valid(ours) and sorted(ours["features"][0]["activations"][0]) == sorted(UPSTREAM_ACTIVATION_KEYS)
+    with_dfa = copy.deepcopy(ours)  # upstream's output with direct feature attribution computed
+    with_dfa["features"][0]["activations"][0].update(dfa_values=[0.1, 0.2], dfa_maxValue=0.2, dfa_targetIndex=1)
+    assert validator.is_valid(with_dfa)
+
+
 def test_record_schema(tmp_path):
     schema = json.loads(export.SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)

@@ -16,7 +16,8 @@ SECRET = b"secret outside the site"
 
 @pytest.fixture()
 def site(tmp_path):
-    """tmp/site/{index.html, data/a b.js, sub/index.html, out -> ../outside} and tmp/outside/secret.txt."""
+    """tmp/site/{index.html, data/a b.js, sub/index.html, out -> ../outside, link.txt and linked/index.html ->
+    ../outside/secret.txt} and tmp/outside/secret.txt."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_bytes(SECRET)
@@ -30,6 +31,8 @@ def site(tmp_path):
     (root / "empty").mkdir()
     os.symlink(outside, root / "out")
     os.symlink(outside / "secret.txt", root / "link.txt")
+    (root / "linked").mkdir()
+    os.symlink(outside / "secret.txt", root / "linked" / "index.html")  # a folder whose index.html points out
     server, url = serve(root)
     yield server, root
     server.shutdown()
@@ -88,6 +91,8 @@ def test_head_has_no_body(site):
     "/../site-secret.txt",
     "/out/secret.txt",  # a symlinked folder pointing out
     "/link.txt",  # a symlinked file pointing out
+    "/linked/",  # a folder whose index.html is a symlink pointing out
+    "/linked",
     "/index.html%00.js",
     "/%ff%fe",  # not UTF-8
     "http://x/../outside/secret.txt",

@@ -46,9 +46,26 @@ def build_demo_site(tmp_path_factory) -> dict:
         sae4scfm.analyze_features(sae4scfm.compose("analyze", [
             *_address(runs, dirs[layer]), *[f"analysis.run_{a}=true" for a in ANALYSES],
             "analysis.gene_sets=[markers]", f"analysis.cross_layer_runs=[{other.parent.name}/{other.name}]"]))
+    _write_causal_tables(dirs)
     site = build_site([dirs[layer] for layer in LAYERS], root / "site", {})
     _BUILT.update(runs=runs, dirs=dirs, site=site)
     return _BUILT
+
+
+# hand-written causal tables (the columns of sae4scfm.causal's writers): steering and patching of layer-2
+# features, circuit edges from layer-1 features into layer 2 (in the site) and layer 5 (not in it)
+CAUSAL_EDGES = [(3, 2, 7, 0.5, 0.01), (3, 2, 9, -0.25, 0.2), (4, 5, 1, 1.5, 0.001)]  # source, target_layer, target,
+CAUSAL_STEERING = [(7, 2.0, 0.8), (7, 4.0, 1.6), (8, 2.0, -0.1)]  # effect, q / target, alpha, effect
+
+
+def _write_causal_tables(dirs) -> None:
+    tracing = dirs[1] / "causal" / "tracing"
+    tracing.mkdir(parents=True)
+    pd.DataFrame(CAUSAL_EDGES, columns=["source", "target_layer", "target", "effect", "q"]).to_csv(
+        tracing / "edges.csv", index=False)
+    steering = dirs[2] / "causal" / "steering"
+    steering.mkdir(parents=True)
+    pd.DataFrame(CAUSAL_STEERING, columns=["target", "alpha", "effect"]).to_csv(steering / "steering.csv", index=False)
 
 
 def _address(runs, run_dir):
@@ -160,6 +177,21 @@ def test_records_equal_the_runs_numbers(demo):
     assert rec["explanation"].endswith(f"markers: {want['gene_set'].iloc[0]} (FDR {rec['enrichment'][0]['fdr']:.1g})")
 
 
+def test_causal_tables_on_feature_pages_with_incoming_edges_linked(demo):
+    site, dirs = demo["site"], demo["dirs"]
+    src, dst = run_id_of(dirs[1]), run_id_of(dirs[2])
+    out = _record(site, dirs[1], 3)["causal"]
+    assert [(e["target_layer"], e["target"], e["effect"], e["target_id"]) for e in out["edges"]] == [
+        (2, 7, 0.5, f"{dst}/L2/7"), (2, 9, -0.25, f"{dst}/L2/9")]
+    assert _record(site, dirs[1], 4)["causal"]["edges"][0]["target_id"] is None  # layer 5: not in the site
+    assert _record(site, dirs[1], 5)["causal"] == {"edges": []}
+    into = _record(site, dirs[2], 7)["causal"]
+    assert into["incoming_edges"] == [{"source_id": f"{src}/L1/3", "effect": 0.5, "q": 0.01}]
+    assert [(r["alpha"], r["effect"]) for r in into["steering"]] == [(2.0, 0.8), (4.0, 1.6)]
+    assert _record(site, dirs[2], 8)["causal"] == {"steering": [{"target": 8, "alpha": 2.0, "effect": -0.1}],
+                                                  "incoming_edges": []}
+
+
 def test_search_index_lists_a_feature_under_a_gene_exactly_when_it_is_a_top_or_firing_gene(demo):
     site, dirs = demo["site"], demo["dirs"]
     _, manifest = read_js(site / "data" / "manifest.js")
@@ -195,6 +227,42 @@ def test_label_index_uses_the_auroc_threshold(demo):
     assert ranked == sorted(ranked, reverse=True)
 
 
+def test_label_words_are_indexed(demo):
+    """``monocyte`` lists the features listed under ``cd14+ monocyte`` (and the other monocyte labels)."""
+    site = demo["site"]
+    _, manifest = read_js(site / "data" / "manifest.js")
+    n = manifest["search"]["label"]
+    shard = {k: read_js(site / "data" / "search" / "label" / f"{shard_of(k, n)}.js")[1] for k in
+             ("monocyte", "cd14+ monocyte", "cd14")}
+    full = set(shard["cd14+ monocyte"]["cd14+ monocyte"])
+    assert full and full <= set(shard["monocyte"]["monocyte"]) and full <= set(shard["cd14"]["cd14"])
+
+
+def test_a_run_without_a_layer_is_an_input_error(demo, tmp_path):
+    from sae4scfm.atlas.records import AtlasRun
+    from sae4scfm.errors import InputError
+
+    run_dir = tmp_path / "exp" / "stamp"
+    run_dir.mkdir(parents=True)
+    cfg = json.loads((demo["dirs"][1] / "cfg.json").read_text())
+    del cfg["layer"]
+    (run_dir / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"exp/stamp/cfg\.json: no integer `layer`"):
+        AtlasRun(run_dir)
+
+
+def test_a_one_feature_layer_map_is_padded_to_two_axes(demo, monkeypatch):
+    from sae4scfm.atlas.build import layer_map_payload
+    from sae4scfm.atlas.records import AtlasRun
+
+    run = AtlasRun(demo["dirs"][1])
+    W = run.decoder()[:1]
+    monkeypatch.setattr(run, "decoder", lambda: W)
+    run.n_features = 1
+    d = layer_map_payload(run, {"colour": ["unlabelled"], "hover": ["#0"], "density": [0.1]})
+    assert (d["x"], d["y"], d["method"], d["colour"]) == ([0.0], [0.0], "pca", [0])
+
+
 def test_records_stream_in_index_order_with_the_ids_of_the_site(demo):
     run_dir = demo["dirs"][1]
     it = feature_records(run_dir, {"top_cells": 3})
@@ -223,6 +291,31 @@ def test_build_atlas_command_reports_a_missing_run(demo, tmp_path):
                            f"atlas.out={tmp_path / 'x'}"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "layer9" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_build_atlas_command_serves_the_site_with_dash_dash_serve(demo, tmp_path):
+    import re
+    import urllib.request
+
+    run_dir = demo["dirs"][1]
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "build_atlas.py"), f"runs_dir={demo['runs']}",
+                             f"sae_checkpoint.experiment={run_dir.parent.name}",
+                             f"sae_checkpoint.timestamp={run_dir.name}", f"atlas.out={tmp_path / 'site'}",
+                             "atlas.export=false", "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        lines = []
+        for line in proc.stdout:  # the build's lines, then "serving <site> at <url> (Ctrl-C stops)"
+            lines.append(line)
+            if m := re.search(r"serving .* at (http://127\.0\.0\.1:\d+/)", line):
+                break
+        assert m, "".join(lines[-20:])
+        with urllib.request.urlopen(m.group(1) + "index.html", timeout=10) as r:
+            assert r.status == 200 and r.read() == (tmp_path / "site" / "index.html").read_bytes()
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_build_passes_every_record_to_the_export_when_it_exists(demo, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +26,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, search_terms
+from sae4scfm.atlas.export import DumpedRecord
+from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, link_causal_edges, search_terms
 from sae4scfm.cli import CONFIG_DIR, _report_input_errors
 from sae4scfm.errors import InputError
 
@@ -45,12 +47,14 @@ def shard_of(key: str, n_shards: int) -> int:
     return h % n_shards
 
 
-def write_js(path: Path, key: str, payload, mkdir: bool = True) -> None:
-    """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN)."""
+def write_js(path: Path, key: str, payload, mkdir: bool = True) -> str:
+    """``path`` := ``window.atlasData(key, payload);`` (JSON, no NaN); returns the payload's JSON text."""
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    path.write_text(f"window.atlasData({json.dumps(key)},{body});\n", encoding="utf-8")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"window.atlasData({json.dumps(key)},{body});\n")
+    return body
 
 
 def copy_assets(site: Path) -> None:
@@ -77,16 +81,17 @@ def _records_written(run: AtlasRun, site: Path, search: dict, summary: dict) -> 
     folder.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(run.records(), total=run.n_features, desc=f"atlas {run.run_id}", unit="feature",
                     mininterval=2.0):
-        write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
+        rec = DumpedRecord(rec)
+        rec.json = write_js(folder / f"{rec['index']}.js", f"feature/{rec['id']}", rec, mkdir=False)
         scores = {"gene": {g["gene"].lower(): g["score"] if g["score"] is not None else 1.0 for g in rec["top_genes"]},
-                  "label": {a["label"].lower(): a["auroc"] for a in rec["label_auroc"]},
-                  "term": {}}
+                  "label": {}, "term": {}}
         for g in rec["firing_genes"]:
             scores["gene"].setdefault(g["gene"].lower(), (g["freq"] or 0.0) - 1.0)  # after the top genes
-        for e in rec["enrichment"]:
-            s = -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300))
-            for k in [e["term"].lower(), *_words(e["term"])]:
-                scores["term"][k] = max(scores["term"].get(k, -1.0), s)
+        for kind, text, s in [("term", e["term"], -math.log10(max(1.0 if e["fdr"] is None else e["fdr"], 1e-300)))
+                              for e in rec["enrichment"]] + \
+                             [("label", a["label"], a["auroc"]) for a in rec["label_auroc"] if a["auroc"] is not None]:
+            for k in [text.lower(), *_words(text)]:  # a term / label and each of its words: its best score
+                scores[kind][k] = max(scores[kind].get(k, -1.0), s)
         for kind, keys in search_terms(rec, min_auroc).items():
             for k in keys:
                 search[kind][k].append((scores[kind].get(k, 0.0), rec["id"]))
@@ -264,10 +269,13 @@ def build_site(run_dirs: list[Path], out_dir: Path, options: Mapping | None = No
         copy_assets(tmp)
         search = {k: defaultdict(list) for k in SEARCH_KINDS}
         runs, colours, entries, exports = {}, {}, [], {}
+        site_runs = []
         for run_dir in run_dirs:
-            run = AtlasRun(run_dir, options)
-            if run.run_id in runs:
+            site_runs.append(AtlasRun(run_dir, options))
+            if site_runs[-1].run_id in {r.run_id for r in site_runs[:-1]}:
                 raise InputError(f"{run_dir} is listed twice in atlas.runs.")
+        link_causal_edges(site_runs)
+        for run in site_runs:
             summary = {"colour": [], "hover": [], "density": []}
             exports[run.run_id] = _export(_records_written(run, tmp, search, summary), tmp / "export",
                                           run.manifest_entry(), bool(options.get("export", True)))
@@ -331,7 +339,7 @@ def build_atlas(cfg: DictConfig) -> Path:
             raise InputError("atlas.serve=true needs sae4scfm.atlas.server, not in this version; open "
                              f"{site / 'index.html'} from disk instead.") from None
         server, url = serve(site, host=str(cfg.atlas.host), port=int(cfg.atlas.port))
-        print(f"serving {site} at {url} (Ctrl-C stops)")
+        print(f"serving {site} at {url} (Ctrl-C stops)", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -340,8 +348,13 @@ def build_atlas(cfg: DictConfig) -> Path:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="atlas", version_base="1.3")
-def atlas_main(cfg: DictConfig) -> None:
-    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``."""
+def _hydra_main(cfg: DictConfig) -> None:
     _report_input_errors(build_atlas, cfg)
+
+
+def atlas_main() -> None:
+    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``: Hydra overrides; ``--serve`` is ``atlas.serve=true``."""
+    sys.argv[1:] = ["atlas.serve=true" if a == "--serve" else a for a in sys.argv[1:]]
+    _hydra_main()
 
 

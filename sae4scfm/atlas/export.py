@@ -52,8 +52,10 @@ def _list(items: dict) -> dict:
     return {"type": "array", "items": items}
 
 
-def _object(properties: dict) -> dict:
-    return {"type": "object", "required": list(properties), "properties": properties, "additionalProperties": False}
+def _object(properties: dict, optional: tuple[str, ...] = ()) -> dict:
+    """A JSON Schema object of exactly these properties, all required but ``optional``."""
+    return {"type": "object", "required": [k for k in properties if k not in optional], "properties": properties,
+            "additionalProperties": False}
 
 
 # JSON Schemas written from the upstream examples (docs/atlas.md cites them): the field names and
@@ -62,7 +64,7 @@ def _object(properties: dict) -> dict:
 SAEDASHBOARD_ACTIVATION_SCHEMA = _object({
     "bin_min": _num, "bin_max": _num, "bin_contains": _num, "tokens": _list(_str), "values": _list(_num),
     "qualifying_token_index": _int, "dfa_values": _list(_num), "dfa_maxValue": _num, "dfa_targetIndex": _int,
-})
+}, optional=("dfa_values", "dfa_maxValue", "dfa_targetIndex"))  # upstream writes dfa_* only when computed
 SAEDASHBOARD_FEATURE_SCHEMA = _object({
     "feature_index": _int,
     "neuron_alignment_indices": _list(_int), "neuron_alignment_values": _list(_num),
@@ -116,7 +118,8 @@ def neuronpedia_feature(record: Mapping, *, n_prompts_total: int = 0, n_tokens_i
     its top genes and gene scores (the genes it stands for, where a language model's dashboard lists
     the tokens it promotes); one "activation" per top cell: tokens = the genes where it fires in that
     cell, values = their activations, bin_max = the feature's max activation, bin_min = bin_contains
-    = -1 (upstream's marker of the top-activations group), qualifying_token_index = argmax of values.
+    = -1 (upstream's marker of the top-activations group), qualifying_token_index = argmax of values; the
+    optional dfa_* fields (direct feature attribution) are left out.
     n_prompts_total: cells the statistics ran on; n_tokens_in_prompt: gene tokens read per cell.
     Lists with no single-cell counterpart (logit histogram, neuron alignment, correlations) are empty.
     """
@@ -135,8 +138,7 @@ def neuronpedia_feature(record: Mapping, *, n_prompts_total: int = 0, n_tokens_i
             "bin_contains": -1,
             "tokens": [str(g["gene"]) for g in genes], "values": values,
             "qualifying_token_index": max(range(len(values)), key=values.__getitem__) if values else -1,
-            "dfa_values": [], "dfa_maxValue": 0, "dfa_targetIndex": -1,
-        })
+        })  # no dfa_* fields: upstream omits them where no direct feature attribution was computed
     top_genes = record.get("top_genes") or []
     density = (record.get("density") or {}).get("cells")
     return {
@@ -209,6 +211,13 @@ def dumps(obj, where: str) -> str:
                          "missing number as null") from None
 
 
+class DumpedRecord(dict):
+    """A feature record with its strict JSON text already made (``.json``, one line, no NaN): the atlas build
+    dumps each record once for its page file and the export writes that text as is."""
+
+    json: str
+
+
 class _RunExport:
     """The files of one run's export, written into a temp folder renamed into place by ``finish``."""
 
@@ -220,7 +229,7 @@ class _RunExport:
         (self.tmp / SAEDASHBOARD_DIR).mkdir()
         (self.tmp / NEURONPEDIA_DIR).mkdir()
         shutil.copyfile(SCHEMA_FILE, self.tmp / SCHEMA_FILE.name)
-        self.features = gzip.open(self.tmp / FEATURES_JSONL, "wt", compresslevel=1)
+        self.features = gzip.open(self.tmp / FEATURES_JSONL, "wt", compresslevel=1, encoding="utf-8")
         self.explanations = open(self.tmp / NEURONPEDIA_DIR / EXPLANATIONS_JSONL, "w")
         self.model_id = model_id or slug(first.get("model") or "scfm")
         self.layer = int(first["layer"])
@@ -239,7 +248,8 @@ class _RunExport:
         if int(record["layer"]) != self.layer:
             raise InputError(f"{where}: layer {record['layer']} differs from layer {self.layer} of the run's "
                              f"other records; one run has one layer")
-        self.features.write(dumps(record, where) + "\n")
+        text = record.json if isinstance(record, DumpedRecord) else dumps(record, where)
+        self.features.write(text + "\n")
         self.batch.append(neuronpedia_feature(record, n_prompts_total=self.n_prompts_total,
                                               n_tokens_in_prompt=self.n_tokens_in_prompt))
         if record.get("explanation"):
@@ -324,7 +334,7 @@ def export_run(records: Iterable[Mapping], out_dir: Path, *, runs: Iterable[Mapp
 
 def read_records(run_export_dir: Path) -> Iterable[dict]:
     """Stream the records of one run's export (``<out_dir>/<run_id>/features.jsonl.gz``)."""
-    with gzip.open(Path(run_export_dir) / FEATURES_JSONL, "rt") as f:
+    with gzip.open(Path(run_export_dir) / FEATURES_JSONL, "rt", encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
 

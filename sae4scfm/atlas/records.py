@@ -13,8 +13,8 @@ Search rule (the gene index of the site): a feature is listed under a gene when 
 ``top_genes`` (gene scoring's adaptive top genes, at most ``atlas.top_genes``) or in its ``firing_genes``
 (the genes whose tokens it fires on most often, gene scoring's ``top_token_genes``, at most
 ``atlas.firing_genes``); under a term when the term is enriched (FDR < the analysis's ``max_fdr``), and
-under each of its words; under a label when the label is among its ``atlas.auroc_labels`` best labels with
-AUROC >= ``atlas.label_min_auroc`` - see :func:`search_terms`.
+under each of its words; under a label (and each of its words) when the label is among its
+``atlas.auroc_labels`` best labels with AUROC >= ``atlas.label_min_auroc`` - see :func:`search_terms`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from sae4scfm.errors import InputError
 
 SCHEMA = "sae4scfm.atlas.feature/1"
-DEFAULTS = {"max_cells": 20000, "umap_neighbors": 15, "svd_components": 30, "layer_map_umap_max": 20000,
+DEFAULTS = {"max_cells": 100_000, "umap_neighbors": 15, "svd_components": 30, "layer_map_umap_max": 20000,
             "top_genes": 20, "firing_genes": 10, "top_cells": 10, "cell_genes": 8, "histogram_bins": 30,
             "neighbours": 10, "decoder_neighbours_max": 20000, "label_min_auroc": 0.75, "auroc_labels": 12,
             "seed": 0}
@@ -65,8 +65,25 @@ def _num(x, digits: int = 5):
 
 
 def _nums(values, digits: int = 5) -> list:
-    """``_num`` of every element of a float array (NaN/inf -> None)."""
-    return [_num(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
+    """``_num`` of every element of a float array (NaN/inf -> None), vectorised for long arrays: the integer of
+    ``digits`` significant digits divided (or multiplied) by an exact power of ten is the double nearest the
+    decimal, as ``round`` gives."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 64:  # numpy's per-call overhead exceeds the scalar loop's
+        return [_num(v, digits) for v in x.tolist()]
+    ok = np.isfinite(x) & (x != 0)
+    out = np.zeros_like(x)
+    v = x[ok]
+    e = (digits - 1 - np.floor(np.log10(np.abs(v)))).astype(np.int64)
+    pos = e >= 0
+    p = 10.0 ** np.abs(e)
+    out[ok] = np.where(pos, np.round(v * np.where(pos, p, 1.0)) / np.where(pos, p, 1.0),
+                       np.round(v / np.where(pos, 1.0, p)) * np.where(pos, 1.0, p))
+    lst = out.tolist()
+    if not ok.all():
+        for i in np.flatnonzero(~np.isfinite(x)).tolist():
+            lst[i] = None
+    return lst
 
 
 def _histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +143,10 @@ class AtlasRun:
             raise InputError(f"{self.run_dir}: not a run dir (no cfg.json); address a trained run with "
                              "sae_checkpoint.experiment / sae_checkpoint.timestamp or atlas.runs=[exp/stamp].")
         self.cfg = json.loads((self.run_dir / "cfg.json").read_text())
+        self.layer = self.cfg.get("layer")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise InputError(f"{self.run_dir / 'cfg.json'}: no integer `layer` (got {self.layer!r}); the atlas names "
+                             "features <run>/L<layer>/<index>: retrain the run, or add the SAE's layer to cfg.json.")
         eval_file = self.run_dir / "eval.json"
         self.eval = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
         self.run = open_run(self.run_dir)
@@ -134,7 +155,6 @@ class AtlasRun:
         self.n_features = int(self.features.n_vars)
         self.n_cells = int(self.features.n_obs)
         self.run_id = run_id_of(self.run_dir)
-        self.layer = self.cfg.get("layer")
         data = self.cfg.get("dataset") or {}
         self.dataset = data.get("name")
         self.cell_type_key = data.get("cell_type_key")
@@ -144,7 +164,10 @@ class AtlasRun:
         self.X = sp.csc_matrix(self.features.X, dtype=np.float32)  # [cells, features], per-feature columns
         self.analysis_dir = self.run_dir / "analysis"
         self.long = self._read_long()
+        self._long_groups: dict | None = None  # (analysis, metric) -> row positions of results_long
         self._cell_layout: CellLayout | None = None
+        self.edge_runs: dict[int, str] = {}  # circuit edges: target layer -> the site's run of it (link_causal_edges)
+        self.incoming: dict[int, list[dict]] = {}  # feature -> circuit edges into it from the site's runs
 
     # ---- metadata ------------------------------------------------------------------------------------
     def feature_id(self, index: int) -> str:
@@ -173,20 +196,27 @@ class AtlasRun:
 
     def column(self, analysis: str, metric: str, label_key=None, label=None, text: bool = False) -> np.ndarray | None:
         """One per-feature column of results_long [n_features] (value, or text when ``text``), None if absent."""
-        t = self.long
-        sel = (t["analysis"] == analysis) & (t["metric"] == metric)
-        sel &= t["label_key"].isna() if label_key is None else t["label_key"] == label_key
-        sel &= t["label"].isna() if label is None else t["label"] == label
+        t = self._long_rows(analysis, metric)
+        sel = t["label_key"].isna() if label_key is None else t["label_key"] == label_key
+        sel = sel & (t["label"].isna() if label is None else t["label"] == label)
         rows = t[sel]
         if rows.empty:
             return None
         s = rows.set_index("feature_id")["text" if text else "value"]
         return s.reindex(range(self.n_features)).to_numpy()
 
+    def _long_rows(self, analysis: str, metric: str) -> pd.DataFrame:
+        """The rows of results_long of one (analysis, metric): the table is grouped once (string compares over
+        millions of rows per column would dominate a 100k-feature build)."""
+        if self._long_groups is None:
+            self._long_groups = self.long.groupby(["analysis", "metric"], sort=False).indices
+        idx = self._long_groups.get((analysis, metric))
+        return self.long.iloc[idx] if idx is not None else self.long.iloc[:0]
+
     def label_aurocs(self) -> tuple[list[tuple[str, str]], np.ndarray]:
         """Label scoring's one-vs-rest AUROCs: [(label_key, label)] and [n_features, n_labels] (NaN if absent)."""
-        t = self.long[(self.long["analysis"] == "label_scoring") & (self.long["metric"] == "auroc")
-                      & self.long["label"].notna()]
+        t = self._long_rows("label_scoring", "auroc")
+        t = t[t["label"].notna()]
         if t.empty:
             return [], np.zeros((self.n_features, 0))
         wide = t.pivot_table(index="feature_id", columns=["label_key", "label"], values="value", aggfunc="first")
@@ -301,7 +331,9 @@ class AtlasRun:
             return embed_2d(W, 0, int(self.opts["umap_neighbors"]), int(self.opts["seed"])), "umap"
         W = W - W.mean(0)
         _, _, vt = np.linalg.svd(W[:: max(1, len(W) // 20000)], full_matrices=False)
-        return W @ vt[:2].T, "pca"
+        xy = np.zeros((len(W), 2), np.float32)  # fewer than 2 axes (1 feature, d_in 1): the rest stay 0
+        xy[:, : min(2, len(vt))] = W @ vt[:2].T
+        return xy, "pca"
 
     def decoder_neighbours(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Each feature's nearest decoder directions by cosine ([n, k] indices, [n, k] cosines), or None
@@ -470,25 +502,65 @@ class AtlasRun:
 
         return genes
 
+    def causal_table(self, name: str) -> tuple[pd.DataFrame, str] | None:
+        """(table, the column naming this run's feature) of causal command ``name`` (``sae4scfm.causal.RESULT_TABLES``:
+        steering / patching / edges, under ``<run>/causal/``), None when it has not run."""
+        from sae4scfm.causal import RESULT_TABLES
+
+        path, column = RESULT_TABLES[name]
+        t = _read_csv(self.run_dir / "causal" / path)
+        return (t, column) if t is not None and column in t else None
+
     def _causal_tables(self):
-        """``causal(f) -> {steering, patching, edges}``: the rows of each causal command's table
-        (``sae4scfm.causal.RESULT_TABLES``: path under ``<run>/causal/`` and the column naming this run's
-        feature) that are about f; None when no causal command has run."""
+        """``causal(f) -> {steering, patching, edges, incoming_edges}``: the rows of each causal table about f
+        (edges: with ``target_id``, the target's feature id when its run is in the site, else null) and the
+        circuit edges into f from the site's runs (``incoming_edges``, with ``source_id``); None when no causal
+        command has run on this run and no edge comes in."""
         from sae4scfm.causal import RESULT_TABLES
 
         tables = {}
-        for name, (path, column) in RESULT_TABLES.items():
-            t = _read_csv(self.run_dir / "causal" / path)
-            if t is not None and column in t:
-                tables[name] = (t, column)
-        if not tables:
+        for name in RESULT_TABLES:
+            found = self.causal_table(name)
+            if found is not None:
+                t, column = found
+                tables[name] = {int(k): json.loads(g.to_json(orient="records")) for k, g in t.groupby(column)}
+        if not tables and not self.incoming:
             return None
+        for row in (r for rows in tables.get("edges", {}).values() for r in rows):
+            run_id = self.edge_runs.get(int(row["target_layer"]))
+            row["target_id"] = None if run_id is None else feature_id_of(run_id, row["target_layer"], row["target"])
 
         def causal(f: int) -> dict:
-            return {name: json.loads(t[t[column].to_numpy() == f].to_json(orient="records"))
-                    for name, (t, column) in tables.items()}
+            out = {name: rows.get(f, []) for name, rows in tables.items()}
+            if self.incoming:
+                out["incoming_edges"] = self.incoming.get(f, [])
+            return out
 
         return causal
+
+
+def link_causal_edges(runs: list[AtlasRun]) -> None:
+    """Resolve the circuit edges (``causal/tracing/edges.csv``: source feature, target_layer, target) among the
+    site's runs: an edge's target run is the first run of the site at ``target_layer`` deeper than the source
+    of the same model (``cfg.json`` model); sets each run's ``edge_runs`` and the targets' ``incoming``
+    (rows with ``source_id`` and the edge's statistics)."""
+    for run in runs:
+        run.edge_runs, run.incoming = {}, {}
+        for other in runs:
+            if other is not run and other.layer > run.layer and other.cfg.get("model") == run.cfg.get("model"):
+                run.edge_runs.setdefault(other.layer, other.run_id)
+    by_id = {r.run_id: r for r in runs}
+    for run in runs:
+        found = run.causal_table("edges")
+        if found is None:
+            continue
+        t, column = found
+        for row in json.loads(t.to_json(orient="records")):
+            target = by_id.get(run.edge_runs.get(int(row["target_layer"]), ""))
+            if target is not None:
+                target.incoming.setdefault(int(row["target"]), []).append(
+                    {"source_id": run.feature_id(row[column]),
+                     **{k: v for k, v in row.items() if k not in (column, "target_layer", "target")}})
 
 
 def explanation(record: dict, min_auroc: float) -> str | None:
@@ -510,14 +582,18 @@ def search_terms(record: dict, min_auroc: float) -> dict[str, set[str]]:
     """What the site's search indexes list this feature under, by kind (lower-cased keys):
     gene: its top genes and firing genes; term: each enriched term (FDR below the analysis's max_fdr)
     and each word of it; label: each label of its ``label_auroc`` (its ``atlas.auroc_labels`` best) with
-    AUROC >= ``min_auroc``."""
+    AUROC >= ``min_auroc``, and each word of it (``monocyte`` finds ``CD14+ Monocyte``)."""
     genes = {g["gene"].lower() for g in record["top_genes"]} | {g["gene"].lower() for g in record["firing_genes"]}
     terms = set()
     for e in record["enrichment"]:
         t = e["term"].lower()
         terms.add(t)
         terms.update(w for w in _words(t))
-    labels = {a["label"].lower() for a in record["label_auroc"] if a["auroc"] is not None and a["auroc"] >= min_auroc}
+    labels = set()
+    for a in record["label_auroc"]:
+        if a["auroc"] is not None and a["auroc"] >= min_auroc:
+            labels.add(a["label"].lower())
+            labels.update(_words(a["label"]))
     return {"gene": genes, "term": terms, "label": labels}
 
 
@@ -533,9 +609,12 @@ def feature_records(run_dir: Path, options: Mapping | None = None) -> Iterator[d
     yield from AtlasRun(run_dir, options).records()
 
 
+EXACT_KNN_MAX = 20000  # embed_2d: exact kNN (sklearn, brute force) up to this many rows, UMAP's own search above
+
+
 def embed_2d(X, svd_components: int, n_neighbors: int, seed: int) -> np.ndarray:
-    """[n, 2] layout of the rows of ``X``: TruncatedSVD to ``svd_components`` (0 = none), then UMAP;
-    fewer than 5 rows are placed by their first two SVD axes."""
+    """[n, 2] layout of the rows of ``X``: TruncatedSVD to ``svd_components`` (0 = none), then UMAP (euclidean;
+    kNN graph exact up to :data:`EXACT_KNN_MAX` rows); fewer than 5 rows are placed by their first two SVD axes."""
     from sklearn.decomposition import TruncatedSVD
 
     n = X.shape[0]
@@ -547,7 +626,19 @@ def embed_2d(X, svd_components: int, n_neighbors: int, seed: int) -> np.ndarray:
         out = np.zeros((n, 2), np.float32)
         out[:, : min(2, X.shape[1])] = X[:, :2]
         return out
-    import umap
+    import warnings
 
-    return umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed,
-                     n_components=2, n_jobs=1, init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    k = max(2, min(n_neighbors, n - 1))
+    knn = (None, None, None)
+    if n <= EXACT_KNN_MAX:
+        # exact kNN by sklearn (each row's first neighbour is itself, as UMAP's own search returns): UMAP
+        # then skips its numba-compiled neighbour search, about half its time in a fresh process
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
+        knn = (idx, dist.astype(np.float32), None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # no .transform needed
+        return umap.UMAP(n_neighbors=k, random_state=seed, n_components=2, n_jobs=1, precomputed_knn=knn,
+                         init="random" if n < 50 else "spectral").fit_transform(X).astype(np.float32)

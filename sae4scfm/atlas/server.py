@@ -40,6 +40,8 @@ class SiteHandler(SimpleHTTPRequestHandler):
         if "\\" in decoded or "\x00" in decoded or ".." in decoded.split("/"):
             raise _Refused(raw)
         target = (root / decoded.lstrip("/")).resolve()
+        if target.is_dir():  # a folder serves its index.html, which may itself be a link out of the site
+            target = (target / "index.html").resolve()
         if target != root and root not in target.parents:
             raise _Refused(raw)
         return target
@@ -50,8 +52,6 @@ class SiteHandler(SimpleHTTPRequestHandler):
         except (_Refused, UnicodeDecodeError):
             self.send_error(HTTPStatus.FORBIDDEN, "path outside the site")
             return None
-        if target.is_dir():
-            target = target / "index.html"
         if not target.is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "file not found")
             return None

@@ -84,8 +84,10 @@ def synthetic_run(out_dir: Path, n_features: int = 100_000, n_cells: int = 2_000
     from sae4scfm.analysis.results import labelled, update_results, write_feature_annotations
     from sae4scfm.atomic import atomic_write, atomic_write_json, atomic_write_text
     from sae4scfm.cli import compose
-    from sae4scfm.features.generate import write_h5ad
     from sae4scfm.saes import build_sae
+
+    def write_h5ad(adata: ad.AnnData, path: Path) -> None:
+        atomic_write(path, lambda p: adata.write_h5ad(p))
 
     markers = _marker_genes()
     n_planted = len(CELL_TYPES) * (1 + MARKERS_PER_TYPE) + 1

@@ -58,10 +58,12 @@
     return "<table><thead><tr>" + cols.map((c) => `<th>${esc(c[0])}</th>`).join("") + "</tr></thead><tbody>" +
       rows.map((r) => "<tr>" + cols.map((c) => `<td${c[2] ? ' class="num"' : ""}>${c[1](r)}</td>`).join("") + "</tr>").join("") + "</tbody></table>";
   }
-  function recordsTable(rows) {
-    if (!rows || !rows.length) return '<p class="muted">not computed</p>';
+  function recordsTable(rows, empty) {
+    if (!rows || !rows.length) return `<p class="muted">${empty || "not computed"}</p>`;
     const cols = Object.keys(rows[0]);
-    return table(cols.map((c) => [c, (r) => fmt(r[c]), typeof rows[0][c] === "number"]), rows);
+    const cell = (c) => (c === "target_id" || c === "source_id")  // circuit edges: link the other end's feature
+      ? (r) => (r[c] ? featureLink(r[c]) : '<span class="muted">run not in this site</span>') : (r) => fmt(r[c]);
+    return table(cols.map((c) => [c, cell(c), typeof rows[0][c] === "number"]), rows);
   }
 
   // FNV-1a over UTF-16 code units: the same shard as sae4scfm.atlas.build.shard_of
@@ -158,7 +160,7 @@
         <div class="card"><h2>Decoder neighbours</h2>${table([["feature", (x) => featureLink(x.feature_id)], ["cosine", (x) => fmt(x.cosine), true]], f.decoder_neighbours)}</div>
         <div class="card" id="cross-layer"><h2>Cross-layer matches</h2>${table([["feature", crossLink], ["by", (x) => esc(x.by || "")],
           ["cosine", (x) => fmt(x.cosine), true], ["Jaccard", (x) => fmt(x.jaccard), true]], f.cross_layer)}</div>
-        <div class="card"><h2>Causal effects</h2>${f.causal ? Object.keys(f.causal).map((k) => `<h3>${k}</h3>${recordsTable(f.causal[k])}`).join("") : '<p class="muted">no causal run</p>'}</div>
+        <div class="card"><h2>Causal effects</h2>${f.causal ? Object.keys(f.causal).map((k) => `<div id="causal-${k}"><h3>${k}</h3>${recordsTable(f.causal[k], "none for this feature")}</div>`).join("") : '<p class="muted">no causal run</p>'}</div>
       </div>`;
     const act = new Float64Array(cells.n);
     f.cell_activations.index.forEach((p, i) => { act[p] = f.cell_activations.value[i]; });
@@ -184,13 +186,13 @@
     document.getElementById("search-kind").value = kind;
     const m = await manifest();
     const n = (m.search || {})[kind] || 1;
-    const words = kind === "term" ? (q.toLowerCase().match(/[0-9a-z]+/g) || []) : [q.toLowerCase()];
+    const words = kind !== "gene" ? (q.toLowerCase().match(/[0-9a-z]+/g) || []) : [q.toLowerCase()];
     const key = q.toLowerCase();
     let hits = [];
     const lookup = async (k) => (await load(`search/${kind}/${shardOf(k, n)}`, `data/search/${kind}/${shardOf(k, n)}.js`))[k] || [];
     const exact = await lookup(key);
-    if (exact.length || kind !== "term" || words.length < 2) hits = exact;
-    else {  // a term query of several words: features indexed under every word
+    if (exact.length || kind === "gene" || words.length < 2) hits = exact;
+    else {  // a term / label query of several words: features indexed under every word
       const lists = await Promise.all(words.map(lookup));
       const common = lists.reduce((a, b) => a.filter((x) => b.includes(x)));
       hits = common;
