@@ -135,7 +135,9 @@ def test_build_pins_the_cpu_kernels(tmp_path, monkeypatch):
 # sha256 of the SHORT recipe's weights as built here (x86-64, AVX-512 host, torch 2.13.0+cpu, pinned
 # AVX2 kernels and MKL_CBWR=COMPATIBLE in the build's child process): every machine CI runs on must
 # build the same bits, so drift between machines fails by name instead of through a threshold test.
-SHORT_WEIGHTS_SHA256 = "ed082a9067721324ae3ac29161ceae54e63baf290448d8ac750c2826b2c6953e"
+# Re-recorded when attention moved to F.scaled_dot_product_attention (sae4scfm/scfm/attention.py): the
+# fused kernel rounds differently from nn.MultiheadAttention's, so over many steps the bits moved.
+SHORT_WEIGHTS_SHA256 = "2ad8c602df9c3663a4a6a6731bd869a4ddffc031d66a1c1df64886f735f055fe"
 
 
 def weights_sha256(folder) -> str:
