@@ -8,6 +8,7 @@ Bad input (``InputError``) is reported as one line on stderr with exit status 2.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -27,6 +28,31 @@ def _report_input_errors(fn, cfg: DictConfig):
         sys.exit(2)
 
 
+def entry_point(config_name: str, stage: str):
+    """A Hydra entry point on ``config/<config_name>.yaml`` that runs ``stage`` (``"module:function"``,
+    imported when called) with the composed config; an ``InputError`` is one ``error:`` line, exit 2."""
+
+    @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        module, _, function = stage.partition(":")
+        _report_input_errors(getattr(importlib.import_module(module), function), cfg)
+
+    main.__doc__ = f"Runs ``{stage}`` on config/{config_name}.yaml."
+    return main
+
+
+_train_main = entry_point("train", "sae4scfm.training:train")
+features_main = entry_point("features", "sae4scfm.features.generate:generate_features")
+analyze_main = entry_point("analyze", "sae4scfm.analysis.analyze:analyze_features")
+layer_profile_main = entry_point("layer_profile", "sae4scfm.analysis.layer_profile:layer_profile")
+steer_main = entry_point("steer", "sae4scfm.causal.steering:steer_features")
+patch_main = entry_point("patch", "sae4scfm.causal.patching:patch_features")
+trace_main = entry_point("trace", "sae4scfm.causal.tracing:trace_features")
+contrast_main = entry_point("contrast", "sae4scfm.causal.contrastive:contrast_features")
+benchmark_integration_main = entry_point("benchmark_integration", "sae4scfm.analysis.integration:benchmark_integration")
+_atlas_main = entry_point("atlas", "sae4scfm.atlas.build:build_atlas")
+
+
 def train_main() -> None:
     """``sae4scfm-train``: unknown ``sae.hyperparams.*`` overrides get our ``error:`` line (naming the
     architecture's valid keys) before Hydra's struct check would reject them with its own message."""
@@ -36,67 +62,10 @@ def train_main() -> None:
     _train_main()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def _train_main(cfg: DictConfig) -> None:
-    from sae4scfm.training import train
-
-    _report_input_errors(train, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="features", version_base="1.3")
-def features_main(cfg: DictConfig) -> None:
-    from sae4scfm.features.generate import generate_features
-
-    _report_input_errors(generate_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="analyze", version_base="1.3")
-def analyze_main(cfg: DictConfig) -> None:
-    from sae4scfm.analysis.analyze import analyze_features
-
-    _report_input_errors(analyze_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="layer_profile", version_base="1.3")
-def layer_profile_main(cfg: DictConfig) -> None:
-    from sae4scfm.analysis.layer_profile import layer_profile
-
-    _report_input_errors(layer_profile, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="steer", version_base="1.3")
-def steer_main(cfg: DictConfig) -> None:
-    from sae4scfm.causal.steering import steer_features
-
-    _report_input_errors(steer_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="patch", version_base="1.3")
-def patch_main(cfg: DictConfig) -> None:
-    from sae4scfm.causal.patching import patch_features
-
-    _report_input_errors(patch_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="trace", version_base="1.3")
-def trace_main(cfg: DictConfig) -> None:
-    from sae4scfm.causal.tracing import trace_features
-
-    _report_input_errors(trace_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="contrast", version_base="1.3")
-def contrast_main(cfg: DictConfig) -> None:
-    from sae4scfm.causal.contrastive import contrast_features
-
-    _report_input_errors(contrast_features, cfg)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="benchmark_integration", version_base="1.3")
-def benchmark_integration_main(cfg: DictConfig) -> None:
-    from sae4scfm.analysis.integration import benchmark_integration
-
-    _report_input_errors(benchmark_integration, cfg)
+def atlas_main() -> None:
+    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``: Hydra overrides; ``--serve`` is ``atlas.serve=true``."""
+    sys.argv[1:] = ["atlas.serve=true" if a == "--serve" else a for a in sys.argv[1:]]
+    _atlas_main()
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:

@@ -16,19 +16,16 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Mapping
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sae4scfm.atlas.export import DumpedRecord
 from sae4scfm.atlas.records import AtlasRun, _num, _read_csv, _words, feature_id_of, link_causal_edges, search_terms
-from sae4scfm.cli import CONFIG_DIR, _report_input_errors
 from sae4scfm.errors import InputError
 
 SITE_SCHEMA = "sae4scfm.atlas/1"
@@ -345,16 +342,5 @@ def build_atlas(cfg: DictConfig) -> Path:
         except KeyboardInterrupt:
             server.shutdown()
     return site
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="atlas", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    _report_input_errors(build_atlas, cfg)
-
-
-def atlas_main() -> None:
-    """``sae4scfm-atlas`` / ``scripts/build_atlas.py``: Hydra overrides; ``--serve`` is ``atlas.serve=true``."""
-    sys.argv[1:] = ["atlas.serve=true" if a == "--serve" else a for a in sys.argv[1:]]
-    _hydra_main()
 
 
