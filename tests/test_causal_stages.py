@@ -226,3 +226,21 @@ def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trai
     with pytest.raises(InputError, match="Martian"):
         contrast_features(sae4scfm.compose("contrast", [*address, "contrastive.source=Martian",
                                                         "contrastive.target=CD19+ B"]))
+
+
+def test_last_layer_steering_reads_a_per_token_head_and_a_no_op_is_an_error(trained):
+    """At the last layer the GEPC readout comes from <cls>, which gene-token edits cannot reach: the default
+    switches to the per-token head (mlm), and forcing mvc there is an error, not a table of zeros."""
+    from sae4scfm.causal.steering import check_moved, default_output
+
+    _, _, adapter, sae, tokens, _ = trained
+    out = adapter.run(tokens.collate(np.arange(2)))
+    assert default_output(out) == "mvc" and default_output(out, last_layer=True) == "mlm"
+    last = adapter.n_layers
+    ivs = [Intervention((j,), "add", 3.0) for j in range(3)]
+    shifts, _ = gene_shifts(adapter, sae, last, tokens.subset(np.arange(4)), ivs, output="mvc")
+    assert not shifts.squares.any()
+    with pytest.raises(InputError, match="changed no value"):
+        check_moved(shifts, "mvc", last)
+    moved, output = gene_shifts(adapter, sae, last, tokens.subset(np.arange(4)), ivs)
+    assert output == "mlm" and moved.squares.any()

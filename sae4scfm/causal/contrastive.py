@@ -168,7 +168,7 @@ def contrast_features(cfg):
     probe = ctx.adapter.run(src_train.collate(np.arange(1)))
     if "cell_emb" not in probe:
         raise InputError("contrastive steering needs the model's cell embedding (cell_emb), which this model lacks.")
-    output = c.output or default_output(probe)
+    output = c.output or default_output(probe, last_layer=ctx.layer == ctx.adapter.n_layers)
     emb_s, tot_s, cnt_s = type_profiles(ctx.adapter, src_train, output)
     emb_t, tot_t, cnt_t = type_profiles(ctx.adapter, tgt_train, output)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -18,7 +18,7 @@ import torch
 
 from sae4scfm.analysis.primitives import bh_fdr
 from sae4scfm.causal.interventions import Intervention
-from sae4scfm.causal.steering import _vocab_names, firing_stats, gene_shifts, matched_null
+from sae4scfm.causal.steering import _vocab_names, check_moved, firing_stats, gene_shifts, matched_null
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import ScFMAdapter
 from sae4scfm.scfm.tokens import TokenizedCells
@@ -78,6 +78,7 @@ def patch_features(cfg) -> pd.DataFrame:
                                  [Intervention((f,), "zero", 0.0, "firing") for f in features],
                                  output=p.output, batch_size=int(p.batch_size), per_forward=int(p.per_forward),
                                  desc="patching")
+    check_moved(shifts, output, ctx.layer)
     names = _vocab_names(ctx.adapter)
     rows = []
     for e, (j, f) in enumerate(plan):

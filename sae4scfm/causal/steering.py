@@ -17,7 +17,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from sae4scfm.analysis.primitives import bh_fdr
-from sae4scfm.causal.interventions import Intervention, clean_prefix, latent_edit, stacked_run
+from sae4scfm.causal.interventions import Intervention, clean_prefix, latent_edit, resid_layer, stacked_run
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
@@ -61,11 +61,13 @@ def readout(out: dict[str, torch.Tensor], key: str, gene_ids: torch.Tensor) -> t
     return v
 
 
-def default_output(out: dict[str, torch.Tensor]) -> str:
-    """The per-gene readout steering scores when ``steering.output`` is null: scGPT's GEPC expression
-    from the cell embedding (``mvc``) when the checkpoint has it, else the masked-value head (``mlm``),
-    AIDO.Cell's ``pred``, Geneformer's ``logits``."""
-    for key in ("mvc", "mlm", "pred", "logits"):
+def default_output(out: dict[str, torch.Tensor], last_layer: bool = False) -> str:
+    """The per-gene readout steering scores when ``steering.output`` is null: scGPT's GEPC expression from
+    the cell embedding (``mvc``) when the checkpoint has it, else the masked-value head (``mlm``),
+    AIDO.Cell's ``pred``, Geneformer's ``logits``. At the last layer (``last_layer``) the cell embedding is
+    the ``<cls>`` state, which edits of gene tokens cannot reach, so the per-token heads come first."""
+    order = ("mlm", "pred", "logits", "mvc") if last_layer else ("mvc", "mlm", "pred", "logits")
+    for key in order:
         if key in out:
             return key
     raise InputError(f"this model's outputs ({', '.join(out)}) have no per-gene readout; set steering.output.")
@@ -115,7 +117,7 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             B = len(batch.cell_index)
             clean = adapter.run(batch)
             prefix = clean_prefix(adapter, hook_point, batch)
-            output = output or default_output(clean)
+            output = output or default_output(clean, last_layer=resid_layer(hook_point) == adapter.n_layers)
             base = readout(clean, output, batch.gene_ids)
             ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
             for start in range(0, E, per_forward):
@@ -134,6 +136,15 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
                 bar.update(B * len(chunk))
             done += B
     return GeneShifts(n, total, squares, embedding), output
+
+
+def check_moved(shifts: GeneShifts, output: str, layer: int) -> None:
+    """InputError when no intervention changed the readout at all (e.g. a readout the edited positions cannot
+    reach), instead of a table of exact zeros."""
+    if not np.any(shifts.squares):
+        raise InputError(f"the interventions at layer {layer} changed no value of the readout {output!r}: it does not "
+                         "depend on the edited gene tokens there (e.g. a <cls>-based readout at the last layer); "
+                         "set steering.output / patching.output to a per-token head such as mlm, or use an earlier layer.")
 
 
 def matched_null(density: np.ndarray, targets: list[int], n_null: int, rng: np.random.Generator) -> dict[int, list[int]]:
@@ -214,6 +225,7 @@ def steer_features(cfg) -> pd.DataFrame:
     ivs = [Intervention((f,), s.op, a * float(scale[f]) if s.op == "add" else a, positions) for _, f, a in plan]
     shifts, output = gene_shifts(adapter, sae, layer, steer_tokens, ivs, output=s.output, mode=s.mode,
                                  batch_size=int(s.batch_size), per_forward=int(s.per_forward))
+    check_moved(shifts, output, layer)
     names = _vocab_names(adapter)
     markers = load_gene_sets("markers")
     rows, gene_rows = [], []
