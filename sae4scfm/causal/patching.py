@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae4scfm.analysis.primitives import bh_fdr
 from sae4scfm.causal.interventions import Intervention
-from sae4scfm.causal.steering import _vocab_names, check_moved, firing_stats, gene_shifts, matched_null
+from sae4scfm.causal.steering import _vocab_names, against_null, check_moved, firing_stats, gene_shifts, matched_null
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import ScFMAdapter
 from sae4scfm.scfm.tokens import TokenizedCells
@@ -91,7 +90,7 @@ def patch_features(cfg) -> pd.DataFrame:
                      "own_effect": own_effect, "other_effect": other_effect,
                      "specificity": own_effect / other_effect if other_effect else np.nan, "output": output})
     table = pd.DataFrame(rows)
-    summary = specificity_against_null(table)
+    summary = against_null(table, ["specificity", "own_effect"], ["target"])
     out_dir = ctx.run.run_dir / "causal" / "patching"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "patching.csv", lambda path: summary.to_csv(path, index=False))
@@ -99,22 +98,3 @@ def patch_features(cfg) -> pd.DataFrame:
     print(summary.drop(columns=["own_genes"]).to_string(index=False))
     print(f"wrote {out_dir}/patching.csv (targets vs density-matched null) and null.csv")
     return summary
-
-
-def specificity_against_null(table: pd.DataFrame) -> pd.DataFrame:
-    """Target rows of ``table`` (role target | null, per target) with the null's mean specificity and
-    own effect, empirical p of each, and BH q over targets."""
-    targets = table[table["role"] == "target"].reset_index(drop=True)
-    null = table[table["role"] == "null"]
-    for metric in ("specificity", "own_effect"):
-        means, ps = [], []
-        for _, row in targets.iterrows():
-            v = null.loc[null["target"] == row["target"], metric].to_numpy(float)
-            v, x = v[np.isfinite(v)], float(row[metric])
-            means.append(float(v.mean()) if len(v) else np.nan)
-            ps.append(float((1 + np.sum(v >= x)) / (1 + len(v))) if len(v) and np.isfinite(x) else np.nan)
-        ps = np.asarray(ps, dtype=float)
-        q = np.full(len(ps), np.nan)
-        q[np.isfinite(ps)] = bh_fdr(ps[np.isfinite(ps)])
-        targets[f"{metric}_null_mean"], targets[f"{metric}_p"], targets[f"{metric}_q"] = means, ps, q
-    return targets.drop(columns=["role", "feature_id"])

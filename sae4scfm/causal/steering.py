@@ -256,7 +256,10 @@ def steer_features(cfg) -> pd.DataFrame:
             gene_rows.append(test.assign(target=j, alpha=a))
         rows.append(row)
     table = pd.DataFrame(rows)
-    summary = _against_null(table)
+    # marker_rank: the mean percentile of the label's marker genes among all genes tested, ranked by their change
+    # in α's direction (0.5 = no more than any gene, so a shift of every gene does not count)
+    table = table.assign(n_significant=table["n_up"] + table["n_down"])
+    summary = against_null(table, ["marker_rank", "n_significant", "embedding_shift"], ["target", "alpha"])
     out_dir = run.run_dir / "causal" / "steering"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "steering.csv", lambda p: summary.to_csv(p, index=False))
@@ -268,25 +271,23 @@ def steer_features(cfg) -> pd.DataFrame:
     return summary
 
 
-def _against_null(table: pd.DataFrame) -> pd.DataFrame:
-    """Target rows with, per metric, the null's mean and an empirical one-sided p-value
-    (1 + #null >= target)/(1 + n_null): ``marker_rank`` (the mean percentile of the label's marker genes
-    among all genes tested, ranked by their change in the direction of α: 0.5 = no more than any gene,
-    so a shift of every gene does not count), ``n_significant`` (n_up + n_down) and ``embedding_shift``;
-    BH q over all targets × α."""
-    table = table.assign(n_significant=table["n_up"] + table["n_down"])
-    metrics = {"marker_rank": "marker_rank", "n_significant": "n_significant", "embedding_shift": "embedding_shift"}
+def against_null(table: pd.DataFrame, metrics: list[str], keys: list[str]) -> pd.DataFrame:
+    """The ``role == "target"`` rows of ``table`` with, per metric, the mean of the ``role == "null"`` rows
+    sharing the target's ``keys`` (e.g. target, alpha), the empirical one-sided p-value
+    (1 + #null >= target)/(1 + n_null) and its BH q over all target rows."""
     targets = table[table["role"] == "target"].reset_index(drop=True)
     null = table[table["role"] == "null"]
-    for name, column in metrics.items():
-        null_mean, p = [], []
+    groups = {key if isinstance(key, tuple) else (key,): g for key, g in null.groupby(keys)}
+    for metric in metrics:
+        means, ps = [], []
         for _, row in targets.iterrows():
-            v = null.loc[(null["target"] == row["target"]) & (null["alpha"] == row["alpha"]), column].to_numpy(float)
-            v, x = v[np.isfinite(v)], float(row[column])
-            null_mean.append(float(v.mean()) if len(v) else np.nan)
-            p.append(float((1 + np.sum(v >= x)) / (1 + len(v))) if np.isfinite(x) and len(v) else np.nan)
-        p = np.asarray(p, dtype=float)
-        q = np.full(len(p), np.nan)
-        q[np.isfinite(p)] = bh_fdr(p[np.isfinite(p)])
-        targets[f"{name}_null_mean"], targets[f"{name}_p"], targets[f"{name}_q"] = null_mean, p, q
+            g = groups.get(tuple(row[k] for k in keys))
+            v = g[metric].to_numpy(float) if g is not None else np.zeros(0)
+            v, x = v[np.isfinite(v)], float(row[metric])
+            means.append(float(v.mean()) if len(v) else np.nan)
+            ps.append(float((1 + np.sum(v >= x)) / (1 + len(v))) if len(v) and np.isfinite(x) else np.nan)
+        ps = np.asarray(ps, dtype=float)
+        q = np.full(len(ps), np.nan)
+        q[np.isfinite(ps)] = bh_fdr(ps[np.isfinite(ps)])
+        targets[f"{metric}_null_mean"], targets[f"{metric}_p"], targets[f"{metric}_q"] = means, ps, q
     return targets.drop(columns=["role", "feature_id"])
