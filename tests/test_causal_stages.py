@@ -102,7 +102,7 @@ def test_steer_features_stage_writes_targets_against_the_null(trained, runs_dir)
     address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
     cfg = sae4scfm.compose("steer", [*address, "steering.n_cells=10", "steering.null_features=3",
                                      "steering.alphas=[-2,2]", "steering.labels=[CD14+ Monocyte,CD19+ B]",
-                                     "steering.per_forward=8"])
+                                     "steering.per_forward=8", "steering.markers=builtin"])
     from sae4scfm.causal.steering import steer_features
 
     summary = steer_features(cfg)
@@ -121,6 +121,29 @@ def test_steer_features_stage_writes_targets_against_the_null(trained, runs_dir)
                          ("steering.label_key=nope", "nope")]:
         with pytest.raises(InputError, match=match):
             steer_features(sae4scfm.compose("steer", [*address, extra]))
+
+
+def test_de_markers_are_chosen_on_train_cells_and_higher_in_their_label(trained):
+    from sae4scfm.analysis.labels import train_mask
+    from sae4scfm.analysis.run_data import open_run
+    from sae4scfm.causal.steering import de_markers
+
+    run = open_run(trained[1])
+    expression, genes = run.expression()
+    labels = run.features.obs["bulk_labels"].astype(str).to_numpy()
+    is_train = train_mask(run.features.obs)
+    markers = de_markers(expression, genes, labels, is_train, 10)
+    shuffled = labels.copy()
+    shuffled[~is_train] = np.random.default_rng(0).permutation(labels[~is_train])
+    assert de_markers(expression, genes, shuffled, is_train, 10) == markers  # eval labels are never read
+    col = {g: i for i, g in enumerate(genes)}
+    X = expression[np.flatnonzero(is_train)].toarray()
+    lab = labels[is_train]
+    for label in ("CD14+ Monocyte", "CD19+ B"):
+        assert len(markers[label]) == 10
+        idx = [col[g] for g in markers[label]]
+        assert (X[lab == label][:, idx].mean(0) > X[lab != label][:, idx].mean(0)).all()
+    assert {"CD79A", "CD79B", "MS4A1"} & set(markers["CD19+ B"]) and {"LYZ", "S100A8", "S100A9", "FCN1", "CD14"} & set(markers["CD14+ Monocyte"])
 
 
 def test_steer_cli_reports_bad_input_in_one_line(tmp_path, repo_root):
@@ -211,7 +234,7 @@ def test_scaled_edit_is_the_identity_at_one_and_ablation_at_zero(trained):
 
 
 def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trained, runs_dir):
-    from sae4scfm.causal.contrastive import contrast_features
+    from sae4scfm.causal.contrastive import contrast_features, scaled_edit
 
     _, run_dir, *_ = trained
     address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
@@ -223,9 +246,18 @@ def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trai
     assert 0.25 <= summary["p_closer_fraction"] <= 1
     alpha = pd.read_csv(run_dir / "causal" / "contrastive" / "alpha.csv")
     assert len(alpha) == summary["n_recruited"] and (alpha["alpha"] != 1).all()
-    with pytest.raises(InputError, match="Martian"):
-        contrast_features(sae4scfm.compose("contrast", [*address, "contrastive.source=Martian",
-                                                        "contrastive.target=CD19+ B"]))
+    saved = run_dir / "causal" / "contrastive" / "alpha_fitted.csv"
+    (run_dir / "causal" / "contrastive" / "alpha.csv").rename(saved)
+    pair = ["contrastive.source=CD14+ Monocyte", "contrastive.target=CD19+ B", "contrastive.n_cells=12",
+            "contrastive.null_draws=3"]
+    again = contrast_features(sae4scfm.compose("contrast", [*address, *pair, f"contrastive.alpha={saved}"]))
+    assert again == pytest.approx(summary, nan_ok=True)  # the saved alpha reproduces the fit's held-out numbers
+    for extra, match in [("contrastive.source=Martian", "Martian"), ("contrastive.alpha=[1.0,0.5,2.0]", "has 3 values"),
+                         (f"contrastive.alpha={run_dir}/none.csv", "is not a file")]:
+        with pytest.raises(InputError, match=match):
+            contrast_features(sae4scfm.compose("contrast", [*address, *pair, extra]))
+    with pytest.raises(InputError, match="shape \\(3,\\)"):
+        scaled_edit(trained[3], torch.ones(3))
 
 
 def test_last_layer_steering_reads_a_per_token_head_and_a_no_op_is_an_error(trained):
@@ -244,3 +276,80 @@ def test_last_layer_steering_reads_a_per_token_head_and_a_no_op_is_an_error(trai
         check_moved(shifts, "mvc", last)
     moved, output = gene_shifts(adapter, sae, last, tokens.subset(np.arange(4)), ivs)
     assert output == "mlm" and moved.squares.any()
+
+
+def test_gene_patch_equals_gene_by_gene_clamps_and_stacks(trained):
+    """The perturbation check's gene-wise patch is a clamp of each feature to its per-gene mean at that gene's
+    tokens (checked against the Intervention clamp, one gene at a time); unseen genes and α = 0 change nothing."""
+    from sae4scfm.causal.interventions import stacked_run
+    from sae4scfm.causal.perturbation import gene_patch
+    from sae4scfm.causal.steering import per_gene_stats
+
+    _, _, adapter, sae, tokens, layer = trained
+    sums, fires, seen = per_gene_stats(adapter, sae, layer, tokens.subset(np.arange(4)), batch_size=4)
+    means = sums / np.maximum(seen, 1)[:, None]
+    batch = tokens.collate(np.arange(6, 9))
+    with torch.no_grad():
+        h = adapter.capture(batch, [layer])[layer]
+        feats = [int(np.argmax(fires.sum(0))), int(np.argsort(-fires.sum(0))[5])]
+        patched = gene_patch(means, seen, 1.0)(sae, [feats], batch.gene_ids)(h, batch.gene_mask)
+        ref = h
+        genes = np.unique(batch.gene_ids[batch.gene_mask].numpy())
+        for g in genes[seen[genes] > 0]:
+            iv = Intervention(tuple(feats), "clamp", tuple(float(means[g, j]) for j in feats), (int(g),))
+            ref = latent_edit(sae, [iv], batch.gene_ids)(ref, batch.gene_mask)
+        torch.testing.assert_close(patched, ref, atol=1e-5, rtol=0)
+        unseen = batch.gene_mask & torch.as_tensor(seen[batch.gene_ids.numpy()] == 0)
+        assert unseen.any() and (patched[unseen] == h[unseen]).all()
+        assert not torch.allclose(patched[batch.gene_mask], h[batch.gene_mask])
+        assert torch.equal(gene_patch(means, seen, 0.0)(sae, [feats], batch.gene_ids)(h, batch.gene_mask), h)
+        edit = gene_patch(means, seen, 0.5)
+        stacked = stacked_run(adapter, sae, layer, batch, [feats[:1], feats[1:]], edit=edit)
+        for e, s in enumerate([feats[:1], feats[1:]]):
+            with adapter.intervene(layer, edit(sae, [s], batch.gene_ids)):
+                alone = adapter.run(batch)
+            torch.testing.assert_close(stacked["mlm"][e], alone["mlm"], atol=1e-4, rtol=0)
+
+
+def test_perturbation_check_correlates_with_the_observed_change_against_the_null(trained, runs_dir):
+    """A pseudo-perturbation on the small run (monocytes -> B cells as control -> perturbed): the summary's r is
+    the correlation of genes.csv's columns without the excluded genes, the observed change is scanpy's
+    log1p(CP10k) difference on eval cells, the null is one p per set, and bad input is one clear error."""
+    import scanpy as sc
+
+    from sae4scfm.causal.perturbation import perturbation_check
+    from sae4scfm.data import load_dataset
+
+    cfg, run_dir, *_ = trained
+    address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
+    pair = ["perturbation.condition_key=bulk_labels", "perturbation.control_value=CD14+ Monocyte",
+            "perturbation.perturbed_value=CD19+ B"]
+    small = ["perturbation.n_cells=8", "perturbation.null_sets=3", "perturbation.n_features=2",
+             "perturbation.exclude_top_genes=5", "perturbation.per_forward=4"]
+    summary = perturbation_check(sae4scfm.compose("perturb", [*address, *pair, *small]))
+    row = summary.iloc[0]
+    assert summary["model"].tolist() == ["trained"] and len(row["features"].split()) == 2
+    genes = pd.read_csv(run_dir / "causal" / "perturbation" / "genes.csv")
+    kept = genes[~genes["excluded"] & genes["observed_lfc"].notna()]
+    assert len(kept) == row["n_genes"] > 50 and 0 < genes["excluded"].sum() <= row["n_excluded_genes"]
+    assert row["spearman"] == pytest.approx(stats.spearmanr(kept["predicted_shift"], kept["observed_lfc"]).statistic)
+    assert row["spearman_p"] in (0.25, 0.5, 0.75, 1.0)
+    sets = pd.read_csv(run_dir / "causal" / "perturbation" / "sets.csv")
+    assert len(sets) == 4 and sets["features"].nunique() == 4
+
+    adata = load_dataset(cfg.data)
+    split = sae4scfm.analysis.run_data.open_run(run_dir).features.obs["split"].to_numpy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    gene = kept.iloc[0]["gene"]
+    x = adata[:, gene].X.toarray().ravel() if hasattr(adata.X, "toarray") else np.asarray(adata[:, gene].X).ravel()
+    lab = adata.obs["bulk_labels"].astype(str).to_numpy()
+    held = split == "eval"
+    expected = x[held & (lab == "CD19+ B")].mean() - x[held & (lab == "CD14+ Monocyte")].mean()
+    assert kept.iloc[0]["observed_lfc"] == pytest.approx(expected, abs=1e-5)
+
+    for extra, match in [(["perturbation.perturbed_value=Martian"], "perturbed_value='Martian'"),
+                         ([], "names no condition_key"), (["perturbation.control=twins"], "twins")]:
+        overrides = [*address, *small, *([*pair[:2], *extra] if extra and "Martian" in extra[0] else extra)]
+        with pytest.raises(InputError, match=match):
+            perturbation_check(sae4scfm.compose("perturb", overrides))

@@ -32,6 +32,10 @@ def scaled_edit(sae: SAE, alpha: torch.Tensor):
     """``fn(h, gene_mask)`` for ``adapter.intervene``: h + ((α − 1)·f)·W_dec at gene tokens, differentiable in
     ``alpha`` [d_sae] (f = the SAE's code of the clean h, held fixed)."""
 
+    if tuple(alpha.shape) != (sae.d_sae,):
+        raise InputError(f"the contrastive alpha vector has shape {tuple(alpha.shape)}; this SAE has {sae.d_sae} "
+                         f"features, so give one value per feature ([{sae.d_sae}]).")
+
     def fn(h: torch.Tensor, gene_mask: torch.Tensor) -> torch.Tensor:
         x = h[gene_mask].float()
         with torch.no_grad():
@@ -60,6 +64,46 @@ def type_profiles(adapter: ScFMAdapter, tokens: TokenizedCells, output: str, bat
     return np.concatenate(embs), total, count
 
 
+def de_genes(target_mean: np.ndarray, source_mean: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the vocabulary ids of the ``n`` largest nonzero |target − source| mean readouts [≤ n], weights [V]: that
+    |difference| on them, 0 elsewhere); NaN means (genes not seen) count as no difference."""
+    diff = np.nan_to_num(target_mean - source_mean, nan=0.0)
+    de = np.argsort(-np.abs(diff), kind="stable")[:n]
+    de = de[np.abs(diff[de]) > 0]
+    w = np.zeros(len(diff))
+    w[de] = np.abs(diff[de])
+    return de, w
+
+
+def given_alpha(value, d_sae: int) -> np.ndarray:
+    """``contrastive.alpha`` as a vector [d_sae]: a list of d_sae values, or the path of an ``alpha.csv``
+    (feature_id, alpha; features not listed stay 1) written by an earlier fit."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(f"contrastive.alpha={value!r} is not a file; give the alpha.csv of an earlier fit or a list "
+                             f"of {d_sae} values.")
+        table = pd.read_csv(path)
+        if not {"feature_id", "alpha"} <= set(table.columns):
+            raise InputError(f"{path}: needs columns feature_id, alpha (as written by contrast_features).")
+        ids = table["feature_id"].to_numpy(int)
+        if len(ids) and (ids.min() < 0 or ids.max() >= d_sae):
+            raise InputError(f"{path}: feature ids must lie in 0..{d_sae - 1} (this SAE); the file holds "
+                             f"{ids.min()}..{ids.max()}.")
+        alpha = np.ones(d_sae)
+        alpha[ids] = table["alpha"].to_numpy(float)
+        return alpha
+    alpha = np.asarray(list(value), dtype=np.float64)
+    if alpha.shape != (d_sae,):
+        raise InputError(f"contrastive.alpha has {alpha.size} values; this SAE has {d_sae} features: give one value "
+                         "per feature, or the path of an alpha.csv (feature_id, alpha).")
+    return alpha
+
+
 @dataclass
 class ContrastiveFit:
     """alpha [d_sae] after snapping; recruited: feature ids with α ≠ 1 (largest |α − 1| first); losses per step;
@@ -86,11 +130,7 @@ def fit_contrastive(adapter: ScFMAdapter, sae: SAE, layer: int, source: Tokenize
     opt = torch.optim.Adam([alpha], lr=lr)
     c_t = torch.as_tensor(target_centroid, dtype=torch.float32, device=device)
     scale_latent = float(np.sum((target_centroid - source_centroid) ** 2)) or 1.0
-    diff = np.nan_to_num(target_mean - source_mean, nan=0.0)
-    de = np.argsort(-np.abs(diff), kind="stable")[:n_de_genes]
-    de = de[np.abs(diff[de]) > 0]
-    w = np.zeros(len(diff))
-    w[de] = np.abs(diff[de])
+    de, w = de_genes(target_mean, source_mean, n_de_genes)
     weights = torch.as_tensor(w, dtype=torch.float32, device=device)
     mu_t = torch.as_tensor(np.nan_to_num(target_mean), dtype=torch.float32, device=device)
     batches = [b.to(device) for b in source.batches(adapter.cells_per_batch(batch_size), sort_by_length=False)]
@@ -173,9 +213,15 @@ def contrast_features(cfg):
     emb_t, tot_t, cnt_t = type_profiles(ctx.adapter, tgt_train, output)
     with np.errstate(invalid="ignore", divide="ignore"):
         mu_s, mu_t = tot_s / cnt_s, tot_t / cnt_t
-    fit = fit_contrastive(ctx.adapter, ctx.sae, ctx.layer, src_train, emb_t.mean(0), emb_s.mean(0), mu_t, mu_s,
-                          objective=c.objective, n_de_genes=int(c.n_de_genes), l1=float(c.l1), tol=float(c.tol),
-                          steps=int(c.steps), lr=float(c.lr), output=output, seed=int(c.seed))
+    if c.get("alpha") is not None:  # evaluate a given alpha; the objective's DE genes are still left out
+        a = given_alpha(c.alpha, ctx.sae.d_sae)
+        moved = np.flatnonzero(a != 1.0)
+        de, w = de_genes(mu_t, mu_s, int(c.n_de_genes))
+        fit = ContrastiveFit(a, moved[np.argsort(-np.abs(a[moved] - 1), kind="stable")], [], de, w[de])
+    else:
+        fit = fit_contrastive(ctx.adapter, ctx.sae, ctx.layer, src_train, emb_t.mean(0), emb_s.mean(0), mu_t, mu_s,
+                              objective=c.objective, n_de_genes=int(c.n_de_genes), l1=float(c.l1), tol=float(c.tol),
+                              steps=int(c.steps), lr=float(c.lr), output=output, seed=int(c.seed))
     clf = LogisticRegression(max_iter=2000).fit(np.r_[emb_s, emb_t], np.r_[np.zeros(len(emb_s)), np.ones(len(emb_t))])
     clean_emb, clean_tot, clean_cnt = type_profiles(ctx.adapter, src_eval, output)
     diff = np.nan_to_num(mu_t - mu_s)

@@ -175,17 +175,20 @@ def clean_prefix(adapter: ScFMAdapter, hook_point: HookPointName, batch: Batch) 
 
 
 def stacked_run(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: Batch,
-                interventions: Sequence[Intervention], *, mode: str = "error_preserving",
-                prefix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                interventions: Sequence, *, mode: str = "error_preserving",
+                prefix: torch.Tensor | None = None, edit: Callable | None = None) -> dict[str, torch.Tensor]:
     """The model's outputs under each intervention, in one forward: {output: [E, B, ...]} for
     E = len(interventions) and the B cells of ``batch``; ``hook_point`` is where the SAE reads
     (a residual-stream layer number or a hook point name). ``prefix`` [B, T, d] (``clean_prefix``): the
-    batch's clean residual stream there, so the forward runs only the blocks after it."""
+    batch's clean residual stream there, so the forward runs only the blocks after it. ``edit``
+    (default ``latent_edit``): ``edit(sae, interventions, stacked_gene_ids, mode=mode) -> fn(h, gene_mask)``
+    for interventions that are not :class:`Intervention` objects."""
     E, B = len(interventions), len(batch.cell_index)
     stacked = stack_batch(batch, E)
+    edit = edit or latent_edit
     with ExitStack() as stack:
         if prefix is not None:
             stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix.repeat(E, 1, 1)))
-        stack.enter_context(adapter.intervene(hook_point, latent_edit(sae, interventions, stacked.gene_ids, mode=mode)))
+        stack.enter_context(adapter.intervene(hook_point, edit(sae, interventions, stacked.gene_ids, mode=mode)))
         out = adapter.run(stacked)
     return {k: v.reshape(E, B, *v.shape[1:]) for k, v in out.items()}

@@ -102,11 +102,13 @@ class GeneShifts:
 
 @torch.no_grad()
 def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, tokens: TokenizedCells,
-                interventions: list[Intervention], *, output: str | None = None, mode: str = "error_preserving",
-                batch_size: int = 8, per_forward: int = 16, desc: str = "steering") -> tuple[GeneShifts, str]:
+                interventions: list, *, output: str | None = None, mode: str = "error_preserving",
+                batch_size: int = 8, per_forward: int = 16, desc: str = "steering",
+                edit=None) -> tuple[GeneShifts, str]:
     """Run every intervention on every cell of ``tokens`` (``per_forward`` interventions stacked per
     forward) and accumulate the paired per-gene changes of the readout ``output`` (``default_output``
-    when None). Returns (GeneShifts, the output key read)."""
+    when None). ``edit``: the edit factory of ``stacked_run`` (default: ``Intervention`` objects).
+    Returns (GeneShifts, the output key read)."""
     E, V, C = len(interventions), len(adapter.vocab), len(tokens)
     n, total, squares = (np.zeros((E, V)) for _ in range(3))
     embedding = np.zeros((E, C))
@@ -122,7 +124,7 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
             for start in range(0, E, per_forward):
                 chunk = interventions[start:start + per_forward]
-                out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode, prefix=prefix)
+                out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode, prefix=prefix, edit=edit)
                 for c in range(len(chunk)):
                     e = start + c
                     steered = {k: v[c] for k, v in out.items()}
@@ -163,18 +165,30 @@ def matched_null(density: np.ndarray, targets: list[int], n_null: int, rng: np.r
 
 
 @torch.no_grad()
+def per_gene_stats(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, tokens: TokenizedCells,
+                   batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sums [V, d_sae]: summed activation of each feature at the tokens of each vocabulary gene, fires [V, d_sae]:
+    tokens where it fires, seen [V]: tokens of the gene) over the gene tokens of ``tokens`` at ``hook_point``."""
+    V, F = len(adapter.vocab), sae.d_sae
+    sums, fires, seen = torch.zeros(V, F, dtype=torch.float64), torch.zeros(V, F), torch.zeros(V)
+    for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
+        h = adapter.capture(batch, [hook_point])[hook_point]
+        mask = batch.gene_mask.to(h.device)
+        f = sae.encode(h[mask].float()).cpu()
+        ids = batch.gene_ids.to(h.device)[mask].cpu()
+        sums.index_add_(0, ids, f.clamp(min=0).double())
+        fires.index_add_(0, ids, (f > 0).float())
+        seen.index_add_(0, ids, torch.ones(len(ids)))
+    return sums.numpy(), fires.numpy(), seen.numpy()
+
+
 def firing_stats(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, tokens: TokenizedCells,
                  batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(density [d_sae]: fraction of gene tokens where each feature fires, scale [d_sae]: its mean
     activation where it fires, 0 for silent features) on the cells of ``tokens``."""
-    fired, summed, n_tokens = np.zeros(sae.d_sae), np.zeros(sae.d_sae), 0
-    for batch in tokens.batches(adapter.cells_per_batch(batch_size)):
-        h = adapter.capture(batch, [hook_point])[hook_point]
-        f = sae.encode(h[batch.gene_mask.to(h.device)].float())
-        fired += (f > 0).sum(0).cpu().numpy()
-        summed += f.clamp(min=0).sum(0).double().cpu().numpy()
-        n_tokens += f.shape[0]
-    return fired / max(n_tokens, 1), np.divide(summed, fired, out=np.zeros_like(summed), where=fired > 0)
+    sums, fires, seen = per_gene_stats(adapter, sae, hook_point, tokens, batch_size)
+    fired, summed = fires.sum(0).astype(np.float64), sums.sum(0)
+    return fired / max(seen.sum(), 1), np.divide(summed, fired, out=np.zeros_like(summed), where=fired > 0)
 
 
 # --------------------------------------------------------------------------- the steering stage
@@ -187,6 +201,29 @@ def _vocab_names(adapter: ScFMAdapter) -> np.ndarray:
     for gene, i in adapter.vocab.items():
         names[i] = symbols.get(gene, gene)
     return names
+
+
+MARKER_SOURCES = ("de", "builtin")
+
+
+def de_markers(expression, genes: list[str], labels: np.ndarray, is_train: np.ndarray, n: int) -> dict[str, list[str]]:
+    """{label: its ``n`` top marker genes}: scanpy's ``rank_genes_groups`` (t-test, each label vs the rest) on the
+    TRAIN cells' log1p(CP10k) ``expression`` [cells, genes], keeping genes with a positive log fold change."""
+    import anndata as ad
+    import scanpy as sc
+
+    train = np.flatnonzero(is_train)
+    adata = ad.AnnData(expression[train], obs=pd.DataFrame({"label": pd.Categorical(np.asarray(labels)[train])},
+                                                             index=[str(i) for i in train]))
+    adata.var_names = pd.Index([str(g) for g in genes])
+    adata.uns["log1p"] = {"base": None}
+    groups = [g for g, c in adata.obs["label"].value_counts().items() if c >= 2]
+    sc.tl.rank_genes_groups(adata, "label", groups=groups, method="t-test", n_genes=adata.n_vars)
+    out = {}
+    for g in groups:
+        table = sc.get.rank_genes_groups_df(adata, group=g)
+        out[str(g)] = table[table["logfoldchanges"] > 0]["names"].astype(str).head(n).tolist()
+    return out
 
 
 def steer_features(cfg) -> pd.DataFrame:
@@ -227,14 +264,29 @@ def steer_features(cfg) -> pd.DataFrame:
                                  batch_size=int(s.batch_size), per_forward=int(s.per_forward))
     check_moved(shifts, output, layer)
     names = _vocab_names(adapter)
-    markers = load_gene_sets("markers")
+    if s.markers not in MARKER_SOURCES:
+        raise InputError(f"steering.markers={s.markers!r} is unknown; use one of {', '.join(MARKER_SOURCES)}.")
+    if s.markers == "de" and any(label is not None for label in target_label.values()):
+        from sae4scfm.analysis.labels import train_mask
+
+        key, labels = ctx.labels(s.get("label_key"), "steering.label_key")
+        expression, universe = run.expression()
+        marker_lists = de_markers(expression, universe, labels.to_numpy(), train_mask(run.features.obs),
+                                  int(s.n_markers))
+    else:
+        builtin = load_gene_sets("markers")
+        marker_lists = {}
+        for label in set(target_label.values()) - {None}:
+            name = marker_set_for(run, label)
+            if name:
+                marker_lists[label] = list(builtin.get(name, ()))
     rows, gene_rows = [], []
     for e, (j, f, a) in enumerate(plan):
         test = shifts.paired_test(e, int(s.min_cells))
         test["gene"] = names[test["gene_id"]]
         label = target_label.get(j)
-        marker_set = marker_set_for(run, label) if label is not None else None
-        marker_genes = set(markers.get(marker_set, ())) if marker_set else set()
+        marker_set = (f"de:{label}" if s.markers == "de" else marker_set_for(run, label)) if label is not None else None
+        marker_genes = set(marker_lists.get(label, ())) if label is not None else set()
         is_marker = test["gene"].isin(marker_genes).to_numpy()
         on_markers = test.loc[is_marker, "mean_delta"]
         pct = test["mean_delta"].rank(pct=True).to_numpy()  # 1 = moved most upwards of all genes tested
