@@ -210,23 +210,28 @@ def toward_scores(shifts: GeneShifts, closer: np.ndarray, emb_closer: np.ndarray
 
 
 def trajectory_steering(cfg) -> pd.DataFrame:
-    """``scripts/trajectory_steering.py``: pseudotime on ``trajectory.lineage``, early/late signature on train
-    cells, features chosen on train cells, steered in early eval cells, scored toward late against the matched
-    null (module docstring). Writes ``<run>/causal/trajectory/{trajectory.csv (features vs null), set.csv (all
-    features together vs null sets), null.csv, pseudotime.csv, signature.csv}``; returns trajectory.csv's table."""
+    """``scripts/trajectory_steering.py``: ``steer_trajectory`` on the run addressed by ``cfg.sae_checkpoint``."""
+    from sae4scfm.causal.run import open_causal_run
+
+    return steer_trajectory(open_causal_run(cfg, "trajectory steering"), cfg.trajectory)
+
+
+def steer_trajectory(ctx, t) -> pd.DataFrame:
+    """Pseudotime on ``t.lineage`` (``t``: the ``trajectory`` config section), early/late signature on train
+    cells, features chosen on train cells, steered in early eval cells of the opened run ``ctx``
+    (``causal.run.CausalRun``), scored toward late against the matched null (module docstring). Writes
+    ``<run>/causal/trajectory/{trajectory.csv (features vs null), set.csv (all features together vs null sets),
+    null.csv, pseudotime.csv, signature.csv}``; returns trajectory.csv's table."""
     from sae4scfm.atomic import atomic_write
     from sae4scfm.causal.contrastive import type_profiles
-    from sae4scfm.causal.run import open_causal_run
     from sae4scfm.causal.steering import _vocab_names, against_null, check_moved, firing_stats, matched_null
 
-    t = cfg.trajectory
     for name in ("early_quantile", "late_quantile"):
         if not 0 < float(t[name]) < 1:
             raise InputError(f"trajectory.{name}={t[name]} must lie strictly between 0 and 1.")
     if float(t.early_quantile) >= float(t.late_quantile):
         raise InputError(f"trajectory.early_quantile={t.early_quantile} must be below trajectory.late_quantile="
                          f"{t.late_quantile}.")
-    ctx = open_causal_run(cfg, "trajectory steering")
     run, sae, layer, adapter = ctx.run, ctx.sae, ctx.layer, ctx.adapter
     key, labels = ctx.labels(t.label_key, "trajectory.label_key")
     if labels is None:
