@@ -237,6 +237,10 @@ def steer_trajectory(ctx, t) -> pd.DataFrame:
     if labels is None:
         raise InputError("trajectory steering needs cell labels: set trajectory.label_key=<obs column>.")
     labels = labels.to_numpy()
+    bad = [int(j) for j in (t.features or ()) if not 0 <= int(j) < sae.d_sae]
+    if bad:
+        raise InputError(f"trajectory.features: feature ids {bad} are out of range; this SAE has features "
+                         f"0..{sae.d_sae - 1}.")
     lineage = [str(v) for v in (t.lineage or ())]
     cells = lineage_positions(labels, lineage, "trajectory.lineage", int(t.min_lineage_cells))
     rng = np.random.default_rng(int(t.seed))
@@ -266,15 +270,10 @@ def steer_trajectory(ctx, t) -> pd.DataFrame:
     density, scale = firing_stats(adapter, sae, layer, ctx.tokens.subset(stats_cells), int(t.batch_size))
 
     # features: given, or the largest |Spearman rho| with pseudotime on train lineage cells (live features only)
-    rho_of = lambda part: pseudotime_correlation(run.features.X[cells[(split == part) & reach]],  # noqa: E731
-                                                 pt[(split == part) & reach])
-    rho, rho_eval = rho_of("train"), rho_of("eval")
+    rho, rho_eval = (pseudotime_correlation(run.features.X[cells[(split == part) & reach]], pt[(split == part) & reach])
+                     for part in ("train", "eval"))
     if t.features is not None:
         targets = [int(j) for j in t.features]
-        bad = [j for j in targets if not 0 <= j < sae.d_sae]
-        if bad:
-            raise InputError(f"trajectory.features: feature ids {bad} are out of range; this SAE has features "
-                             f"0..{sae.d_sae - 1}.")
         silent = [j for j in targets if density[j] == 0]
         if silent:
             raise InputError(f"trajectory.features: {silent} never fire on the {len(stats_cells)} train lineage "
@@ -321,10 +320,9 @@ def steer_trajectory(ctx, t) -> pd.DataFrame:
                **toward_scores(shifts, closer, emb_closer, e, a, ends, min_cells),
                "embedding_shift": float(shifts.embedding[e].mean())}
         if unit != "set":
-            j = unit
-            row.update(sign=sign[j], density=float(density[features[0]]), scale=float(scale[features[0]]))
+            row.update(sign=sign[unit], density=float(density[features[0]]), scale=float(scale[features[0]]))
             if role == "target":
-                row.update(rho_train=float(rho[j]), rho_eval=float(rho_eval[j]))
+                row.update(rho_train=float(rho[unit]), rho_eval=float(rho_eval[unit]))
         rows.append(row)
     table = pd.DataFrame(rows).assign(lineage=" -> ".join(lineage), label_key=key)
     single, joint = table[table["target"] != "set"], table[table["target"] == "set"]
