@@ -49,6 +49,7 @@ steer_main = entry_point("steer", "sae4scfm.causal.steering:steer_features")
 patch_main = entry_point("patch", "sae4scfm.causal.patching:patch_features")
 trace_main = entry_point("trace", "sae4scfm.causal.tracing:trace_features")
 contrast_main = entry_point("contrast", "sae4scfm.causal.contrastive:contrast_features")
+regulate_main = entry_point("regulate", "sae4scfm.causal.regulatory:regulatory_probe")
 benchmark_integration_main = entry_point("benchmark_integration", "sae4scfm.analysis.integration:benchmark_integration")
 _atlas_main = entry_point("atlas", "sae4scfm.atlas.build:build_atlas")
 
