@@ -179,7 +179,7 @@ def tf_token_stats(adapter: ScFMAdapter, sae: SAE, layer: int, tokens: Tokenized
 
 
 def tf_features(st: dict[str, np.ndarray], min_firing: float) -> tuple[np.ndarray, np.ndarray]:
-    """(feature [n_tf] (−1 where none qualifies), score [n_tf]) from :func:`tf_token_stats`: per TF the feature
+    """(feature [n_tf] (−1 where none qualifies), score [n_tf] (NaN there)) from :func:`tf_token_stats`: per TF the feature
     with the largest standardised mean difference (on_mean − all_mean) / all_sd among features with
     on_firing >= ``min_firing`` and all_sd > 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -187,7 +187,8 @@ def tf_features(st: dict[str, np.ndarray], min_firing: float) -> tuple[np.ndarra
     d = np.where((st["on_firing"] >= min_firing) & (st["all_sd"] > 0), d, -np.inf)
     best = d.argmax(1)
     score = d[np.arange(len(d)), best]
-    return np.where(np.isfinite(score), best, -1), score
+    ok = np.isfinite(score)
+    return np.where(ok, best, -1), np.where(ok, score, np.nan)
 
 
 # --------------------------------------------------------------------------- targets vs matched non-targets
@@ -294,6 +295,9 @@ def regulatory_probe(cfg) -> pd.DataFrame:
                          f"{r.min_tf_tokens} tokens in {len(train)} train cells, a feature firing on >= {r.min_firing} "
                          f"of them and >= {r.min_targets} targets in the vocabulary; lower regulatory.min_tf_tokens / "
                          "min_targets / min_firing or raise select_cells.")
+
+    print(f"regulatory: {len(tfs)} TFs of {r.table} are vocabulary genes; {len(chosen)} probed "
+          f"({', '.join(chosen['tf'])})")
 
     # 2. steer each TF's feature and its density-matched null in eval cells
     cells = ctx.eval_tokens(int(r.n_cells), rng)
