@@ -125,10 +125,10 @@ def read_tf_table(source: str, fmt: str = "auto") -> pd.DataFrame:
         rows = [(tf, g, "Unknown") for name, genes in load_gene_sets(source).items()
                 if (tf := gmt_tf(name)) is not None for g in genes]
         table = pd.DataFrame(rows, columns=["tf", "target", "mode"])
-    table = table[table["tf"] != table["target"]]
-    # one row per (tf, target); conflicting modes of one pair become Unknown
-    modes = table.groupby(["tf", "target"], sort=False)["mode"].agg(lambda m: m.iloc[0] if m.nunique() == 1 else "Unknown")
-    return modes.reset_index()
+    # one row per (tf, target), self-edges dropped; conflicting modes of one pair become Unknown
+    table = table[table["tf"] != table["target"]].drop_duplicates()
+    table.loc[table.duplicated(["tf", "target"], keep=False), "mode"] = "Unknown"
+    return table.drop_duplicates(["tf", "target"]).reset_index(drop=True)
 
 
 def restrict_to_vocab(table: pd.DataFrame, vocab: set[str], source: str) -> pd.DataFrame:
