@@ -9,8 +9,9 @@ Per TF (a vocabulary gene with >= ``min_targets`` targets tested):
 1. **feature** (train cells): the feature j maximising the standardised mean difference
    (mean f_j on the TF's own gene tokens − mean f_j on all gene tokens) / sd f_j over all gene tokens,
    among features firing on >= ``min_firing`` of the TF's tokens (:func:`tf_features`);
-2. **steering** (eval cells): add α·scale_j·W_dec[j] at every gene token (``steering.gene_shifts``, the
-   mechanism of ``steer_features``), per gene the paired mean change Δ of the readout across cells;
+2. **steering** (eval cells): add α·scale_j·W_dec[j] at every gene token (``positions`` all; ``firing``: where
+   f_j > 0; ``tf``: only at the TF's own gene token) with ``steering.gene_shifts`` (the mechanism of
+   ``steer_features``), per gene the paired mean change Δ of the readout across cells;
 3. **matching**: each target is matched to the ``n_matched`` non-targets (tested genes that are neither the TF
    nor its targets) nearest in (percentile of the number of steered cells holding the gene, percentile of the
    gene's clean mean readout), Euclidean; the matched set is the union (:func:`match_non_targets`);
@@ -315,13 +316,18 @@ def regulatory_probe(cfg) -> pd.DataFrame:
     features = sorted(set(chosen["feature_id"].astype(int)))
     nulls = matched_null(density, features, int(r.null_features), rng)
     alphas = [float(a) for a in r.alphas]
-    steered = sorted({f for j in features for f in [j, *nulls[j]]})
-    plan = [(f, a) for f in steered for a in alphas]
-    ivs = [Intervention((f,), r.op, a * float(scale[f]) if r.op == "add" else a) for f, a in plan]
+    if r.positions not in ("all", "firing", "tf"):
+        raise InputError(f"regulatory.positions={r.positions!r} is unknown; use all, firing or tf.")
+    if r.positions == "tf":  # (TF whose gene tokens are edited, feature, α)
+        plan = [(tf, f, a) for tf, j in zip(chosen["tf"], chosen["feature_id"]) for f in [j, *nulls[j]] for a in alphas]
+    else:  # the edit does not depend on the TF: each feature once
+        plan = [(None, f, a) for f in sorted({f for j in features for f in [j, *nulls[j]]}) for a in alphas]
+    ivs = [Intervention((f,), r.op, a * float(scale[f]) if r.op == "add" else a,
+                        r.positions if tf is None else (gene_id[tf],)) for tf, f, a in plan]
     shifts, output = gene_shifts(adapter, sae, layer, cells, ivs, output=r.output, mode=r.mode,
                                  batch_size=int(r.batch_size), per_forward=int(r.per_forward), desc="regulatory")
     check_moved(shifts, output, layer)
-    index = {fa: e for e, fa in enumerate(plan)}
+    index = {key: e for e, key in enumerate(plan)}
 
     # 3. match and test, per TF, α and steered feature (the TF's own or a null)
     tests = [shifts.paired_test(e, int(r.min_cells)) for e in range(len(plan))]  # same genes for every e
@@ -344,7 +350,7 @@ def regulatory_probe(cfg) -> pd.DataFrame:
         is_t[targets], is_m[matched] = True, True
         for a in alphas:
             for f in [j, *nulls[j]]:
-                test = tests[index[(f, a)]]
+                test = tests[index[(tf if r.positions == "tf" else None, f, a)]]
                 delta = test["mean_delta"].to_numpy()
                 row = {"tf": tf, "feature_id": f, "role": "target" if f == j else "null", "alpha": a,
                        "feature": j, "score": float(c["score"]), "output": output,
