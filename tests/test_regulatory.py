@@ -162,7 +162,8 @@ def test_stage_finds_the_planted_tf_and_not_the_random_one(planted, runs_dir):
     assert choice.loc[x, "feature_id"] == hit["feature"]
 
     for extra, match in [(f"regulatory.table={path.parent / 'none.tsv'}", "none.tsv: no such file"),
-                         ("regulatory.format=bed", "regulatory.format='bed' is unknown")]:
+                         ("regulatory.format=bed", "regulatory.format='bed' is unknown"),
+                         ("regulatory.positions=everywhere", "regulatory.positions='everywhere' is unknown")]:
         with pytest.raises(InputError, match=match):
             regulatory_probe(sae4scfm.compose("regulate", [*address, f"regulatory.table={path}", extra]))
     mouse = path.parent / "mouse.tsv"

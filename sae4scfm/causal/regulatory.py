@@ -265,6 +265,8 @@ def regulatory_probe(cfg) -> pd.DataFrame:
 
     r = cfg.regulatory
     table = read_tf_table(r.table, str(r.format))
+    if r.positions not in ("all", "firing", "tf"):
+        raise InputError(f"regulatory.positions={r.positions!r} is unknown; use all, firing or tf.")
     ctx = open_causal_run(cfg, "the regulatory probe")
     adapter, sae, layer = ctx.adapter, ctx.sae, ctx.layer
     names = _vocab_names(adapter)
@@ -316,8 +318,6 @@ def regulatory_probe(cfg) -> pd.DataFrame:
     features = sorted(set(chosen["feature_id"].astype(int)))
     nulls = matched_null(density, features, int(r.null_features), rng)
     alphas = [float(a) for a in r.alphas]
-    if r.positions not in ("all", "firing", "tf"):
-        raise InputError(f"regulatory.positions={r.positions!r} is unknown; use all, firing or tf.")
     if r.positions == "tf":  # (TF whose gene tokens are edited, feature, α)
         plan = [(tf, f, a) for tf, j in zip(chosen["tf"], chosen["feature_id"]) for f in [j, *nulls[j]] for a in alphas]
     else:  # the edit does not depend on the TF: each feature once
