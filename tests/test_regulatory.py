@@ -98,6 +98,20 @@ def test_matching_and_the_statistic_on_a_known_example():
     assert sign_test(delta, modes, 4.0)["sign_agreement"] == 0.0
 
 
+def test_expression_selection_picks_the_feature_tracking_the_tf():
+    from sae4scfm.causal.regulatory import tf_expression_features
+
+    rng = np.random.default_rng(0)
+    expr = rng.gamma(1.0, 1.0, size=(200, 3))
+    X = rng.gamma(1.0, 1.0, size=(200, 6))
+    X[:, 4] = expr[:, 0] + 0.3 * rng.random(200)  # tracks TF 0
+    X[:, 1] = 5 - expr[:, 1]  # anti-correlated with TF 1: not a TF feature
+    expr[:, 2] = 0.0  # TF 2 is never expressed
+    feature, score = tf_expression_features(X, expr)
+    assert feature[0] == 4 and score[0] == pytest.approx(stats.pearsonr(X[:, 4], expr[:, 0])[0])
+    assert feature[1] != 1 and feature[2] == -1 and np.isnan(score[2])
+
+
 @pytest.fixture(scope="module")
 def planted(small_run, tmp_path_factory):
     """A TF table on the small run: TF X (a gene whose feature, chosen on all train cells, is steered on 4 train

@@ -6,9 +6,11 @@ Activation | Repression | Unknown) or a GMT of TF target sets (a path, or a ``lo
 
 Per TF (a vocabulary gene with >= ``min_targets`` targets tested):
 
-1. **feature** (train cells): the feature j maximising the standardised mean difference
-   (mean f_j on the TF's own gene tokens − mean f_j on all gene tokens) / sd f_j over all gene tokens,
-   among features firing on >= ``min_firing`` of the TF's tokens (:func:`tf_features`);
+1. **feature** (train cells): ``select`` token (default): the feature j maximising the standardised mean
+   difference (mean f_j on the TF's own gene tokens − mean f_j on all gene tokens) / sd f_j over all gene tokens,
+   among features firing on >= ``min_firing`` of the TF's tokens (:func:`tf_features`; a feature of the TF's token);
+   ``select`` expression: the feature whose cell activation correlates best with the TF's expression across the
+   cells (:func:`tf_expression_features`; a feature tracking the TF's level);
 2. **steering** (eval cells): add α·scale_j·W_dec[j] at every gene token (``positions`` all; ``firing``: where
    f_j > 0; ``tf``: only at the TF's own gene token) with ``steering.gene_shifts`` (the mechanism of
    ``steer_features``), per gene the paired mean change Δ of the readout across cells;
@@ -192,6 +194,20 @@ def tf_features(st: dict[str, np.ndarray], min_firing: float) -> tuple[np.ndarra
     return np.where(ok, best, -1), np.where(ok, score, np.nan)
 
 
+def tf_expression_features(features_X, expression) -> tuple[np.ndarray, np.ndarray]:
+    """(feature [n_tf] (−1 where none qualifies), score [n_tf]): per TF (column of ``expression`` [cells, n_tf],
+    log1p CP10k) the feature whose cell activation (``features_X`` [cells, F]) has the largest Pearson r with the
+    TF's expression across the cells (``analysis.gene_scoring.cell_gene_correlation``, the ``correlation`` gene
+    score of the analyze stage); r must be > 0."""
+    from sae4scfm.analysis.gene_scoring import cell_gene_correlation
+
+    r = np.nan_to_num(cell_gene_correlation(features_X, expression), nan=-np.inf)
+    best = r.argmax(0)
+    score = r[best, np.arange(r.shape[1])]
+    ok = score > 0
+    return np.where(ok, best, -1), np.where(ok, score, np.nan)
+
+
 # --------------------------------------------------------------------------- targets vs matched non-targets
 
 
@@ -267,6 +283,8 @@ def regulatory_probe(cfg) -> pd.DataFrame:
     table = read_tf_table(r.table, str(r.format))
     if r.positions not in ("all", "firing", "tf"):
         raise InputError(f"regulatory.positions={r.positions!r} is unknown; use all, firing or tf.")
+    if r.select not in ("token", "expression"):
+        raise InputError(f"regulatory.select={r.select!r} is unknown; use token or expression.")
     ctx = open_causal_run(cfg, "the regulatory probe")
     adapter, sae, layer = ctx.adapter, ctx.sae, ctx.layer
     names = _vocab_names(adapter)
@@ -285,7 +303,18 @@ def regulatory_probe(cfg) -> pd.DataFrame:
     train = train.subset(np.sort(rng.choice(len(train), min(int(r.select_cells), len(train)), replace=False)))
     tfs = sorted(table["tf"].unique())
     st = tf_token_stats(adapter, sae, layer, train, np.array([gene_id[t] for t in tfs]), int(r.batch_size))
-    feature, score = tf_features(st, float(r.min_firing))
+    if r.select == "token":
+        feature, score = tf_features(st, float(r.min_firing))
+    else:  # expression: correlation of the cell representation with the TF's expression, same train cells
+        ctx.run.cache.setdefault("adata", ctx.adata)
+        expression, genes = ctx.run.expression()
+        column = {g: i for i, g in enumerate(genes)}
+        cols = [column.get(t, -1) for t in tfs]
+        rows = train.cell_index
+        E = expression[rows][:, [max(c, 0) for c in cols]]
+        feature, score = tf_expression_features(ctx.run.features.X[rows], E)
+        missing = np.array(cols) < 0  # a vocabulary TF the dataset does not hold
+        feature[missing], score[missing] = -1, np.nan
     choice = pd.DataFrame({"tf": tfs, "feature_id": feature, "score": score, "n_tf_tokens": st["n_tf_tokens"],
                            "n_targets_in_vocab": table.groupby("tf").size().reindex(tfs).to_numpy()})
     ok = (choice["n_tf_tokens"] >= int(r.min_tf_tokens)) & (choice["feature_id"] >= 0)
