@@ -328,10 +328,9 @@ def regulatory_probe(cfg) -> pd.DataFrame:
                          f"of them and >= {r.min_targets} targets in the vocabulary; lower regulatory.min_tf_tokens / "
                          "min_targets / min_firing or raise select_cells.")
 
-    dropped = sorted(set(tfs) - set(chosen["tf"]))
     print(f"regulatory: {len(tfs)} TFs of {r.table} considered (vocabulary genes with targets there"
-          f"{', in regulatory.tfs' if r.get('tfs') else ''}); probed: {', '.join(chosen['tf'])}"
-          + (f"; {len(dropped)} without enough tokens, targets or a qualifying feature (features.csv)" if dropped else ""))
+          f"{', in regulatory.tfs' if r.get('tfs') else ''}), {int(ok.sum())} with enough tokens, targets and a "
+          f"qualifying feature (features.csv); probed: {', '.join(chosen['tf'])}")
 
     # 2. steer each TF's feature and its density-matched null in eval cells
     cells = ctx.eval_tokens(int(r.n_cells), rng)
