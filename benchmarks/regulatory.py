@@ -8,7 +8,7 @@ target vs matched non-target mean |Δ|, the AUC with its BH q, the null features
 a summary line.
 
     python benchmarks/regulatory.py [--run RUN_DIR] [--n-cells 3000] [--steer-cells 60] [--positions all|tf]
-        [--out results.json]
+        [--select token|expression] [--out results.json]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--tfs", default=",".join(IFN_TFS))
     ap.add_argument("--n-other", type=int, default=6)
     ap.add_argument("--positions", default="all", help="regulatory.positions: all | firing | tf")
+    ap.add_argument("--select", default="token", help="regulatory.select: token | expression")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -75,13 +76,13 @@ def main() -> None:
     cfg = sae4scfm.compose("regulate", [*address(run_dir), f"regulatory.table={args.table}",
                                         f"regulatory.tfs=[{','.join(tfs)}]", f"regulatory.n_cells={args.steer_cells}",
                                         f"regulatory.null_features={args.null_features}",
-                                        f"regulatory.positions={args.positions}"])
+                                        f"regulatory.positions={args.positions}", f"regulatory.select={args.select}"])
     s = regulatory_probe(cfg)
     t2 = time.time()
     cols = ["tf", "alpha", "feature", "score", "n_targets", "n_matched", "target_shift", "matched_shift", "auc", "mw_q",
             "auc_null_mean", "auc_p", "auc_q", "target_shift_null_mean", "target_shift_p"]
     print(f"\nregulatory probe, {args.table}, run {run_dir}, {args.steer_cells} eval cells steered at positions="
-          f"{args.positions}, {args.null_features} density-matched null features per TF feature")
+          f"{args.positions}, features chosen by select={args.select}, {args.null_features} density-matched null features per TF feature")
     print(s[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     ifn = s[s["tf"].isin(IFN_TFS)]
     for name, part in [("all TFs", s), ("IFN TFs", ifn)]:
