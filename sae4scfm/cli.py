@@ -51,6 +51,7 @@ trace_main = entry_point("trace", "sae4scfm.causal.tracing:trace_features")
 contrast_main = entry_point("contrast", "sae4scfm.causal.contrastive:contrast_features")
 perturb_main = entry_point("perturb", "sae4scfm.causal.perturbation:perturbation_check")
 trajectory_main = entry_point("trajectory", "sae4scfm.causal.trajectory:trajectory_steering")
+regulate_main = entry_point("regulate", "sae4scfm.causal.regulatory:regulatory_probe")
 benchmark_integration_main = entry_point("benchmark_integration", "sae4scfm.analysis.integration:benchmark_integration")
 _atlas_main = entry_point("atlas", "sae4scfm.atlas.build:build_atlas")
 
