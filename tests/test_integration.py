@@ -326,6 +326,12 @@ def test_removal_rows(tiny_run, table, removal_table):
     others = np.delete(auc, removed)
     assert len(removed) == 3 and auc[removed].min() >= others.max() - 1e-9
     assert len(set(random)) == 3 and not set(random) & set(removed) and X[:, random].any(axis=0).all()
+    assert sets.loc[REMOVAL_ROWS[1], "train_score"] == pytest.approx(auc[removed].mean(), abs=1e-9)
+    held = features.X[~train].toarray()
+    held_auc = [max(roc_auc_score(features.obs["batch"].to_numpy()[~train] == v, held[:, j]) for v in PBMC_BATCHES)
+                for j in removed]
+    assert sets.loc[REMOVAL_ROWS[1], "eval_score"] == pytest.approx(np.mean(held_auc), abs=1e-9)
+    assert (sets["emb_shift"] > 1e-4).all()
     # removed vs random summary, per metric: the table's numbers and an empirical p over the one seed
     summary = pd.read_csv(run_dir / "analysis" / "integration_removal.csv")
     assert len(summary) == scores.shape[1] and set(summary["p_random_ge"]) <= {0.5, 1.0}

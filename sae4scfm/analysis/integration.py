@@ -236,24 +236,35 @@ def scored_cells(adata: ad.AnnData, batch_key: str, label_key: str, cells: str, 
     return usable
 
 
-def removal_plan(icfg: DictConfig, features: RunFeatures, batch_key: str, cell_type_key: str) -> list:
+def removal_plan(icfg: DictConfig, features: RunFeatures, batch_key: str, cell_type_key: str
+                 ) -> tuple[list, pd.DataFrame]:
     """The ``integration.removal`` sets (``sae4scfm.causal.removal.removal_sets``), selected on the run's train
-    cells of ``features.h5ad``; printed."""
+    cells of ``features.h5ad``, and a table of them: row ``embedding``, kind, n, seed, features (ids), and the
+    mean selection score of the set's features on the train cells and, held out, on the eval cells."""
     from sae4scfm.analysis.labels import train_mask
-    from sae4scfm.causal.removal import removal_sets
+    from sae4scfm.causal.removal import removal_sets, selection_scores
 
     r = icfg.removal
     obs = features.adata.obs
-    key = str(r.label_key or batch_key)
-    sets, _ = removal_sets(features.X, obs, train_mask(obs, str(features.path)), key, list(r.n_features_list),
-                           list(r.seeds), rule=str(r.selection), cell_type_key=cell_type_key,
-                           min_cells=int(icfg.min_cells),
-                           field="integration.removal.label_key" if r.label_key else "integration.batch_key")
-    for s in sets:
+    key, train = str(r.label_key or batch_key), train_mask(obs, str(features.path))
+    common = dict(rule=str(r.selection), cell_type_key=cell_type_key, min_cells=int(icfg.min_cells),
+                  field="integration.removal.label_key" if r.label_key else "integration.batch_key")
+    sets, score = removal_sets(features.X, obs, train, key, list(r.n_features_list), list(r.seeds), **common)
+    try:
+        held_out = selection_scores(features.X, obs, ~train, key, **common)
+    except InputError as err:  # e.g. a label value with too few eval cells: the score is then not reported
+        print(f"  no eval-cell selection score: {err}")
+        held_out = np.full_like(score, np.nan)
+    info = pd.DataFrame([{"embedding": s.name, "kind": s.kind, "n": s.n, "seed": s.seed,
+                          "features": " ".join(map(str, s.features)),
+                          "train_score": float(score[list(s.features)].mean()) if s.n else np.nan,
+                          "eval_score": float(held_out[list(s.features)].mean()) if s.n else np.nan} for s in sets])
+    for s, row in zip(sets, info.itertuples()):
         if s.kind == "removed":
-            print(f"  removal n={s.n}: the top features by {r.selection} over {key} on train cells: "
+            print(f"  removal n={s.n}: the top features by {r.selection} over {key} on train cells (mean score "
+                  f"{row.train_score:.3f}, on eval cells {row.eval_score:.3f}): "
                   f"{' '.join(map(str, s.features[:20]))}{' ...' if s.n > 20 else ''}")
-    return sets
+    return sets, info
 
 
 def removal_embeddings(icfg: DictConfig, ctx, sets: list, usable: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
@@ -305,7 +316,7 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     wants_sae = removal.enabled or any(n.startswith("sae_") for n in names)
     features = read_pooled_features(run_dir, str(icfg.pooling)) if wants_sae else None
     require_scib_metrics()
-    sets = removal_plan(icfg, features, batch_key, label_key) if removal.enabled else []
+    sets, info = removal_plan(icfg, features, batch_key, label_key) if removal.enabled else ([], None)
 
     if removal.enabled:
         from sae4scfm.causal.run import open_causal_run
@@ -343,7 +354,10 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
         embeddings[name] = emb
     if sets:
         print(f"embedding: model_cell_emb with SAE features removed (layer {ctx.layer}, {removal.mode})", flush=True)
-        embeddings.update(removal_embeddings(icfg, ctx, sets, usable, embeddings["model_cell_emb"]))
+        clean = embeddings["model_cell_emb"]
+        embeddings.update(removal_embeddings(icfg, ctx, sets, usable, clean))
+        info["emb_shift"] = [float(np.mean(np.linalg.norm(embeddings[name] - clean, axis=1)
+                                           / np.linalg.norm(clean, axis=1))) for name in info["embedding"]]
     reference = embeddings.get("expression_pca")  # PCR comparison's unintegrated reference
     if reference is None:
         reference = expression_pca(adata[usable], data_cfg, int(icfg.pca_n_comps))
@@ -359,7 +373,7 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     if sets:
         removed = {s.name: s.n for s in sets}
         table[("Embedding", "removed")] = [removed.get(n, np.nan) for n in table.index]
-        write_removal(out_dir, table, sets)
+        write_removal(out_dir, table, sets, info)
     atomic_write(out, lambda p: table.to_csv(p))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(table)
@@ -367,18 +381,19 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     return table
 
 
-def write_removal(out_dir: Path, table: pd.DataFrame, sets: list) -> None:
-    """``integration_removal_sets.csv`` (row, kind, n, seed, features removed) and ``integration_removal.csv``
-    (per n and score: removed, random mean / sd, empirical p that a random removal scores as high); printed."""
+def write_removal(out_dir: Path, table: pd.DataFrame, sets: list, info: pd.DataFrame) -> None:
+    """``integration_removal_sets.csv`` (``info``: row, kind, n, seed, features removed, their mean train / eval
+    selection score, emb_shift = mean ‖Δ cell_emb‖ / ‖cell_emb‖ over the scored cells) and
+    ``integration_removal.csv`` (per n and score: removed, random mean / sd, empirical p that a random removal
+    scores as high); printed."""
     from sae4scfm.causal.removal import against_random
 
-    rows = pd.DataFrame([{"embedding": s.name, "kind": s.kind, "n": s.n, "seed": s.seed,
-                          "features": " ".join(map(str, s.features))} for s in sets])
-    atomic_write(out_dir / REMOVAL_SETS_FILE, lambda p: rows.to_csv(p, index=False))
+    atomic_write(out_dir / REMOVAL_SETS_FILE, lambda p: info.to_csv(p, index=False))
     metrics = [c for c in table.columns if c[0] != "Embedding"]
     summary = against_random(table, sets, metrics)
     atomic_write(out_dir / REMOVAL_FILE, lambda p: summary.to_csv(p, index=False))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
+        print(info.drop(columns="features").to_string(index=False))
         print(summary[summary["metric type"] == "Aggregate score"].to_string(index=False))
     print(f"feature removal vs density-matched random removal: {out_dir / REMOVAL_FILE}")
 
