@@ -279,3 +279,76 @@ def test_bad_settings_and_missing_scib(tiny_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "scib_metrics", None)
     with pytest.raises(InputError, match=r"scib-metrics .*pip install \"sae4scfm\[integration\]\""):
         benchmark_integration(bench_cfg(runs_dir, "tiny", run_dir.name))
+
+
+# --------------------------------------------------------------------------- feature removal rows
+
+# all cells: the tiny run has 40 eval cells, fewer than scib's 90-NN graphs need (the default for removal is eval)
+REMOVAL = ["integration.removal.enabled=true", "integration.cells=all", "integration.embeddings=[model_cell_emb]",
+           "integration.removal.n_features_list=[3]", "integration.removal.seeds=[0]"]
+REMOVAL_ROWS = ["model_cell_emb", "model_cell_emb_removed_n3", "model_cell_emb_random_n3_s0"]
+
+
+@pytest.fixture(scope="module")
+def removal_table(tiny_run):
+    from sae4scfm.analysis.integration import benchmark_integration
+
+    runs_dir, run_dir = tiny_run
+    return benchmark_integration(bench_cfg(runs_dir, "tiny", run_dir.name, *REMOVAL))
+
+
+@needs_scib
+def test_removal_rows(tiny_run, table, removal_table):
+    from sae4scfm.analysis.integration import read_integration_table
+
+    _, run_dir = tiny_run
+    assert list(removal_table.index) == REMOVAL_ROWS
+    scores = removal_table.drop(columns="Embedding", level=0)
+    assert np.isfinite(scores.to_numpy(dtype=np.float64)).all()
+    np.testing.assert_array_equal(removal_table[("Embedding", "removed")], [np.nan, 3, 3])
+    # the unsteered row is the main table's (same cells, same metrics); removing 3 features moved the embedding
+    pd.testing.assert_series_equal(scores.loc["model_cell_emb"], table.drop(columns="Embedding", level=0)
+                                   .loc["model_cell_emb"], check_exact=False, atol=1e-6)
+    assert not np.allclose(scores.loc[REMOVAL_ROWS[1]], scores.loc["model_cell_emb"], atol=1e-4)
+    pd.testing.assert_frame_equal(read_integration_table(run_dir / "analysis" / "integration.csv"), removal_table,
+                                  check_exact=False, check_dtype=False)
+    # the removed features: the 3 live features of highest batch AUROC (sklearn) on the train cells
+    sets = pd.read_csv(run_dir / "analysis" / "integration_removal_sets.csv").set_index("embedding")
+    removed = [int(j) for j in sets.loc[REMOVAL_ROWS[1], "features"].split()]
+    random = [int(j) for j in sets.loc[REMOVAL_ROWS[2], "features"].split()]
+    features, _ = _run_cells(run_dir)
+    train = (features.obs["split"] == "train").to_numpy()
+    X, batch = features.X[train].toarray(), features.obs["batch"].to_numpy()[train]
+    from sklearn.metrics import roc_auc_score
+
+    auc = np.array([max(roc_auc_score(batch == v, X[:, j]) for v in PBMC_BATCHES) if X[:, j].any() else -np.inf
+                    for j in range(X.shape[1])])
+    others = np.delete(auc, removed)
+    assert len(removed) == 3 and auc[removed].min() >= others.max() - 1e-9
+    assert len(set(random)) == 3 and not set(random) & set(removed) and X[:, random].any(axis=0).all()
+    assert sets.loc[REMOVAL_ROWS[1], "train_score"] == pytest.approx(auc[removed].mean(), abs=1e-9)
+    held = features.X[~train].toarray()
+    held_auc = [max(roc_auc_score(features.obs["batch"].to_numpy()[~train] == v, held[:, j]) for v in PBMC_BATCHES)
+                for j in removed]
+    assert sets.loc[REMOVAL_ROWS[1], "eval_score"] == pytest.approx(np.mean(held_auc), abs=1e-9)
+    assert (sets["emb_shift"] > 1e-4).all()
+    # removed vs random summary, per metric: the table's numbers and an empirical p over the one seed
+    summary = pd.read_csv(run_dir / "analysis" / "integration_removal.csv")
+    assert len(summary) == scores.shape[1] and set(summary["p_random_ge"]) <= {0.5, 1.0}
+    total = summary[(summary["metric type"] == "Aggregate score") & (summary["metric"] == "Total")].iloc[0]
+    assert total["removed"] == pytest.approx(scores.loc[REMOVAL_ROWS[1], ("Aggregate score", "Total")])
+    assert total["random_mean"] == pytest.approx(scores.loc[REMOVAL_ROWS[2], ("Aggregate score", "Total")])
+
+
+def test_removal_bad_input(tiny_run):
+    from sae4scfm.analysis.integration import benchmark_integration
+
+    runs_dir, run_dir = tiny_run
+    stamp = run_dir.name
+    with pytest.raises(InputError, match=r"integration.removal.label_key='donor' is not an obs column"):
+        benchmark_integration(bench_cfg(runs_dir, "tiny", stamp, *REMOVAL, "integration.removal.label_key=donor"))
+    with pytest.raises(InputError, match=r"n=999 needs 1998 live features"):
+        benchmark_integration(bench_cfg(runs_dir, "tiny", stamp, *REMOVAL, "integration.removal.n_features_list=[999]"))
+    # by default removal rows are scored on the eval cells, which the selection never saw
+    with pytest.raises(InputError, match=r"40 labelled eval \(held-out\) cells.*integration.cells=all"):
+        benchmark_integration(bench_cfg(runs_dir, "tiny", stamp, *REMOVAL, "integration.cells=null"))

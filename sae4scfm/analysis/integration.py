@@ -25,6 +25,16 @@ two-level columns ``(metric type, metric)`` with types ``Bio conservation``,
 scIB's weighting; unscaled) and ``Embedding`` (``dims`` benchmarked, ``features`` = SAE
 features used). Metrics lie in [0, 1] (KMeans ARI can dip below 0), higher is better.
 
+``integration.batch_key`` names another obs column as the batch (e.g. ``stim`` on ``data=kang``);
+``integration.cells`` scores all labelled cells or only the run's held-out (eval) cells.
+
+Feature removal by selection (``integration.removal.enabled``, ``sae4scfm.causal.removal``): for each n of
+``n_features_list`` the top-n SAE features by a label score on the TRAIN cells (default: max AUROC over the
+batch key) are zeroed inside the model at the SAE's layer and the steered ``cell_emb`` is benchmarked as the
+row ``model_cell_emb_removed_n{n}``, beside ``model_cell_emb_random_n{n}_s{seed}`` (n random features
+matched on train firing density, one draw per seed) and the unsteered ``model_cell_emb``; with removal the
+table scores the eval cells by default (``integration.cells: null``), none of which the selection saw.
+
 Needs the optional ``scib-metrics`` package (and with it jax): ``pip install "sae4scfm[integration]"``.
 """
 
@@ -56,6 +66,9 @@ EMBEDDINGS = ("model_cell_emb", "expression_pca", "sae_features", "sae_features_
 PIP_FIX = 'pip install "sae4scfm[integration]" (or: pip install "scib-metrics>=0.5.10,<0.6")'
 N_NEIGHBORS = 90  # the largest kNN graph scib's metrics use (LISI); the 15- and 50-NN graphs are its prefixes
 RESULT_FILE = "integration.csv"
+REMOVAL_FILE = "integration_removal.csv"  # removed vs random, per n and metric
+REMOVAL_SETS_FILE = "integration_removal_sets.csv"  # the features removed in each row
+CELLS = ("all", "eval")
 
 
 def require_scib_metrics() -> None:
@@ -201,20 +214,95 @@ def read_pooled_features(run_dir: Path, pooling: str) -> RunFeatures:
     return RunFeatures(as_matrix(X, str(path), dtype=np.float32), features, path)
 
 
+def scored_cells(adata: ad.AnnData, batch_key: str, label_key: str, cells: str, data_cfg: DictConfig) -> np.ndarray:
+    """bool [n_obs]: the cells the table scores: labelled (``batch_key`` and ``label_key`` set), and with
+    ``cells="eval"`` only the run's held-out cells (``obs["split"]``)."""
+    if cells not in CELLS:
+        raise InputError(f"integration.cells={cells!r} is unknown; use all or eval (or null).")
+    usable = adata.obs[[batch_key, label_key]].notna().all(axis=1).to_numpy()
+    if not usable.all():
+        print(f"{int((~usable).sum())} cells without {batch_key!r} or {label_key!r} are left out")
+    which = "labelled"
+    if cells == "eval":
+        usable &= adata.obs["split"].astype(str).to_numpy() == "eval"
+        which = "labelled eval (held-out)"
+    if usable.sum() <= N_NEIGHBORS:
+        raise InputError(f"{describe(data_cfg)}: {int(usable.sum())} {which} cells; scib's kNN metrics need "
+                         f"more than {N_NEIGHBORS}: use more cells (data.n_cells"
+                         f"{', a larger data.preprocess.split, or integration.cells=all' if cells == 'eval' else ''}).")
+    if adata.obs.loc[usable, batch_key].nunique() < 2:
+        raise InputError(f"batch key {batch_key!r}: the scored cells come from a single batch; "
+                         "batch-correction metrics need at least two.")
+    return usable
+
+
+def removal_plan(icfg: DictConfig, features: RunFeatures, batch_key: str, cell_type_key: str
+                 ) -> tuple[list, pd.DataFrame]:
+    """The ``integration.removal`` sets (``sae4scfm.causal.removal.removal_sets``), selected on the run's train
+    cells of ``features.h5ad``, and a table of them: row ``embedding``, kind, n, seed, features (ids), and the
+    mean selection score of the set's features on the train cells and, held out, on the eval cells."""
+    from sae4scfm.analysis.labels import train_mask
+    from sae4scfm.causal.removal import removal_sets, selection_scores
+
+    r = icfg.removal
+    obs = features.adata.obs
+    key, train = str(r.label_key or batch_key), train_mask(obs, str(features.path))
+    common = dict(rule=str(r.selection), cell_type_key=cell_type_key, min_cells=int(icfg.min_cells),
+                  field="integration.removal.label_key" if r.label_key else "integration.batch_key")
+    sets, score = removal_sets(features.X, obs, train, key, list(r.n_features_list), list(r.seeds), **common)
+    try:
+        held_out = selection_scores(features.X, obs, ~train, key, **common)
+    except InputError as err:  # e.g. a label value with too few eval cells: the score is then not reported
+        print(f"  no eval-cell selection score: {err}")
+        held_out = np.full_like(score, np.nan)
+    info = pd.DataFrame([{"embedding": s.name, "kind": s.kind, "n": s.n, "seed": s.seed,
+                          "features": " ".join(map(str, s.features)),
+                          "train_score": float(score[list(s.features)].mean()) if s.n else np.nan,
+                          "eval_score": float(held_out[list(s.features)].mean()) if s.n else np.nan} for s in sets])
+    for s, row in zip(sets, info.itertuples()):
+        if s.kind == "removed":
+            print(f"  removal n={s.n}: the top features by {r.selection} over {key} on train cells (mean score "
+                  f"{row.train_score:.3f}, on eval cells {row.eval_score:.3f}): "
+                  f"{' '.join(map(str, s.features[:20]))}{' ...' if s.n > 20 else ''}")
+    return sets, info
+
+
+def removal_embeddings(icfg: DictConfig, ctx, sets: list, usable: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
+    """{row name: the cell_emb of the scored cells [cells, d_emb] with the set's features zeroed at the SAE's
+    layer}. ``clean``: the unsteered cell_emb of those cells, to tell a removal that cannot reach the cell
+    embedding (InputError)."""
+    from sae4scfm.causal.removal import removed_embeddings
+
+    positions = np.flatnonzero(usable[np.asarray(ctx.tokens.cell_index)])
+    steered = removed_embeddings(ctx.adapter, ctx.sae, ctx.layer, ctx.tokens.subset(positions), sets,
+                                 len(usable), mode=str(icfg.removal.mode), batch_size=int(icfg.batch_size),
+                                 per_forward=int(icfg.removal.per_forward))
+    steered = {name: emb[usable] for name, emb in steered.items()}
+    if any(s.n for s in sets) and all(np.array_equal(steered[s.name], clean) for s in sets if s.n):
+        raise InputError(f"removing SAE features at layer {ctx.layer} changed no cell embedding: the model's "
+                         "cell_emb does not depend on the gene tokens there (e.g. the <cls> state at the last "
+                         "layer); use a run whose SAE reads an earlier layer.")
+    return steered
+
+
 def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
-    """Score a run's cells in the spaces of ``cfg.integration.embeddings`` with scib-metrics;
-    prints the table and writes it to ``<run>/analysis/integration.csv``."""
+    """Score a run's cells in the spaces of ``cfg.integration.embeddings`` (and, with
+    ``integration.removal.enabled``, the model's cell embedding with selected SAE features removed, beside
+    density-matched random removals) with scib-metrics; prints the table and writes it to
+    ``<run>/analysis/integration.csv`` (with removal also ``integration_removal.csv``: removed vs random per n
+    and metric, and ``integration_removal_sets.csv``: the features of each row)."""
     from sae4scfm.scfm.loading import load_model_and_data, pick_device
 
     icfg = cfg.integration
+    removal = icfg.removal
     run_dir = resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp)
     run_cfg = load_run_config(run_dir)
     data_cfg = run_cfg.data
-    batch_key, label_key = data_cfg.get("batch_key"), data_cfg.get("cell_type_key")
+    batch_key, label_key = icfg.get("batch_key") or data_cfg.get("batch_key"), data_cfg.get("cell_type_key")
     if not batch_key:
         raise InputError(f"{run_dir}: the run's dataset ({describe(data_cfg)}) has no data.batch_key, so there is "
                          "no batch effect to benchmark; train on data with batches (e.g. data=pbmc_batches, or "
-                         "data=h5ad data.batch_key=<obs column>).")
+                         "data=h5ad data.batch_key=<obs column>), or name one: integration.batch_key=<obs column>.")
     if not label_key:
         raise InputError(f"{run_dir}: the run's dataset ({describe(data_cfg)}) has no data.cell_type_key; bio "
                          "conservation needs cell-type labels: train with data.cell_type_key=<obs column>.")
@@ -222,22 +310,27 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     unknown = [n for n in names if n not in EMBEDDINGS]
     if unknown or not names:
         raise InputError(f"integration.embeddings={names}: choose one or more of {list(EMBEDDINGS)}.")
-    wants_sae = any(n.startswith("sae_") for n in names)
+    if removal.enabled and "model_cell_emb" not in names:
+        names.insert(0, "model_cell_emb")  # the unsteered row beside the removals
+    cells = icfg.get("cells") or ("eval" if removal.enabled else "all")
+    wants_sae = removal.enabled or any(n.startswith("sae_") for n in names)
     features = read_pooled_features(run_dir, str(icfg.pooling)) if wants_sae else None
     require_scib_metrics()
+    sets, info = removal_plan(icfg, features, batch_key, label_key) if removal.enabled else ([], None)
 
-    adapter, adata, tokens = load_model_and_data(run_cfg, pick_device(cfg.device))
+    if removal.enabled:
+        from sae4scfm.causal.run import open_causal_run
+
+        ctx = open_causal_run(cfg, "integration.removal")
+        adapter, adata, tokens = ctx.adapter, ctx.adata, ctx.tokens
+    else:
+        adapter, adata, tokens = load_model_and_data(run_cfg, pick_device(cfg.device))
     if features is not None:
         check_run_features(run_dir, features.adata, adata)
-    usable = adata.obs[[batch_key, label_key]].notna().all(axis=1).to_numpy()
-    if not usable.all():
-        print(f"{int((~usable).sum())} cells without {batch_key!r} or {label_key!r} are left out")
-    if usable.sum() <= N_NEIGHBORS:
-        raise InputError(f"{describe(data_cfg)}: {int(usable.sum())} labelled cells; scib's kNN metrics need "
-                         f"more than {N_NEIGHBORS}: train on more cells (data.n_cells).")
-    if adata.obs.loc[usable, batch_key].nunique() < 2:
-        raise InputError(f"data.batch_key={batch_key!r}: the run's cells come from a single batch; "
-                         "batch-correction metrics need at least two.")
+    if batch_key not in adata.obs:
+        raise InputError(f"integration.batch_key={batch_key!r} is not an obs column of {describe(data_cfg)}; use one "
+                         f"of {', '.join(map(str, adata.obs.columns))}.")
+    usable = scored_cells(adata, batch_key, label_key, cells, data_cfg)
     obs = adata.obs.loc[usable]
 
     embeddings: dict[str, np.ndarray] = {}
@@ -259,6 +352,12 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
             emb = sae_embedding(X, icfg.sae_n_comps)
             n_features[name] = X.shape[1]
         embeddings[name] = emb
+    if sets:
+        print(f"embedding: model_cell_emb with SAE features removed (layer {ctx.layer}, {removal.mode})", flush=True)
+        clean = embeddings["model_cell_emb"]
+        embeddings.update(removal_embeddings(icfg, ctx, sets, usable, clean))
+        info["emb_shift"] = [float(np.mean(np.linalg.norm(embeddings[name] - clean, axis=1)
+                                           / np.linalg.norm(clean, axis=1))) for name in info["embedding"]]
     reference = embeddings.get("expression_pca")  # PCR comparison's unintegrated reference
     if reference is None:
         reference = expression_pca(adata[usable], data_cfg, int(icfg.pca_n_comps))
@@ -271,11 +370,32 @@ def benchmark_integration(cfg: DictConfig) -> pd.DataFrame:
     out_dir = run_dir / "analysis"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / RESULT_FILE
+    if sets:
+        removed = {s.name: s.n for s in sets}
+        table[("Embedding", "removed")] = [removed.get(n, np.nan) for n in table.index]
+        write_removal(out_dir, table, sets, info)
     atomic_write(out, lambda p: table.to_csv(p))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(table)
-    print(f"integration benchmark ({batch_key} x {label_key}, {len(obs)} cells): {out}")
+    print(f"integration benchmark ({batch_key} x {label_key}, {len(obs)} {cells} cells): {out}")
     return table
+
+
+def write_removal(out_dir: Path, table: pd.DataFrame, sets: list, info: pd.DataFrame) -> None:
+    """``integration_removal_sets.csv`` (``info``: row, kind, n, seed, features removed, their mean train / eval
+    selection score, emb_shift = mean ‖Δ cell_emb‖ / ‖cell_emb‖ over the scored cells) and
+    ``integration_removal.csv`` (per n and score: removed, random mean / sd, empirical p that a random removal
+    scores as high); printed."""
+    from sae4scfm.causal.removal import against_random
+
+    atomic_write(out_dir / REMOVAL_SETS_FILE, lambda p: info.to_csv(p, index=False))
+    metrics = [c for c in table.columns if c[0] != "Embedding"]
+    summary = against_random(table, sets, metrics)
+    atomic_write(out_dir / REMOVAL_FILE, lambda p: summary.to_csv(p, index=False))
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
+        print(info.drop(columns="features").to_string(index=False))
+        print(summary[summary["metric type"] == "Aggregate score"].to_string(index=False))
+    print(f"feature removal vs density-matched random removal: {out_dir / REMOVAL_FILE}")
 
 
 def read_integration_table(path: str | Path) -> pd.DataFrame:
