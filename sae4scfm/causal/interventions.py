@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from sae4scfm.errors import InputError
@@ -103,13 +104,13 @@ def prefix_code(sae: SAE, prefix: torch.Tensor, gene_mask: torch.Tensor,
 
 def _tables(interventions: Sequence[Intervention], n_cells: int, device) -> dict[str, torch.Tensor]:
     """Per-copy edit tables over the union U of touched features: touched/clamp [E, |U|] bool,
-    value/scale/add [E, |U|] float32, cell_ok [E, B] bool, and U [|U|] long."""
+    value/scale/add [E, |U|] float32, firing [E] bool, cell_ok [E, B] bool, and U [|U|] long."""
     union = sorted({int(j) for iv in interventions for j in iv.features})
     col = {j: c for c, j in enumerate(union)}
     E, U = len(interventions), len(union)
-    t = {"touched": torch.zeros(E, U, dtype=torch.bool), "clamp": torch.zeros(E, U, dtype=torch.bool),
-         "value": torch.zeros(E, U), "scale": torch.ones(E, U), "add": torch.zeros(E, U),
-         "firing": torch.zeros(E, dtype=torch.bool), "cell_ok": torch.ones(E, n_cells, dtype=torch.bool)}
+    t = {"touched": np.zeros((E, U), bool), "clamp": np.zeros((E, U), bool), "value": np.zeros((E, U), np.float32),
+         "scale": np.ones((E, U), np.float32), "add": np.zeros((E, U), np.float32), "firing": np.zeros(E, bool),
+         "cell_ok": np.ones((E, n_cells), bool)}
     for e, iv in enumerate(interventions):
         for j, a in zip(iv.features, iv.alphas()):
             c = col[int(j)]
@@ -124,9 +125,9 @@ def _tables(interventions: Sequence[Intervention], n_cells: int, device) -> dict
         if iv.cells is not None:
             t["cell_ok"][e] = False
             t["cell_ok"][e, list(iv.cells)] = True
-    t = {k: v.to(device) for k, v in t.items()}
-    t["union"] = torch.tensor(union, dtype=torch.long, device=device)
-    return t
+    out = {k: torch.from_numpy(v).to(device) for k, v in t.items()}
+    out["union"] = torch.tensor(union, dtype=torch.long, device=device)
+    return out
 
 
 def latent_edit(sae: SAE, interventions: Sequence[Intervention], gene_ids: torch.Tensor | None = None, *,

@@ -38,17 +38,27 @@ POOLS = ("mean", "max")
 
 
 def pooled_codes(h: torch.Tensor, gene_mask: torch.Tensor, sae: SAE, pool: str = "mean") -> torch.Tensor:
-    """Each cell's SAE code pooled over its gene tokens: h [B, T, d] -> [B, d_sae]."""
+    """Each cell's SAE code pooled over its gene tokens: h [B, T, d] -> [B, d_sae]. A TopK SAE's k active
+    latents per token are pooled directly (no dense [tokens, d_sae] code)."""
     if pool not in POOLS:
         raise InputError(f"tracing pool={pool!r} is unknown; use one of {', '.join(POOLS)}.")
-    rows = torch.nonzero(gene_mask, as_tuple=True)[0]
-    f = sae.encode(h[gene_mask].float())
-    B = h.shape[0]
-    if pool == "max":
-        out = torch.zeros(B, f.shape[1], device=f.device)
-        return out.scatter_reduce_(0, rows[:, None].expand_as(f), f, "amax", include_self=True)
-    total = torch.zeros(B, f.shape[1], device=f.device).index_add_(0, rows, f)
-    return total / gene_mask.sum(1, keepdim=True).clamp(min=1).to(f.device)
+    rows = torch.nonzero(gene_mask, as_tuple=True)[0].to(h.device)
+    x = h[gene_mask.to(h.device)].float()
+    B, d_sae = h.shape[0], sae.d_sae
+    if hasattr(sae, "topk"):
+        values, indices = sae.topk(x)  # [N, k]
+        values, index = values.flatten(), (rows[:, None] * d_sae + indices).flatten()
+        flat = torch.zeros(B * d_sae, device=x.device)
+        if pool == "max":
+            return flat.scatter_reduce_(0, index, values, "amax", include_self=True).view(B, d_sae)
+        total = flat.index_add_(0, index, values).view(B, d_sae)
+    else:
+        f = sae.encode(x)
+        if pool == "max":
+            out = torch.zeros(B, d_sae, device=f.device)
+            return out.scatter_reduce_(0, rows[:, None].expand_as(f), f, "amax", include_self=True)
+        total = torch.zeros(B, d_sae, device=f.device).index_add_(0, rows, f)
+    return total / gene_mask.sum(1, keepdim=True).clamp(min=1).to(total.device)
 
 
 @torch.no_grad()
