@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae4scfm.causal.attribution import agreement, attribute, exact_ablation, mean_output, projection
-from sae4scfm.causal.interventions import Intervention, latent_edit, stack_batch, stacked_run
+from sae4scfm.causal.interventions import Intervention, ablation_runs, latent_edit, stack_batch, stacked_run
 from sae4scfm.errors import InputError
 from sae4scfm.saes import build_sae
 from tests.test_hook_points import FAMILIES, build, tiny_batch
@@ -204,3 +204,53 @@ def test_run_from_a_cached_layer_equals_the_full_forward(case):
     with_prefix = stacked_run(adapter, sae, layer, batch, ivs, prefix=h)
     without = stacked_run(adapter, sae, layer, batch, ivs)
     outputs_close(with_prefix, without, atol=2e-5)
+
+
+@torch.no_grad()
+def test_capture_from_a_cached_layer_runs_only_the_blocks_in_between(case):
+    """Tracing's early exit (every family): ``capture`` of resid.{l+1} from the cached resid.{l} runs block l
+    only (no block before it, none after: the forward stops at the last hook point read) and equals the
+    full forward's resid.{l+1}."""
+    adapter, batch, _, _ = case
+    calls = []
+    handles = [block.register_forward_hook(lambda _m, _i, _o, b=b: calls.append(b))
+               for b, block in enumerate(adapter.model.blocks)]
+    try:
+        full = adapter.capture(batch, list(range(adapter.n_layers + 1)))
+        for start in range(adapter.n_layers):
+            calls.clear()
+            with adapter.starting_at(start, full[start].clone()):
+                got = adapter.capture(batch, [start + 1])[start + 1]
+            assert set(calls) == {start}, (start, calls)
+            torch.testing.assert_close(got, full[start + 1], atol=1e-5, rtol=1e-5)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_ablation_runs_only_the_cells_where_each_feature_fires(case):
+    """The stacked (feature, cell) pairs are exactly those where the feature fires; ablating a feature in a
+    cell where it is silent is exactly the clean forward, so exact_ablation's 0 there is the measured effect."""
+    adapter, batch, layer, sae = case
+    f = sae.encode(adapter.capture(batch, [layer])[layer][batch.gene_mask])
+    rows = torch.nonzero(batch.gene_mask, as_tuple=True)[0]
+    fires = torch.zeros(len(batch.cell_index), sae.d_sae).index_add_(0, rows, (f > 0).float()) > 0
+    features = [int(j) for j in torch.nonzero(fires.any(0) & ~fires.all(0)).flatten()[:4]]
+    assert len(features) == 4
+    pairs = set()
+    for fi, ci, n in ablation_runs(adapter, sae, layer, batch, features, lambda b: len(b.cell_index), per_forward=2):
+        assert n == len(ci) <= 2 * len(batch.cell_index)
+        pairs |= {(features[i], c) for i, c in zip(fi.tolist(), ci.tolist())}
+    assert pairs == {(j, c) for j in features for c in range(len(batch.cell_index)) if fires[c, j]}
+    def metric(out):
+        return out["cell_emb"].float().sum(1)
+
+    effect = exact_ablation(adapter, sae, layer, batch, metric, features, per_forward=2)
+    clean = metric(adapter.run(batch))
+    for i, j in enumerate(features):
+        with adapter.intervene(layer, latent_edit(sae, [Intervention((j,), "zero")])):
+            by_hand = metric(adapter.run(batch)) - clean
+        silent = ~fires[:, j]
+        assert torch.equal(by_hand[silent], torch.zeros(int(silent.sum()))) and torch.all(effect[silent, i] == 0)
+        torch.testing.assert_close(effect[:, i], by_hand, atol=1e-5, rtol=1e-5)

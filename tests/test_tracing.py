@@ -71,6 +71,8 @@ def test_edge_deltas_equal_hand_made_ablations(demo_case):
     h = clean[3]
     by_hand = torch.stack([saes[3].encode(h[b][batch.gene_mask[b]]).amax(0) for b in range(h.shape[0])])
     torch.testing.assert_close(pooled_codes(h, batch.gene_mask, saes[3], "max"), by_hand.clamp(min=0))
+    by_hand = torch.stack([saes[3].encode(h[b][batch.gene_mask[b]]).mean(0) for b in range(h.shape[0])])
+    torch.testing.assert_close(pooled_codes(h, batch.gene_mask, saes[3]), by_hand)
     with pytest.raises(InputError, match="downstream"):
         edge_deltas(adapter, source, 1, {1: saes[1]}, batch, features)
 

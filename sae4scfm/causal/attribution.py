@@ -5,24 +5,27 @@ The effect of feature j in cell b is m_b(h with f_j → target) − m_b(h), targ
 the edit made at every gene token of the cell in ``error_preserving`` mode (h + (f' − f)·W_dec).
 
 - ``grad`` (attribution patching, first order): ∇_h m_b · Δh = Σ_t (target − f_tj) (∂m_b/∂h_t · W_dec[j]),
-  one forward and one backward for every feature at once;
+  one forward and one backward for every feature at once, both through only the blocks after the SAE's layer
+  (the forward starts from the cached clean residual stream there);
 - ``ig`` (integrated gradients, as Marks et al.'s sparse feature circuits do): the same product with the
   gradient averaged over ``steps`` points on the path h + α·Σ_j (target − f_j)·W_dec[j], α ∈ (0, 1)
   (all features moved together), the points stacked in one forward;
-- ``exact``: one ablation per feature, many stacked along the batch axis of each forward.
+- ``exact``: one ablation per feature and cell where it fires (``interventions.ablation_runs``), many stacked
+  along the batch axis of each forward from the cached clean state.
 
 A metric maps the model's outputs {name: [B, ...]} to one number per cell [B] (differentiable).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy import stats
 
-from sae4scfm.causal.interventions import Intervention, clean_prefix, stack_batch, stacked_run
+from sae4scfm.causal.interventions import ablation_runs, resid_layer, stack_batch
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
@@ -38,9 +41,11 @@ def per_cell(values: torch.Tensor, rows: torch.Tensor, n_cells: int) -> torch.Te
 
 
 def _gradient_at(adapter: ScFMAdapter, hook_point: HookPointName, batch: Batch, metric: Metric,
-                 shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                 shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
     """∂(Σ_b m_b)/∂h at ``hook_point`` [B, T, d], with h replaced by ``shift(h, gene_mask)`` when given
-    (cells do not interact in a forward, so row b holds ∂m_b/∂h_b)."""
+    (cells do not interact in a forward, so row b holds ∂m_b/∂h_b). ``prefix`` [B, T, d]: the batch's clean
+    state at a residual-stream ``hook_point``, so the forward (and the backward) run only the blocks after it."""
     leaf = {}
 
     def fn(h, gene_mask):
@@ -48,7 +53,11 @@ def _gradient_at(adapter: ScFMAdapter, hook_point: HookPointName, batch: Batch, 
         leaf["h"] = x
         return x
 
-    with torch.enable_grad(), adapter.intervene(hook_point, fn):
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        if prefix is not None:
+            stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix.clone()))
+        stack.enter_context(adapter.intervene(hook_point, fn))
         m = metric(adapter.run(batch))
         m.sum().backward()
     return leaf["h"].grad
@@ -71,10 +80,11 @@ def attribute(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: 
         raise InputError(f"attribution method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     batch = batch.to(adapter.device)
     B = len(batch.cell_index)
-    _, f, rows = _clean_code(adapter, sae, hook_point, batch)
+    h, f, rows = _clean_code(adapter, sae, hook_point, batch)
+    resid = resid_layer(hook_point) is not None
     delta_f = -f  # target 0
     if method == "grad":
-        g = _gradient_at(adapter, hook_point, batch, metric)[batch.gene_mask]
+        g = _gradient_at(adapter, hook_point, batch, metric, prefix=h if resid else None)[batch.gene_mask]
     else:
         if steps < 1:
             raise InputError(f"attribution steps={steps}: use at least 1 path point.")
@@ -89,7 +99,8 @@ def attribute(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: 
             out[gene_mask] = h[gene_mask] + a[:, None] * shift_rows.repeat(steps, 1).to(h.dtype)
             return out
 
-        grads = _gradient_at(adapter, hook_point, stacked, metric, shift)[stacked.gene_mask]
+        grads = _gradient_at(adapter, hook_point, stacked, metric, shift,
+                             prefix=h.repeat(steps, 1, 1) if resid else None)[stacked.gene_mask]
         g = grads.reshape(steps, -1, grads.shape[-1]).mean(0)
     with torch.no_grad():
         token_effect = (g.float() @ sae.W_dec.T) * delta_f
@@ -99,21 +110,17 @@ def attribute(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: 
 @torch.no_grad()
 def exact_ablation(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: Batch, metric: Metric,
                    features: list[int] | np.ndarray, *, per_forward: int = 16) -> torch.Tensor:
-    """Measured zero-ablation effect of each of ``features`` on ``metric`` per cell: [B, len(features)],
-    ``per_forward`` ablations stacked in each forward (error_preserving, every gene token), each forward
-    starting from the cached clean residual stream at ``hook_point``."""
+    """Measured zero-ablation effect of each of ``features`` on ``metric`` per cell: [B, len(features)]
+    (error_preserving, every gene token; ``ablation_runs``: ``per_forward`` ablations × the cells where each
+    fires stacked per forward, on the residual stream from the cached clean state at ``hook_point``; 0 where
+    it is silent)."""
     batch = batch.to(adapter.device)
     clean = metric(adapter.run(batch))
-    prefix = clean_prefix(adapter, hook_point, batch)
-    cols = []
-    features = [int(j) for j in features]
-    for start in range(0, len(features), per_forward):
-        chunk = features[start:start + per_forward]
-        out = stacked_run(adapter, sae, hook_point, batch, [Intervention((j,), "zero") for j in chunk], prefix=prefix)
-        E, B = len(chunk), len(batch.cell_index)
-        m = metric({k: v.reshape(E * B, *v.shape[2:]) for k, v in out.items()}).reshape(E, B)
-        cols.append((m - clean[None]).T)
-    return torch.cat(cols, 1) if cols else torch.zeros(len(batch.cell_index), 0)
+    out = torch.zeros(len(batch.cell_index), len(features), dtype=clean.dtype, device=clean.device)
+    for fi, ci, m in ablation_runs(adapter, sae, hook_point, batch, features, lambda stacked: metric(adapter.run(stacked)),
+                                   per_forward=per_forward):
+        out[ci.to(out.device), fi.to(out.device)] = m - clean[ci.to(clean.device)]
+    return out
 
 
 def agreement(estimated: np.ndarray, exact: np.ndarray, top: int = 50) -> dict[str, float]:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from sae4scfm.errors import InputError
@@ -72,21 +73,44 @@ def check(interventions: Sequence[Intervention], sae: SAE, mode: str) -> None:
         iv.alphas()
 
 
+def take_cells(batch: Batch, cells: torch.Tensor) -> Batch:
+    """The rows ``cells`` [R] long of ``batch``, in that order (repeats allowed): [R, T]."""
+    return Batch(*(t[cells.to(t.device)] for t in
+                   (batch.gene_ids, batch.values, batch.padding_mask, batch.gene_mask, batch.cell_index)))
+
+
 def stack_batch(batch: Batch, copies: int) -> Batch:
     """``batch`` repeated ``copies`` times along the batch axis: [copies·B, T] (copy e = rows e·B … (e+1)·B − 1)."""
-    return Batch(*(t.repeat(copies, *([1] * (t.dim() - 1))) for t in
-                   (batch.gene_ids, batch.values, batch.padding_mask, batch.gene_mask, batch.cell_index)))
+    return take_cells(batch, torch.arange(len(batch.cell_index)).repeat(copies))
+
+
+def code_rows(gene_mask: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """For the rows ``cells`` [R] of a batch with ``gene_mask`` [B, T]: the index, among the batch's N gene
+    tokens (``h[gene_mask]`` order), of each of the M gene tokens of those rows: [M] long."""
+    row_of = torch.full(gene_mask.shape, -1, dtype=torch.long, device=gene_mask.device)
+    row_of[gene_mask] = torch.arange(int(gene_mask.sum()), device=gene_mask.device)
+    cells = cells.to(gene_mask.device)
+    return row_of[cells][gene_mask[cells]]
+
+
+def prefix_code(sae: SAE, prefix: torch.Tensor, gene_mask: torch.Tensor,
+                cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_edit(clean=...)`` for a forward of the rows ``cells`` [R] of a batch from its cached clean
+    state ``prefix`` [B, T, d]: (code [N, d_sae], the SAE code of the batch's N gene tokens, encoded once;
+    ``code_rows``)."""
+    gene_mask = gene_mask.to(prefix.device)
+    return sae.encode(prefix[gene_mask].float()), code_rows(gene_mask, cells)
 
 
 def _tables(interventions: Sequence[Intervention], n_cells: int, device) -> dict[str, torch.Tensor]:
     """Per-copy edit tables over the union U of touched features: touched/clamp [E, |U|] bool,
-    value/scale/add [E, |U|] float32, cell_ok [E, B] bool, and U [|U|] long."""
+    value/scale/add [E, |U|] float32, firing [E] bool, cell_ok [E, B] bool, and U [|U|] long."""
     union = sorted({int(j) for iv in interventions for j in iv.features})
     col = {j: c for c, j in enumerate(union)}
     E, U = len(interventions), len(union)
-    t = {"touched": torch.zeros(E, U, dtype=torch.bool), "clamp": torch.zeros(E, U, dtype=torch.bool),
-         "value": torch.zeros(E, U), "scale": torch.ones(E, U), "add": torch.zeros(E, U),
-         "firing": torch.zeros(E, dtype=torch.bool), "cell_ok": torch.ones(E, n_cells, dtype=torch.bool)}
+    t = {"touched": np.zeros((E, U), bool), "clamp": np.zeros((E, U), bool), "value": np.zeros((E, U), np.float32),
+         "scale": np.ones((E, U), np.float32), "add": np.zeros((E, U), np.float32), "firing": np.zeros(E, bool),
+         "cell_ok": np.ones((E, n_cells), bool)}
     for e, iv in enumerate(interventions):
         for j, a in zip(iv.features, iv.alphas()):
             c = col[int(j)]
@@ -101,17 +125,21 @@ def _tables(interventions: Sequence[Intervention], n_cells: int, device) -> dict
         if iv.cells is not None:
             t["cell_ok"][e] = False
             t["cell_ok"][e, list(iv.cells)] = True
-    t = {k: v.to(device) for k, v in t.items()}
-    t["union"] = torch.tensor(union, dtype=torch.long, device=device)
-    return t
+    out = {k: torch.from_numpy(v).to(device) for k, v in t.items()}
+    out["union"] = torch.tensor(union, dtype=torch.long, device=device)
+    return out
 
 
 def latent_edit(sae: SAE, interventions: Sequence[Intervention], gene_ids: torch.Tensor | None = None, *,
-                mode: str = "error_preserving") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                mode: str = "error_preserving",
+                clean: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                    torch.Tensor]:
     """The replacement ``fn(h [E·B, T, d], gene_mask [E·B, T]) -> [E·B, T, d]`` for ``adapter.intervene``
     that applies ``interventions[e]`` to copy e of a stacked batch (``stack_batch``; E = 1 for a plain
     batch). ``gene_ids`` [E·B, T], the batch's token ids, is needed only for positions given as genes.
-    Edits act on gene tokens only."""
+    Edits act on gene tokens only, and only the token rows an edit changes are written.
+    ``clean`` (``prefix_code``): the SAE code of the state this hook point will see, known in advance (a run
+    from a cached clean prefix), so the SAE encoder does not run per copy."""
     check(interventions, sae, mode)
     E = len(interventions)
     if E == 0:
@@ -127,33 +155,39 @@ def latent_edit(sae: SAE, interventions: Sequence[Intervention], gene_ids: torch
         B = h.shape[0] // E
         device = next(sae.parameters()).device
         tables = _tables(interventions, B, device)
-        rows, _ = torch.nonzero(gene_mask, as_tuple=True)
+        U = tables["union"]
+        rows, cols = torch.nonzero(gene_mask, as_tuple=True)
         copy, cell = (rows // B).to(device), (rows % B).to(device)
-        x = h[gene_mask].to(device).float()
-        f = sae.encode(x)
-        if mode == "reconstruction" and len(tables["union"]) == 0:
-            out_rows = sae.decode(f)
-        else:
-            U = tables["union"]
+        if clean is None:
+            f = sae.encode(h[gene_mask].to(device).float())
             f_u = f[:, U]
-            edited = torch.where(tables["clamp"][copy], tables["value"][copy], f_u * tables["scale"][copy]
-                                 + tables["add"][copy])
-            apply = tables["touched"][copy] & tables["cell_ok"][copy, cell][:, None]
-            apply &= ~tables["firing"][copy][:, None] | (f_u > 0)
-            for e, listed in enumerate(gene_lists):
-                if listed is not None:
-                    genes = gene_ids.to(device)[gene_mask]
-                    in_copy = copy == e
-                    apply[in_copy] &= torch.isin(genes[in_copy], listed.to(device))[:, None]
-            f_new_u = torch.where(apply, edited, f_u)
-            if mode == "reconstruction":
-                f_new = f.clone()
-                f_new[:, U] = f_new_u
-                out_rows = sae.decode(f_new)
-            else:
-                out_rows = x + (f_new_u - f_u) @ sae.W_dec[U]
+        else:
+            code, code_rows = clean
+            if len(code_rows) != len(rows):
+                raise ValueError(f"clean code for {len(code_rows)} gene tokens, the forward has {len(rows)}")
+            f = code[code_rows] if mode == "reconstruction" else None
+            f_u = code[:, U][code_rows]
+        edited = torch.where(tables["clamp"][copy], tables["value"][copy], f_u * tables["scale"][copy]
+                             + tables["add"][copy])
+        apply = tables["touched"][copy] & tables["cell_ok"][copy, cell][:, None]
+        apply &= ~tables["firing"][copy][:, None] | (f_u > 0)
+        for e, listed in enumerate(gene_lists):
+            if listed is not None:
+                genes = gene_ids.to(device)[gene_mask]
+                in_copy = copy == e
+                apply[in_copy] &= torch.isin(genes[in_copy], listed.to(device))[:, None]
+        f_new_u = torch.where(apply, edited, f_u)
         out = h.clone()
-        out[gene_mask] = out_rows.to(h.dtype).to(h.device)
+        if mode == "reconstruction":
+            f_new = f.clone()
+            f_new[:, U] = f_new_u
+            out[gene_mask] = sae.decode(f_new).to(h.dtype).to(h.device)
+        else:
+            delta = f_new_u - f_u
+            moved = torch.nonzero((delta != 0).any(1), as_tuple=True)[0]
+            step = (delta[moved] @ sae.W_dec[U]).to(h.dtype).to(h.device)
+            r, c = rows[moved.to(rows.device)], cols[moved.to(cols.device)]
+            out[r, c] = (h[r, c].to(device).float() + step.float()).to(h.dtype)
         return out
 
     return fn
@@ -180,15 +214,54 @@ def stacked_run(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch
     """The model's outputs under each intervention, in one forward: {output: [E, B, ...]} for
     E = len(interventions) and the B cells of ``batch``; ``hook_point`` is where the SAE reads
     (a residual-stream layer number or a hook point name). ``prefix`` [B, T, d] (``clean_prefix``): the
-    batch's clean residual stream there, so the forward runs only the blocks after it. ``edit``
-    (default ``latent_edit``): ``edit(sae, interventions, stacked_gene_ids, mode=mode) -> fn(h, gene_mask)``
-    for interventions that are not :class:`Intervention` objects."""
+    batch's clean residual stream there, so the forward runs only the blocks after it and the SAE encodes
+    the clean state once, not once per copy. ``edit`` (default ``latent_edit``): the edit factory
+    ``edit(sae, interventions, stacked_gene_ids, mode=mode, clean=clean) -> fn(h, gene_mask)``, for
+    interventions that are not :class:`Intervention` objects (``clean``: ``prefix_code`` or None)."""
     E, B = len(interventions), len(batch.cell_index)
-    stacked = stack_batch(batch, E)
+    cells = torch.arange(B).repeat(E)
+    stacked = take_cells(batch, cells)
     edit = edit or latent_edit
     with ExitStack() as stack:
+        clean = None
         if prefix is not None:
-            stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix.repeat(E, 1, 1)))
-        stack.enter_context(adapter.intervene(hook_point, edit(sae, interventions, stacked.gene_ids, mode=mode)))
+            stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix[cells.to(prefix.device)]))
+            clean = prefix_code(sae, prefix, batch.gene_mask, cells)
+        stack.enter_context(adapter.intervene(hook_point, edit(sae, interventions, stacked.gene_ids, mode=mode,
+                                                               clean=clean)))
         out = adapter.run(stacked)
     return {k: v.reshape(E, B, *v.shape[1:]) for k, v in out.items()}
+
+
+def ablation_runs(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, batch: Batch, features: Sequence[int],
+                  read: Callable[[Batch], dict], *, per_forward: int = 16,
+                  clean_h: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Zero-ablate each of ``features`` (error_preserving, every gene token) at ``hook_point`` in each cell of
+    ``batch`` where it fires: up to ``per_forward`` × B (feature, cell) pairs stacked per forward, the SAE code of
+    the clean activation there (``clean_h`` [B, T, d], captured when None) encoded once, and on the residual
+    stream every forward starting from that cached state. Yields per forward (feature positions [R] in
+    ``features``, cell positions [R] in ``batch``, ``read(stacked batch)``: what the caller reads, e.g.
+    ``adapter.capture`` of downstream layers, which stops the forward there). Pairs where the feature is silent
+    are never run: ablating a silent feature in ``error_preserving`` mode leaves that cell's forward exactly clean."""
+    batch = batch.to(adapter.device)
+    if clean_h is None:
+        clean_h = adapter.capture(batch, [hook_point])[hook_point]
+    layer = resid_layer(hook_point)
+    mask = batch.gene_mask.to(clean_h.device)
+    code = sae.encode(clean_h[mask].float())
+    token_cell = torch.nonzero(mask, as_tuple=True)[0]
+    feats = torch.tensor([int(j) for j in features], dtype=torch.long, device=code.device)
+    fires = torch.zeros(len(batch.cell_index), len(feats), device=code.device).index_add_(
+        0, token_cell, (code[:, feats] > 0).float()) > 0  # [B, F]
+    pair_feature, pair_cell = torch.nonzero(fires.T, as_tuple=True)  # feature-major
+    size = max(1, per_forward) * len(batch.cell_index)
+    for start in range(0, len(pair_cell), size):
+        fi, ci = pair_feature[start:start + size], pair_cell[start:start + size]
+        edit = latent_edit(sae, [Intervention((int(feats[i]),), "zero") for i in fi.tolist()],
+                           clean=(code, code_rows(mask, ci)))
+        with ExitStack() as stack:
+            if layer is not None:
+                stack.enter_context(adapter.starting_at(layer, clean_h[ci]))
+            stack.enter_context(adapter.intervene(hook_point, edit))
+            out = read(take_cells(batch, ci))
+        yield fi.cpu(), ci.cpu(), out

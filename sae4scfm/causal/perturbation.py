@@ -43,10 +43,11 @@ CONTROLS = ("none", "random_init")
 def gene_patch(means: np.ndarray, seen: np.ndarray, alpha: float):
     """The ``stacked_run`` edit factory of the gene-wise patch: each stacked copy e is a list of features (all
     copies the same length), patched at every gene token of gene g to f_j + α·(means[g, j] − f_j) where
-    ``seen[g] > 0`` (``means`` [V, d_sae], the per-gene mean activations of the state patched in)."""
+    ``seen[g] > 0`` (``means`` [V, d_sae], the per-gene mean activations of the state patched in). The code f is
+    the ``clean`` one when given (a run from the cached prefix), else encoded from h."""
     table, known = torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(seen > 0)
 
-    def edit(sae: SAE, feature_sets, gene_ids: torch.Tensor, mode: str = "error_preserving"):
+    def edit(sae: SAE, feature_sets, gene_ids: torch.Tensor, mode: str = "error_preserving", clean=None):
         if mode != "error_preserving":
             raise InputError(f"the gene-wise patch is error_preserving only, not {mode!r}.")
         union = sorted({int(j) for s in feature_sets for j in s})
@@ -62,7 +63,11 @@ def gene_patch(means: np.ndarray, seen: np.ndarray, alpha: float):
             copy = (rows // B).to(device)
             ids = gene_ids.to(gene_mask.device)[gene_mask].to(device)
             x = h[gene_mask].to(device).float()
-            f_u = sae.encode(x)[:, U.to(device)]
+            if clean is None:
+                f_u = sae.encode(x)[:, U.to(device)]
+            else:  # the clean code, encoded once (interventions.prefix_code)
+                code, code_rows = clean
+                f_u = code[:, U.to(device)][code_rows]
             cols = sets.to(device)[copy]  # [R, n]
             target = table.to(device)[ids][:, U.to(device)].gather(1, cols)
             current = f_u.gather(1, cols)

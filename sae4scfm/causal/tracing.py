@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sae4scfm.analysis.primitives import bh_fdr
 from sae4scfm.atomic import atomic_write, atomic_write_json
-from sae4scfm.causal.interventions import Intervention, latent_edit, stack_batch
+from sae4scfm.causal.interventions import Intervention, ablation_runs, latent_edit, stack_batch
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import ScFMAdapter
@@ -38,45 +38,52 @@ POOLS = ("mean", "max")
 
 
 def pooled_codes(h: torch.Tensor, gene_mask: torch.Tensor, sae: SAE, pool: str = "mean") -> torch.Tensor:
-    """Each cell's SAE code pooled over its gene tokens: h [B, T, d] -> [B, d_sae]."""
+    """Each cell's SAE code pooled over its gene tokens: h [B, T, d] -> [B, d_sae]. A TopK SAE's k active
+    latents per token are pooled directly (no dense [tokens, d_sae] code)."""
     if pool not in POOLS:
         raise InputError(f"tracing pool={pool!r} is unknown; use one of {', '.join(POOLS)}.")
-    rows = torch.nonzero(gene_mask, as_tuple=True)[0]
-    f = sae.encode(h[gene_mask].float())
-    B = h.shape[0]
-    if pool == "max":
-        out = torch.zeros(B, f.shape[1], device=f.device)
-        return out.scatter_reduce_(0, rows[:, None].expand_as(f), f, "amax", include_self=True)
-    total = torch.zeros(B, f.shape[1], device=f.device).index_add_(0, rows, f)
-    return total / gene_mask.sum(1, keepdim=True).clamp(min=1).to(f.device)
+    rows = torch.nonzero(gene_mask, as_tuple=True)[0].to(h.device)
+    x = h[gene_mask.to(h.device)].float()
+    B, d_sae = h.shape[0], sae.d_sae
+    if hasattr(sae, "topk"):
+        values, indices = sae.topk(x)  # [N, k]
+        values, index = values.flatten(), (rows[:, None] * d_sae + indices).flatten()
+        flat = torch.zeros(B * d_sae, device=x.device)
+        if pool == "max":
+            return flat.scatter_reduce_(0, index, values, "amax", include_self=True).view(B, d_sae)
+        total = flat.index_add_(0, index, values).view(B, d_sae)
+    else:
+        f = sae.encode(x)
+        if pool == "max":
+            out = torch.zeros(B, d_sae, device=f.device)
+            return out.scatter_reduce_(0, rows[:, None].expand_as(f), f, "amax", include_self=True)
+        total = torch.zeros(B, d_sae, device=f.device).index_add_(0, rows, f)
+    return total / gene_mask.sum(1, keepdim=True).clamp(min=1).to(total.device)
 
 
 @torch.no_grad()
 def edge_deltas(adapter: ScFMAdapter, source: SAE, source_layer: int, targets: dict[int, SAE], batch: Batch,
                 features: Sequence[int], *, pool: str = "mean", per_forward: int = 16) -> dict[int, np.ndarray]:
     """{target layer: Δ [len(features), B, d_sae of that layer]}: the change of each cell's pooled target
-    code when each source feature is zero-ablated (``per_forward`` ablations stacked per forward, each
-    forward starting from the cached clean state at the source layer)."""
+    code when each source feature is zero-ablated (``ablation_runs``: ``per_forward`` ablations × the cells
+    where each fires stacked per forward, from the cached clean state at the source layer, the forward stopped
+    at the last target layer; cells where the source feature is silent have Δ = 0 exactly)."""
     batch = batch.to(adapter.device)
     layers = sorted(targets)
     if any(layer <= source_layer for layer in layers):
         raise InputError(f"tracing: target layers {layers} must be downstream of the source layer {source_layer}.")
     clean_h = adapter.capture(batch, [source_layer, *layers])
     clean = {layer: pooled_codes(clean_h[layer], batch.gene_mask, targets[layer], pool) for layer in layers}
-    out = {layer: [] for layer in layers}
-    features = [int(j) for j in features]
-    for start in range(0, len(features), per_forward):
-        chunk = features[start:start + per_forward]
-        stacked = stack_batch(batch, len(chunk))
-        edit = latent_edit(source, [Intervention((j,), "zero") for j in chunk])
-        with adapter.starting_at(source_layer, clean_h[source_layer].repeat(len(chunk), 1, 1)), \
-                adapter.intervene(source_layer, edit):
-            h = adapter.capture(stacked, layers)
+    out = {layer: np.zeros((len(features), len(batch.cell_index), targets[layer].d_sae), dtype=np.float32)
+           for layer in layers}
+    for fi, ci, h in ablation_runs(adapter, source, source_layer, batch, features,
+                                   lambda stacked: adapter.capture(stacked, layers), per_forward=per_forward,
+                                   clean_h=clean_h[source_layer]):
+        mask = batch.gene_mask.to(h[layers[0]].device)[ci.to(batch.gene_mask.device)]
         for layer in layers:
-            codes = pooled_codes(h[layer], stacked.gene_mask, targets[layer], pool)
-            out[layer].append((codes.reshape(len(chunk), *clean[layer].shape) - clean[layer]).cpu().numpy())
-    return {layer: np.concatenate(v) if v else np.zeros((0, len(batch.cell_index), targets[layer].d_sae))
-            for layer, v in out.items()}
+            codes = pooled_codes(h[layer], mask, targets[layer], pool)
+            out[layer][fi.numpy(), ci.numpy()] = (codes - clean[layer][ci.to(codes.device)]).cpu().numpy()
+    return out
 
 
 def edge_statistics(delta: np.ndarray, *, tol: float = 1e-6, n_perm: int = 1000,
