@@ -4,8 +4,8 @@ Shards hold whole extraction batches of similar lengths (length tracks cell type
 depth), so mixing a few whole shards would give batches of few bands. Instead every epoch draws
 *chunks* of ``chunk_tokens`` contiguous rows from all shards: a seeded permutation of all chunks
 of the store is cut into *fills* of ``buffer_tokens // chunk_tokens`` chunks; each fill is read
-(the ``acts`` tensor only, through a memory map), shuffled row by row, and the epoch's rows are the fills one after the
-other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
+(the ``acts`` tensor only, through a memory map) straight into its shuffled row order, and the epoch's rows are the
+fills one after the other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
 the head of the next). A batch is thus a uniform sample of the store's chunks, whatever the
 on-disk order and the store size (the band fractions of a batch deviate from the store's by about
 sqrt(p(1 − p) / chunks_per_fill); tests/test_store.py).
@@ -15,7 +15,8 @@ The order is a pure function of (seed, epoch): the chunk permutation draws from
 *seeks* to batch ``start`` by reading only the fills from the one that holds it (resume costs one
 fill, not a replay of the epoch). Fills are read ``prefetch`` ahead in a background thread (into
 pinned memory when CUDA is available, so the copy to the GPU can be asynchronous): memory stays at
-about ``prefetch + 1`` fills. ``rank``/``world``: each rank gets its ``batch_size / world`` slice
+about ``prefetch + 2`` fills (those queued, the one being read and the one being consumed),
+whatever the store size. ``rank``/``world``: each rank gets its ``batch_size / world`` slice
 of every global batch (DistributedDataParallel at the same global batch).
 """
 
@@ -128,17 +129,25 @@ class ShufflingBuffer:
             thread.join()
 
     def _fill(self, epoch: int, f: int, chunks: np.ndarray) -> torch.Tensor:
-        """Fill ``f``: its chunks' float32 rows, shuffled by rng(seed, epoch, f) (pinned on CUDA)."""
-        pool = self._read(chunks)
-        pool = pool[torch.from_numpy(np.random.default_rng([self.seed, epoch, f]).permutation(len(pool)))]
-        return pool.pin_memory() if torch.cuda.is_available() else pool
+        """Fill ``f``: its chunks' float32 rows [rows, d_model] in the order of rng(seed, epoch, f)'s
+        permutation of their concatenation (row i = concatenated row perm[i]), pinned on CUDA.
 
-    def _read(self, chunks: np.ndarray) -> torch.Tensor:
-        """The float32 activations of ``chunks`` (rows of ``chunks()``): per shard one gather of
-        those rows from its memory map (``ActivationStore.acts``)."""
-        out = []
+        Gathered straight into one preallocated tensor: per shard one read of its rows from the memory
+        map (``ActivationStore.acts``) scattered to their shuffled positions, so a fill costs one fill
+        of memory (plus one shard's part of it), not a concatenation and a shuffled copy."""
+        lengths = chunks[:, 2] - chunks[:, 1]
+        n = int(lengths.sum())
+        perm = np.random.default_rng([self.seed, epoch, f]).permutation(n)
+        where = np.empty(n, dtype=np.int64)
+        where[perm] = np.arange(n)  # concatenated row j goes to output row where[j]
+        pin = torch.cuda.is_available()
+        out = torch.empty((n, self.store.d_model), dtype=torch.float32, pin_memory=pin)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # chunk -> first concatenated row
+        bf16 = self.store.meta["dtype"] == "bfloat16"
         for shard in np.unique(chunks[:, 0]):
-            rows = np.concatenate([np.arange(a, b) for a, b in chunks[chunks[:, 0] == shard, 1:]])
+            mine = np.flatnonzero(chunks[:, 0] == shard)
+            rows = np.concatenate([np.arange(a, b) for a, b in chunks[mine, 1:]])
+            dest = np.concatenate([where[s:s + m] for s, m in zip(starts[mine], lengths[mine])])
             acts = torch.from_numpy(self.store.acts(int(shard))[rows])
-            out.append(acts.view(torch.bfloat16) if self.store.meta["dtype"] == "bfloat16" else acts)
-        return torch.cat(out).float()
+            out[torch.from_numpy(dest)] = (acts.view(torch.bfloat16) if bf16 else acts).float()
+        return out
