@@ -86,7 +86,7 @@ def _upper_cooccurrence(B: sp.csr_matrix, chunk: int = 1024) -> _Pairs:
 
 
 class _Cofiring(NamedTuple):
-    n_rows: int
+    n: int  # rows
     n_a: np.ndarray  # [features of A] int64 rows where each fires
     n_b: np.ndarray  # [features of B] (A's own for the upper triangle)
     pairs: _Pairs  # co-firing counts (int64) of the pairs that co-fire at least once
@@ -130,7 +130,7 @@ def _pmi_values(count, n_i, n_j, n_rows):
 # --------------------------------------------------------------------------- PMI
 
 
-def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
+def cofiring_pmi(X, *, min_count: int = 5, chunk: int = ROW_CHUNK) -> CofiringPMI:
     """Pointwise mutual information of co-firing for every pair of features that co-fire.
 
     ``PMI(i, j) = log(P(i, j) / (P(i) P(j)))`` (natural log), with ``P(i) = n_i / N``
@@ -140,10 +140,11 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     Returns :class:`CofiringPMI` ``(pmi, counts)``: symmetric CSR ``[features, features]``
     matrices holding only the off-diagonal pairs with ``c_ij >= min_count``. ``counts``
     defines the pattern; ``pmi`` has the same pattern and may store explicit zeros
-    (``PMI == 0`` means independence, not "not tested").
+    (``PMI == 0`` means independence, not "not tested"). Rows are read ``chunk`` at a time
+    (``_cofiring``; the result does not depend on it).
     """
     min_count = _check_min_count(min_count)
-    n, n_fire, _, C = _cofiring(X)
+    n, n_fire, _, C = _cofiring(X, chunk=chunk)
     n_feat = len(n_fire)
     keep = C.data >= min_count
     row, col, cnt = C.row[keep], C.col[keep], C.data[keep]
@@ -156,7 +157,7 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     return CofiringPMI(pmi=pmi_m, counts=counts)
 
 
-def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
+def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05, chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR over all pairs.
 
     Every pair ``i < j`` of the ``F`` features is a test: ``F (F - 1) / 2`` tests. The p-value
@@ -171,12 +172,12 @@ def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.Dat
     test), as does ``max_fdr`` (rows with ``fdr <= max_fdr``; ``max_fdr=1.0, min_count=1``
     returns every pair that co-fires). Returns a DataFrame with columns
     ``i, j, count, pmi, p_value, fdr``, sorted by ``(i, j)``; ``attrs["n_tests"]`` = the number
-    of pairs tested.
+    of pairs tested. Rows are read ``chunk`` at a time (``_cofiring``; the result does not depend on it).
     """
     min_count = _check_min_count(min_count)
     if not (0.0 <= float(max_fdr) <= 1.0):
         raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
-    n, n_fire, _, C = _cofiring(X)
+    n, n_fire, _, C = _cofiring(X, chunk=chunk)
     n_feat = len(n_fire)
     n_tests = n_feat * (n_feat - 1) // 2
     i, j, cnt = C.row, C.col, C.data
@@ -286,7 +287,8 @@ def match_by_decoder(W_dec_a, W_dec_b, *, chunk: int = 1024) -> pd.DataFrame:
     return pd.DataFrame({"feature_a": np.arange(n_a), "best_b": best, "cosine": np.abs(signed), "signed_cosine": signed})
 
 
-def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) -> pd.DataFrame:
+def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1,
+                      chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """For each feature of A, the feature of B that fires on the most similar rows.
 
     ``X_a [N, n_a]`` and ``X_b [N, n_b]`` must be on the same rows (tokens/cells) in
@@ -301,12 +303,12 @@ def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) 
     Returns columns ``feature_a, best_b, <metric>, count`` (``count`` = co-firing
     rows). Features of A that co-fire with no feature of B (at least ``min_count``
     times) get ``best_b = -1``, score 0 (jaccard) or NaN (pmi), count 0. Ties go to
-    the smallest index of B.
+    the smallest index of B. Rows are read ``chunk`` at a time (``_cofiring``).
     """
     if metric not in ("jaccard", "pmi"):
         raise InputError(f"metric: expected 'jaccard' or 'pmi', got {metric!r}.")
     min_count = _check_min_count(min_count)
-    n, na, nb, C = _cofiring(X_a, X_b)
+    n, na, nb, C = _cofiring(X_a, X_b, chunk=chunk)
     n_a = len(na)
     keep = C.data >= min_count
     r, c, cnt = C.row[keep], C.col[keep], C.data[keep]

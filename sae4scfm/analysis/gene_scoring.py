@@ -401,7 +401,7 @@ def gene_family_scores(
 # --------------------------------------------------------------------------- density
 
 
-def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
+def density_scores(features_X=None, token_X=None, *, chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """Per feature: fraction of tokens and of cells where it fires (> 0) and their log10.
 
     ``features_X`` cells x features (max-pooled), ``token_X`` tokens x features (AnnData or
@@ -416,7 +416,7 @@ def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
     for key, x in (("token", token_X), ("cell", features_X)):
         if x is None:
             continue
-        counts = fire_counts(x, f"{key} matrix")  # streamed in row blocks when x is on disk
+        counts = fire_counts(x, f"{key} matrix", chunk=chunk)  # row blocks of ``chunk`` rows
         if m is not None and len(counts) != m:
             raise InputError(f"features_X and token_X have different feature counts ({m} vs {len(counts)})")
         m, n = len(counts), n_rows(x)
