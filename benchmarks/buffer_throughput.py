@@ -3,13 +3,13 @@
 
 Writes a synthetic float32 store of ``--tokens`` rows [--d-in] in shards of ``--shard-tokens``
 rows (the extraction's writer), then times the trainer's own ``train_step`` of a TopK SAE on
-(a) batches gathered by a random permutation from one in-memory tensor, (b) the buffer with
-``prefetch`` fills read ahead in a background thread, (c) the buffer with ``prefetch=0`` (read
-inline, for reference). The sources take turns for ``--rounds`` rounds of ``--steps`` steps each
+(a) batches gathered by a random permutation from one in-memory tensor, (b) the buffer with each
+``--prefetch`` value (fills read ahead in a background thread; 0 = read inline, for reference). The sources take turns for ``--rounds`` rounds of ``--steps`` steps each
 (after untimed warm-up steps), and each reports its best round, so load from other processes on a
 shared machine hits all three alike. Asserts nothing.
 
     python benchmarks/buffer_throughput.py [--tokens 200000] [--d-in 256] [--d-sae 2048] [--k 32] [--device cpu]
+                                           [--prefetch 2,1,0]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prefetch", default="2,1,0", help="buffer.prefetch values timed (fills read ahead)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="sae4scfm-buffer-bench-") as tmp:
         store = write_store(Path(tmp) / "store", a.tokens, a.d_in, a.shard_tokens)
@@ -100,8 +101,8 @@ def main() -> None:
                 for i in range(0, len(perm) - a.batch_size + 1, a.batch_size):
                     yield in_memory[perm[i:i + a.batch_size]]
 
-        sources = {"in-memory tensor": from_memory(), "on-disk buffer, prefetch=2": from_disk(2),
-                   "on-disk buffer, prefetch=0": from_disk(0)}
+        sources = {"in-memory tensor": from_memory(),
+                   **{f"on-disk buffer, prefetch={n}": from_disk(int(n)) for n in a.prefetch.split(",")}}
         steps = {name: stepper(a.d_in, a.d_sae, a.k, a.device, Path(tmp)) for name in sources}
         for name, batches in sources.items():  # untimed warm-up
             tokens_per_s(batches, steps[name], a.warmup, a.device)

@@ -25,7 +25,7 @@ def test_seek_equals_the_epoch_from_the_start_and_reads_only_what_follows(tmp_pa
     for start in (0, 1, 4, 5, 17, 30, 31):  # some batches straddle two fills
         reads = []
         real_fill = ShufflingBuffer._fill
-        monkeypatch.setattr(ShufflingBuffer, "_fill", lambda self, e, f, c: reads.append(f) or real_fill(self, e, f, c))
+        monkeypatch.setattr(ShufflingBuffer, "_fill", lambda self, e, f, *a: reads.append(f) or real_fill(self, e, f, *a))
         got = list(buffer.epoch(2, start))
         monkeypatch.undo()
         assert len(got) == len(whole) - start

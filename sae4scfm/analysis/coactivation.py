@@ -8,7 +8,9 @@ Everything feature x feature is computed sparsely: with ``B = (X > 0)`` as a CSR
 matrix, the co-firing counts are ``C = B^T B``, which only holds the pairs that
 co-fire at least once, and of it only the upper triangle ``i < j``, in blocks of features
 (``_upper_cooccurrence``); no dense ``features x features`` matrix is built (only
-:func:`match_by_decoder` builds dense cosine blocks, ``chunk`` rows of A at a time).
+:func:`match_by_decoder` builds dense cosine blocks, ``chunk`` rows of A at a time). ``X`` may stay
+on disk (a backed ``token_features.h5ad``): the counts are summed over blocks of rows
+(``_cofiring``, ``primitives.row_blocks``), so memory is one block plus the co-firing pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sae4scfm.analysis.enrichment import hypergeom_sf
-from sae4scfm.analysis.primitives import as_dense, bh_fdr, firing
+from sae4scfm.analysis.primitives import ROW_CHUNK, as_dense, bh_fdr, firing, n_rows, row_blocks
 from sae4scfm.errors import InputError
 
 __all__ = [
@@ -83,6 +85,41 @@ def _upper_cooccurrence(B: sp.csr_matrix, chunk: int = 1024) -> _Pairs:
     return _Pairs(*(np.concatenate(t) for t in zip(*parts)))
 
 
+class _Cofiring(NamedTuple):
+    n: int  # rows
+    n_a: np.ndarray  # [features of A] int64 rows where each fires
+    n_b: np.ndarray  # [features of B] (A's own for the upper triangle)
+    pairs: _Pairs  # co-firing counts (int64) of the pairs that co-fire at least once
+
+
+def _cofiring(X_a, X_b=None, *, chunk: int = ROW_CHUNK) -> _Cofiring:
+    """Firing and co-firing counts of ``X_a`` [N, n_a] with ``X_b`` [N, n_b] (``B_a^T B_b``), or with
+    itself (``X_b`` None: the upper triangle ``i < j``), summed over blocks of ``chunk`` rows
+    (``row_blocks``: an on-disk matrix is never read whole). Integer counts: exact whatever ``chunk``."""
+    if X_b is not None and n_rows(X_a) != n_rows(X_b):
+        raise InputError(
+            f"X_a has {n_rows(X_a)} rows but X_b has {n_rows(X_b)}; match_by_cofiring needs the same tokens/cells "
+            "in the same order (encode the same dataset with both SAEs)."
+        )
+    blocks_b = row_blocks(X_b, "X_b", chunk=chunk) if X_b is not None else None
+    n_a = n_b = acc = None
+    for _, A in row_blocks(X_a, "X_a" if X_b is not None else "X", chunk=chunk):
+        Ba = firing(A, dtype=np.int32)
+        Bb = firing(next(blocks_b)[1], "X_b", dtype=np.int32) if blocks_b is not None else Ba
+        pairs = _cooccurrence(Ba, Bb) if blocks_b is not None else _upper_cooccurrence(Ba)
+        C = sp.csr_matrix((pairs.data.astype(np.int64), (pairs.row, pairs.col)), shape=(Ba.shape[1], Bb.shape[1]))
+        ca = np.asarray(Ba.sum(axis=0)).ravel().astype(np.int64)
+        cb = np.asarray(Bb.sum(axis=0)).ravel().astype(np.int64)
+        n_a, n_b, acc = (ca, cb, C) if acc is None else (n_a + ca, n_b + cb, acc + C)
+    if acc is None:  # an on-disk matrix without rows
+        width_a = getattr(X_a, "X", X_a).shape[1]
+        width_b = getattr(X_b, "X", X_b).shape[1] if X_b is not None else width_a
+        n_a, n_b, acc = np.zeros(width_a, np.int64), np.zeros(width_b, np.int64), sp.csr_matrix((width_a, width_b))
+    acc = acc.tocoo()
+    return _Cofiring(n_rows(X_a), n_a, n_b, _Pairs(acc.row.astype(np.int64), acc.col.astype(np.int64),
+                                                   acc.data.astype(np.int64)))
+
+
 def _pmi_values(count, n_i, n_j, n_rows):
     """``log(P(i,j) / (P(i) P(j))) = log(count * N / (n_i * n_j))`` in float64."""
     return np.log(count.astype(np.float64)) + np.log(float(n_rows)) - np.log(n_i.astype(np.float64)) - np.log(
@@ -93,7 +130,7 @@ def _pmi_values(count, n_i, n_j, n_rows):
 # --------------------------------------------------------------------------- PMI
 
 
-def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
+def cofiring_pmi(X, *, min_count: int = 5, chunk: int = ROW_CHUNK) -> CofiringPMI:
     """Pointwise mutual information of co-firing for every pair of features that co-fire.
 
     ``PMI(i, j) = log(P(i, j) / (P(i) P(j)))`` (natural log), with ``P(i) = n_i / N``
@@ -103,25 +140,24 @@ def cofiring_pmi(X, *, min_count: int = 5) -> CofiringPMI:
     Returns :class:`CofiringPMI` ``(pmi, counts)``: symmetric CSR ``[features, features]``
     matrices holding only the off-diagonal pairs with ``c_ij >= min_count``. ``counts``
     defines the pattern; ``pmi`` has the same pattern and may store explicit zeros
-    (``PMI == 0`` means independence, not "not tested").
+    (``PMI == 0`` means independence, not "not tested"). Rows are read ``chunk`` at a time
+    (``_cofiring``; the result does not depend on it).
     """
     min_count = _check_min_count(min_count)
-    B = firing(X, dtype=np.int32)
-    n_rows, n_feat = B.shape
-    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
-    C = _upper_cooccurrence(B)
+    n, n_fire, _, C = _cofiring(X, chunk=chunk)
+    n_feat = len(n_fire)
     keep = C.data >= min_count
-    row, col, cnt = C.row[keep], C.col[keep], C.data[keep].astype(np.int64)
+    row, col, cnt = C.row[keep], C.col[keep], C.data[keep]
     del C
     row, col, cnt = np.concatenate([row, col]), np.concatenate([col, row]), np.concatenate([cnt, cnt])  # symmetric
-    pmi = _pmi_values(cnt, n_fire[row], n_fire[col], n_rows)
+    pmi = _pmi_values(cnt, n_fire[row], n_fire[col], n)
     shape = (n_feat, n_feat)
     counts = sp.csr_matrix((cnt, (row, col)), shape=shape)
     pmi_m = sp.csr_matrix((pmi, (row, col)), shape=shape)
     return CofiringPMI(pmi=pmi_m, counts=counts)
 
 
-def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.DataFrame:
+def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05, chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """Co-firing feature pairs with a one-sided hypergeometric test and BH FDR over all pairs.
 
     Every pair ``i < j`` of the ``F`` features is a test: ``F (F - 1) / 2`` tests. The p-value
@@ -136,26 +172,24 @@ def significant_pairs(X, *, min_count: int = 5, max_fdr: float = 0.05) -> pd.Dat
     test), as does ``max_fdr`` (rows with ``fdr <= max_fdr``; ``max_fdr=1.0, min_count=1``
     returns every pair that co-fires). Returns a DataFrame with columns
     ``i, j, count, pmi, p_value, fdr``, sorted by ``(i, j)``; ``attrs["n_tests"]`` = the number
-    of pairs tested.
+    of pairs tested. Rows are read ``chunk`` at a time (``_cofiring``; the result does not depend on it).
     """
     min_count = _check_min_count(min_count)
     if not (0.0 <= float(max_fdr) <= 1.0):
         raise InputError(f"max_fdr: expected a number in [0, 1], got {max_fdr!r}.")
-    B = firing(X, dtype=np.int32)
-    n_rows, n_feat = B.shape
+    n, n_fire, _, C = _cofiring(X, chunk=chunk)
+    n_feat = len(n_fire)
     n_tests = n_feat * (n_feat - 1) // 2
-    n_fire = np.asarray(B.sum(axis=0)).ravel().astype(np.int64)
-    C = _upper_cooccurrence(B)
-    i, j, cnt = C.row, C.col, C.data.astype(np.int64)
+    i, j, cnt = C.row, C.col, C.data
     del C
     order = np.lexsort((j, i))
     i, j, cnt = i[order], j[order], cnt[order]
     n_i, n_j = n_fire[i], n_fire[j]
-    p = hypergeom_sf(cnt, n_rows, n_i, n_j)
+    p = hypergeom_sf(cnt, n, n_i, n_j)
     fdr = bh_fdr(p, n_tests=n_tests)  # the pairs that never co-fire: p = 1, counted in n_tests
     report = (cnt >= min_count) & (fdr <= max_fdr)
     i, j, cnt, p, fdr = i[report], j[report], cnt[report], p[report], fdr[report]
-    pmi = _pmi_values(cnt, n_fire[i], n_fire[j], n_rows)
+    pmi = _pmi_values(cnt, n_fire[i], n_fire[j], n)
     df = pd.DataFrame({"i": i, "j": j, "count": cnt, "pmi": pmi, "p_value": p, "fdr": fdr})
     df.attrs["n_tests"] = n_tests
     return df
@@ -253,7 +287,8 @@ def match_by_decoder(W_dec_a, W_dec_b, *, chunk: int = 1024) -> pd.DataFrame:
     return pd.DataFrame({"feature_a": np.arange(n_a), "best_b": best, "cosine": np.abs(signed), "signed_cosine": signed})
 
 
-def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) -> pd.DataFrame:
+def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1,
+                      chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """For each feature of A, the feature of B that fires on the most similar rows.
 
     ``X_a [N, n_a]`` and ``X_b [N, n_b]`` must be on the same rows (tokens/cells) in
@@ -268,28 +303,20 @@ def match_by_cofiring(X_a, X_b, *, metric: str = "jaccard", min_count: int = 1) 
     Returns columns ``feature_a, best_b, <metric>, count`` (``count`` = co-firing
     rows). Features of A that co-fire with no feature of B (at least ``min_count``
     times) get ``best_b = -1``, score 0 (jaccard) or NaN (pmi), count 0. Ties go to
-    the smallest index of B.
+    the smallest index of B. Rows are read ``chunk`` at a time (``_cofiring``).
     """
     if metric not in ("jaccard", "pmi"):
         raise InputError(f"metric: expected 'jaccard' or 'pmi', got {metric!r}.")
     min_count = _check_min_count(min_count)
-    Ba, Bb = firing(X_a, "X_a", dtype=np.int32), firing(X_b, "X_b", dtype=np.int32)
-    if Ba.shape[0] != Bb.shape[0]:
-        raise InputError(
-            f"X_a has {Ba.shape[0]} rows but X_b has {Bb.shape[0]}; match_by_cofiring needs the same tokens/cells "
-            "in the same order (encode the same dataset with both SAEs)."
-        )
-    n_rows, n_a = Ba.shape
-    na = np.asarray(Ba.sum(axis=0)).ravel().astype(np.int64)
-    nb = np.asarray(Bb.sum(axis=0)).ravel().astype(np.int64)
-    C = _cooccurrence(Ba, Bb)
+    n, na, nb, C = _cofiring(X_a, X_b, chunk=chunk)
+    n_a = len(na)
     keep = C.data >= min_count
-    r, c, cnt = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64), C.data[keep].astype(np.int64)
+    r, c, cnt = C.row[keep], C.col[keep], C.data[keep]
     del C
     if metric == "jaccard":
         score = cnt / (na[r] + nb[c] - cnt).astype(np.float64)
     else:
-        score = _pmi_values(cnt, na[r], nb[c], n_rows)
+        score = _pmi_values(cnt, na[r], nb[c], n)
     best = np.full(n_a, -1, dtype=np.int64)
     out_score = np.full(n_a, 0.0 if metric == "jaccard" else np.nan)
     out_cnt = np.zeros(n_a, dtype=np.int64)

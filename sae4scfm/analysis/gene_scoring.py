@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sae4scfm.analysis.primitives import as_matrix, fire_counts, firing, positive
+from sae4scfm.analysis.primitives import ROW_CHUNK, as_matrix, fire_counts, firing, n_rows, positive, row_blocks
 from sae4scfm.errors import InputError
 
 TOKEN_GENE_COLUMNS = ("feature_id", "gene", "n_tokens", "n_fire", "freq", "mean_act", "log2_enrichment")
@@ -86,34 +86,41 @@ def _gene_codes(obs: pd.DataFrame, gene_key: str):
 # --------------------------------------------------------------------------- token scores
 
 
-def token_gene_scores(token_features, *, gene_key: str = "gene") -> pd.DataFrame:
+def token_gene_scores(token_features, *, gene_key: str = "gene", chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """Per (feature, gene) firing frequency, mean activation when firing and log2 enrichment.
 
-    ``token_features``: AnnData tokens x features (``obs[gene_key]`` = the token's gene).
-    Tokens with a missing gene are ignored (they count neither in ``N`` nor anywhere else).
+    ``token_features``: AnnData tokens x features (``obs[gene_key]`` = the token's gene), in memory
+    or backed (``read_h5ad(..., backed="r")``: X is streamed ``chunk`` tokens at a time, never read
+    whole). Tokens with a missing gene are ignored (they count neither in ``N`` nor anywhere else).
     Returns a long DataFrame with :data:`TOKEN_GENE_COLUMNS` (see the module docstring), one
     row per pair with ``n_fire > 0``, sorted by ``feature_id`` then ``gene`` order
-    (categories order for a categorical column, else sorted). Computed as
-    ``G.T @ (X > 0)`` and ``G.T @ max(X, 0)`` with the one-hot gene matrix ``G [tokens, genes]``.
+    (categories order for a categorical column, else sorted). Computed as the sums over token
+    blocks of ``G.T @ (X > 0)`` and ``G.T @ max(X, 0)`` with the one-hot gene matrix
+    ``G [tokens, genes]``; memory is one block plus the ``[genes, features]`` pairs that fire.
+    Counts do not depend on ``chunk``; ``mean_act`` only up to float64 summation order (~1e-15).
     """
-    X = as_matrix(token_features, "token_features", dtype=np.float64)
     obs = getattr(token_features, "obs", None)
     if obs is None:
         raise InputError("token_features must be an AnnData with obs[gene_key] (features/token_features.h5ad)")
     codes, genes = _gene_codes(obs, gene_key)
-    n_tok = X.shape[0]
+    n_tok = n_rows(token_features)
     if codes.shape[0] != n_tok:
         raise InputError(f"token_features obs has {codes.shape[0]} rows but X has {n_tok}")
     keep = codes >= 0
-    rows = np.flatnonzero(keep)
-    G = sp.csr_matrix((np.ones(rows.size), (rows, codes[keep])), shape=(n_tok, len(genes)))
-    n_g = np.asarray(G.sum(axis=0)).ravel()  # tokens per gene
-    N = float(rows.size)
-    B = firing(X)
-    GB = sp.csr_matrix(G.T @ B)  # [genes, features] firing counts
+    n_g = np.bincount(codes[keep], minlength=len(genes)).astype(np.float64)  # tokens per gene
+    N = float(keep.sum())
+    GB = S = None
+    for rows, X in row_blocks(token_features, "token_features", chunk=chunk, dtype=np.float64):
+        code = codes[rows]
+        hit = np.flatnonzero(code >= 0)
+        G = sp.csr_matrix((np.ones(hit.size), (hit, code[hit])), shape=(X.shape[0], len(genes)))
+        gb = sp.csr_matrix(G.T @ firing(X))  # [genes, features] firing counts
+        s = sp.csr_matrix(G.T @ positive(X))  # [genes, features] summed positive activations
+        GB, S = (gb, s) if GB is None else (GB + gb, S + s)
+    if GB is None:  # an on-disk file without tokens
+        GB = S = sp.csr_matrix((len(genes), getattr(token_features, "X", token_features).shape[1]))
     c_f = np.asarray(GB.sum(axis=0)).ravel()  # firing tokens per feature (tokens with a gene)
     C = GB.tocoo()
-    S = sp.csr_matrix(G.T @ positive(X))  # [genes, features] summed positive activations
     g, f, c = C.row, C.col, C.data
     nz = c > 0
     g, f, c = g[nz], f[nz], c[nz]
@@ -394,11 +401,11 @@ def gene_family_scores(
 # --------------------------------------------------------------------------- density
 
 
-def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
+def density_scores(features_X=None, token_X=None, *, chunk: int = ROW_CHUNK) -> pd.DataFrame:
     """Per feature: fraction of tokens and of cells where it fires (> 0) and their log10.
 
     ``features_X`` cells x features (max-pooled), ``token_X`` tokens x features (AnnData or
-    matrix); either may be None (its columns are then left out). Columns
+    matrix, in memory or on disk: ``primitives.row_blocks``); either may be None (its columns are then left out). Columns
     ``token_fraction``, ``log10_token_density``, ``cell_fraction``, ``log10_cell_density``;
     log10 of 0 (a feature that never fires) is ``-inf``.
     """
@@ -409,12 +416,12 @@ def density_scores(features_X=None, token_X=None) -> pd.DataFrame:
     for key, x in (("token", token_X), ("cell", features_X)):
         if x is None:
             continue
-        X = as_matrix(x, f"{key} matrix", dtype=np.float64)
-        if m is not None and X.shape[1] != m:
-            raise InputError(f"features_X and token_X have different feature counts ({m} vs {X.shape[1]})")
-        m = X.shape[1]
+        counts = fire_counts(x, f"{key} matrix", chunk=chunk)  # row blocks of ``chunk`` rows
+        if m is not None and len(counts) != m:
+            raise InputError(f"features_X and token_X have different feature counts ({m} vs {len(counts)})")
+        m, n = len(counts), n_rows(x)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = fire_counts(X) / X.shape[0] if X.shape[0] else np.full(m, np.nan)
+            frac = counts / n if n else np.full(m, np.nan)
             cols[f"{key}_fraction"] = frac
             cols[f"log10_{key}_density"] = np.log10(frac)
     out = pd.DataFrame(cols)

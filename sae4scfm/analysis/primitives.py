@@ -1,10 +1,13 @@
 """What every statistic of ``sae4scfm.analysis`` starts from: one coercion of an activation
-matrix, its firing indicator, and one Benjamini–Hochberg FDR.
+matrix, its firing indicator, row blocks of a matrix that may stay on disk, and one
+Benjamini–Hochberg FDR.
 
 "Fires" always means activation ``> 0`` (explicit zeros and negative values do not fire).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -12,17 +15,56 @@ import scipy.sparse as sp
 from sae4scfm.errors import InputError
 
 FLOATS = (np.float32, np.float64)
+ROW_CHUNK = 1 << 17  # rows per block of ``row_blocks`` (token statistics stream the token file in these)
+
+
+def on_disk(x) -> bool:
+    """Whether ``x`` is a matrix left in its file: a backed AnnData (``read_h5ad(..., backed="r")``)
+    or the X of one (an anndata sparse dataset or an h5py dataset), read a block of rows at a time."""
+    import h5py
+    from anndata.abc import CSCDataset, CSRDataset
+
+    return bool(getattr(x, "isbacked", False)) or isinstance(getattr(x, "X", x), (CSRDataset, CSCDataset, h5py.Dataset))
+
+
+def n_rows(x) -> int:
+    """Rows of a matrix, an AnnData (backed or not) or its on-disk X, without reading it."""
+    return int(getattr(x, "X", x).shape[0]) if not hasattr(x, "n_obs") else int(x.n_obs)
+
+
+def row_blocks(x, name: str = "X", *, chunk: int = ROW_CHUNK, fmt: str = "csr",
+               dtype=None) -> Iterator[tuple[slice, sp.csr_matrix | sp.csc_matrix]]:
+    """(row slice, ``as_matrix`` of those rows) for consecutive blocks of at most ``chunk`` rows of ``x``
+    [rows, columns] (anything ``as_matrix`` takes, or an on-disk matrix: ``on_disk``). An in-memory
+    matrix of at most ``chunk`` rows is one block, ``as_matrix(x)`` itself (no copy); an on-disk one
+    is read block by block, so only one block is in memory at a time."""
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1 rows, got {chunk}")
+    n = n_rows(x)
+    if not on_disk(x) and n <= chunk:
+        yield slice(0, n), as_matrix(x, name, fmt=fmt, dtype=dtype)
+        return
+    X = getattr(x, "X", x)
+    if not on_disk(x):
+        X = as_matrix(X, name, fmt="csr", dtype=dtype)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        yield rows, as_matrix(X[rows], f"{name} rows {rows.start}:{rows.stop}", fmt=fmt, dtype=dtype)
 
 
 def as_matrix(x, name: str = "X", *, fmt: str = "csr", dtype=None) -> sp.csr_matrix | sp.csc_matrix:
     """``x`` [rows, columns] as a canonical (duplicates summed, sorted) CSR or CSC matrix.
 
-    x: AnnData (its ``X``), scipy sparse of any format, dense array or torch tensor.
+    x: AnnData (its ``X``), scipy sparse of any format, dense array, torch tensor, or an on-disk
+    matrix (``on_disk``; read whole: to stream it, use ``row_blocks``).
     fmt: "csr" | "csc". dtype: None keeps float32/float64 (other dtypes become float64).
     Canonical input already in ``fmt`` and dtype is returned as is (never copied or modified);
     anything else is converted with one copy. Raises InputError for a missing, non-2-D,
     non-numeric or non-finite matrix.
     """
+    if on_disk(x):  # read whole; statistics that stream use ``row_blocks`` instead
+        x = getattr(x, "X", x)
+        x = x.to_memory() if hasattr(x, "to_memory") else x[()]
     x = getattr(x, "X", x)
     if x is None:
         raise InputError(f"{name} has no matrix (X is None); pass an AnnData with X or a matrix")
@@ -66,10 +108,15 @@ def positive(x, name: str = "X") -> sp.csr_matrix:
     return P
 
 
-def fire_counts(x, name: str = "X") -> np.ndarray:
-    """float64 [columns]: the number of rows where each column is > 0."""
-    X = as_matrix(x, name)
-    return np.bincount(X.indices[X.data > 0], minlength=X.shape[1]).astype(np.float64)
+def fire_counts(x, name: str = "X", *, chunk: int = ROW_CHUNK) -> np.ndarray:
+    """float64 [columns]: the number of rows where each column is > 0 (``row_blocks`` of ``chunk`` rows)."""
+    counts = None
+    for _, X in row_blocks(x, name, chunk=chunk):
+        c = np.bincount(X.indices[X.data > 0], minlength=X.shape[1])
+        counts = c if counts is None else counts + c
+    if counts is None:  # no rows
+        counts = np.zeros(getattr(x, "X", x).shape[1], dtype=np.int64)
+    return counts.astype(np.float64)
 
 
 def as_dense(x, name: str = "W") -> np.ndarray:

@@ -27,7 +27,8 @@ class RunData:
     run_cfg: DictConfig
     sae_cfg: dict
     features: ad.AnnData  # cells x features (X = the representation ``representation``; others in layers)
-    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written
+    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written;
+    # backed in the analyze stage (X left in the file, streamed by the token statistics)
     cache: dict = field(default_factory=dict)
     representation: str = "max"  # the cell representation in features.X (analysis.pooling)
 
@@ -93,13 +94,14 @@ class RunData:
         return np.asarray(adata.X.sum(axis=1)).ravel()
 
 
-def read_run_features(run_dir: Path, name: str = "features.h5ad") -> ad.AnnData:
-    """``<run>/features/<name>`` (features.h5ad or token_features.h5ad), checked to belong to the run."""
+def read_run_features(run_dir: Path, name: str = "features.h5ad", backed: bool = False) -> ad.AnnData:
+    """``<run>/features/<name>`` (features.h5ad or token_features.h5ad), checked to belong to the run;
+    ``backed``: X stays in the file (``read_h5ad(backed="r")``; obs and var are read)."""
     path = run_dir / "features" / name
     if not path.is_file():
         raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
                          "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
-    features = ad.read_h5ad(path)
+    features = ad.read_h5ad(path, backed="r" if backed else None)
     check_run_features(run_dir, features, name=name)
     return features
 
@@ -120,17 +122,21 @@ def check_run_features(run_dir: Path, features: ad.AnnData, adata: ad.AnnData | 
 
 
 def load_run_data(cfg: DictConfig) -> RunData:
-    """The run addressed by ``cfg.sae_checkpoint`` with the cell representation ``cfg.analysis.pooling``."""
+    """The run addressed by ``cfg.sae_checkpoint`` with the cell representation ``cfg.analysis.pooling``;
+    the token features stay in their file (backed) unless the analyses score token rows
+    (``analysis.pooling=token``): every token statistic streams them (``primitives.row_blocks``)."""
+    pooling = cfg.analysis.get("pooling")
     return open_run(resolve_run_dir(cfg.runs_dir, cfg.sae_checkpoint.experiment, cfg.sae_checkpoint.timestamp),
-                    cfg.analysis.get("pooling"))
+                    pooling, backed_tokens=pooling != "token")
 
 
-def open_run(run_dir: Path, pooling: str | None = None) -> RunData:
-    """A run dir's features (``pooling``: the cell representation put in X, see ``choose_representation``)."""
+def open_run(run_dir: Path, pooling: str | None = None, backed_tokens: bool = False) -> RunData:
+    """A run dir's features (``pooling``: the cell representation put in X, see ``choose_representation``);
+    ``backed_tokens``: token_features.h5ad's X stays in the file (obs is read)."""
     sae_cfg = json.loads((run_dir / "cfg.json").read_text())
     features = read_run_features(run_dir)
     representation = choose_representation(features, pooling, run_dir)
-    tokens = (read_run_features(run_dir, "token_features.h5ad")
+    tokens = (read_run_features(run_dir, "token_features.h5ad", backed=backed_tokens)
               if (run_dir / "features" / "token_features.h5ad").is_file() else None)
     if tokens is not None and GENE_NAME not in tokens.obs:  # written before gene_name existed
         tokens.obs[GENE_NAME] = tokens.obs["gene"]

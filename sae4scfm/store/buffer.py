@@ -4,8 +4,8 @@ Shards hold whole extraction batches of similar lengths (length tracks cell type
 depth), so mixing a few whole shards would give batches of few bands. Instead every epoch draws
 *chunks* of ``chunk_tokens`` contiguous rows from all shards: a seeded permutation of all chunks
 of the store is cut into *fills* of ``buffer_tokens // chunk_tokens`` chunks; each fill is read
-(the ``acts`` tensor only, through a memory map), shuffled row by row, and the epoch's rows are the fills one after the
-other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
+(the ``acts`` tensor only, by preads: ``ActivationStore.read_rows``) straight into its shuffled row order, and the epoch's rows are the
+fills one after the other, released as consecutive batches (a batch that straddles two fills takes the tail of one and
 the head of the next). A batch is thus a uniform sample of the store's chunks, whatever the
 on-disk order and the store size (the band fractions of a batch deviate from the store's by about
 sqrt(p(1 − p) / chunks_per_fill); tests/test_store.py).
@@ -13,9 +13,10 @@ sqrt(p(1 − p) / chunks_per_fill); tests/test_store.py).
 The order is a pure function of (seed, epoch): the chunk permutation draws from
 ``rng(seed, epoch)`` and fill f's row shuffle from ``rng(seed, epoch, f)``, so ``epoch(e, start)``
 *seeks* to batch ``start`` by reading only the fills from the one that holds it (resume costs one
-fill, not a replay of the epoch). Fills are read ``prefetch`` ahead in a background thread (into
-pinned memory when CUDA is available, so the copy to the GPU can be asynchronous): memory stays at
-about ``prefetch + 1`` fills. ``rank``/``world``: each rank gets its ``batch_size / world`` slice
+fill, not a replay of the epoch). Fills are read ``prefetch`` ahead in a background thread into
+``prefetch + 1`` tensors used in turn, and each batch is released as its own copy (pinned memory
+when CUDA is available, so the copy to the GPU can be asynchronous): memory stays at
+``prefetch + 1`` fills whatever the store size. ``rank``/``world``: each rank gets its ``batch_size / world`` slice
 of every global batch (DistributedDataParallel at the same global batch).
 """
 
@@ -76,69 +77,101 @@ class ShufflingBuffer:
         part = self.batch_size // self.world
         lo, hi = self.rank * part, (self.rank + 1) * part
         carry = None
-        for f, pool in self._read_ahead(epoch, fills, f0):
+        for f, pool, release in self._read_ahead(epoch, fills, f0):
             if f == f0:
                 pool = pool[skip:]
             if carry is not None:  # the batch straddling the previous fill and this one
                 need = self.batch_size - len(carry)
                 if len(pool) < need:
                     carry = torch.cat([carry, pool])
+                    release()
                     continue
-                yield torch.cat([carry, pool[:need]])[lo:hi]
+                yield self._copy(torch.cat([carry, pool[:need]])[lo:hi])
                 pool = pool[need:]
             n_out = len(pool) // self.batch_size * self.batch_size
             for i in range(0, n_out, self.batch_size):
-                yield pool[i + lo:i + hi]
-            carry = pool[n_out:]
+                yield self._copy(pool[i + lo:i + hi])
+            carry = pool[n_out:].clone()
+            release()  # the fill's tensor may now be refilled
 
-    def _read_ahead(self, epoch: int, fills: list[np.ndarray], first: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(f, fill f's shuffled rows) for f >= ``first``, read ``prefetch`` fills ahead in a thread."""
+    @staticmethod
+    def _copy(rows: torch.Tensor) -> torch.Tensor:
+        """A batch as its own tensor (pinned on CUDA), so the fill it came from can be refilled."""
+        return rows.pin_memory() if torch.cuda.is_available() else rows.clone()
+
+    def _read_ahead(self, epoch: int, fills: list[np.ndarray], first: int):
+        """(f, fill f's shuffled rows, release) for f >= ``first``: fills are read into ``prefetch`` + 1
+        tensors used in turn (one when ``prefetch`` is 0: read in the caller's thread), up to
+        ``prefetch`` fills ahead in a background thread; ``release()`` hands a fill's tensor back for
+        the next read, so memory is ``prefetch`` + 1 fills whatever the store size."""
+        rows = max(int((c[:, 2] - c[:, 1]).sum()) for c in fills) if fills else 0
+        slots: list[torch.Tensor | None] = [None] * (self.prefetch + 1)
+
+        def read(f: int, slot: int) -> torch.Tensor:
+            if slots[slot] is None:
+                slots[slot] = torch.empty((rows, self.store.d_model), dtype=torch.float32)
+            return self._fill(epoch, f, fills[f], slots[slot])
+
         if self.prefetch <= 0:
             for f in range(first, len(fills)):
-                yield f, self._fill(epoch, f, fills[f])
+                yield f, read(f, 0), lambda: None
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        ready: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for slot in range(len(slots)):
+            free.put(slot)
         stop = threading.Event()
 
         def produce():
             try:
                 for f in range(first, len(fills)):
-                    item = (f, self._fill(epoch, f, fills[f]))
                     while not stop.is_set():
                         try:
-                            q.put(item, timeout=0.1)
+                            slot = free.get(timeout=0.1)
                             break
-                        except queue.Full:
+                        except queue.Empty:
                             pass
                     if stop.is_set():
                         return
-                q.put(None)
+                    ready.put((f, read(f, slot), slot))
+                ready.put(None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                q.put(e)
+                ready.put(e)
 
         thread = threading.Thread(target=produce, daemon=True, name="sae4scfm-buffer")
         thread.start()
         try:
-            while (item := q.get()) is not None:
+            while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                f, pool, slot = item
+                yield f, pool, lambda slot=slot: free.put(slot)
         finally:
             stop.set()
             thread.join()
 
-    def _fill(self, epoch: int, f: int, chunks: np.ndarray) -> torch.Tensor:
-        """Fill ``f``: its chunks' float32 rows, shuffled by rng(seed, epoch, f) (pinned on CUDA)."""
-        pool = self._read(chunks)
-        pool = pool[torch.from_numpy(np.random.default_rng([self.seed, epoch, f]).permutation(len(pool)))]
-        return pool.pin_memory() if torch.cuda.is_available() else pool
+    def _fill(self, epoch: int, f: int, chunks: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill ``f``: the float32 rows [rows, d_model] of its chunks concatenated shard by shard
+        (ascending shard, then the fill's chunk order), in the order of rng(seed, epoch, f)'s permutation
+        (row i = concatenated row perm[i]), written into the first rows of ``out`` (default: a new tensor).
 
-    def _read(self, chunks: np.ndarray) -> torch.Tensor:
-        """The float32 activations of ``chunks`` (rows of ``chunks()``): per shard one gather of
-        those rows from its memory map (``ActivationStore.acts``)."""
-        out = []
-        for shard in np.unique(chunks[:, 0]):
-            rows = np.concatenate([np.arange(a, b) for a, b in chunks[chunks[:, 0] == shard, 1:]])
-            acts = torch.from_numpy(self.store.acts(int(shard))[rows])
-            out.append(acts.view(torch.bfloat16) if self.store.meta["dtype"] == "bfloat16" else acts)
-        return torch.cat(out).float()
+        Gathered straight into place: per shard one read of its chunks (``ActivationStore.read_rows``:
+        preads, no memory map) scattered to their shuffled positions, so a fill costs one fill of memory
+        (plus one shard's part of it), not a concatenation and a shuffled copy."""
+        grouped = chunks[np.argsort(chunks[:, 0], kind="stable")]
+        lengths = grouped[:, 2] - grouped[:, 1]
+        n = int(lengths.sum())
+        perm = np.random.default_rng([self.seed, epoch, f]).permutation(n)
+        where = np.empty(n, dtype=np.int64)
+        where[perm] = np.arange(n)  # concatenated row j goes to output row where[j]
+        out = (torch.empty((n, self.store.d_model), dtype=torch.float32) if out is None else out)[:n]
+        shards, first = np.unique(grouped[:, 0], return_index=True)
+        edges = np.append(first, len(grouped))  # shard k: grouped chunks edges[k]:edges[k + 1]
+        row_edges = np.concatenate([[0], np.cumsum(lengths)])[edges]  # ... and concatenated rows
+        bf16, target = self.store.meta["dtype"] == "bfloat16", out.numpy()
+        for k, shard in enumerate(shards):
+            acts = self.store.read_rows(int(shard), grouped[edges[k]:edges[k + 1], 1:])
+            if bf16:
+                acts = torch.from_numpy(acts).view(torch.bfloat16).float().numpy()
+            target[where[row_edges[k]:row_edges[k + 1]]] = acts  # numpy: one thread, no torch sync per shard
+        return out

@@ -25,6 +25,7 @@ holds whole length-bucketed batches (similar lengths share a forward) in a seede
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -67,20 +68,30 @@ class ActivationStore:
     def n_shards(self) -> int:
         return len(self.meta["shards"])
 
-    def acts(self, i: int) -> np.memmap:
-        """Shard ``i``'s activations [n, d_model] as a read-only memory map of the file (no copy;
-        rows are read from disk when indexed). bfloat16 rows come as int16 bit patterns
-        (``torch.from_numpy(a).view(torch.bfloat16)``)."""
+    def read_rows(self, i: int, ranges: np.ndarray) -> np.ndarray:
+        """Rows ``a:b`` of shard ``i``'s activations for each ``(a, b)`` of ``ranges`` [n, 2], concatenated:
+        [sum(b - a), d_model] float32 | float16 (bfloat16 rows as their int16 bit patterns:
+        ``torch.from_numpy(a).view(torch.bfloat16)``). One ``os.preadv`` per range straight into the
+        result: the file goes through the page cache but is never mapped into the process, so its
+        resident memory is the result, whatever the store size (a memory map would keep every page it
+        touched resident)."""
         path = self.root / self.meta["shards"][i]["file"]
         with open(path, "rb") as f:
             n_header = int.from_bytes(f.read(8), "little")
             entry = json.loads(f.read(n_header))["acts"]
-        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}[entry["dtype"]]
-        start = 8 + n_header + entry["data_offsets"][0]
-        n, d = entry["shape"]
-        if n == 0:
-            return np.zeros((0, d), dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(n, d))
+            dtype = np.dtype({"F32": np.float32, "F16": np.float16, "BF16": np.int16}[entry["dtype"]])
+            d = int(entry["shape"][1])
+            ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+            out = np.empty((int((ranges[:, 1] - ranges[:, 0]).sum()), d), dtype=dtype)
+            row_bytes, base = d * dtype.itemsize, 8 + n_header + entry["data_offsets"][0]
+            view, at = memoryview(out.reshape(-1).view(np.uint8)), 0
+            for a, b in ranges:
+                size = int(b - a) * row_bytes
+                if size and os.preadv(f.fileno(), [view[at:at + size]], base + int(a) * row_bytes) != size:
+                    raise InputError(f"{path}: rows {a}:{b} are past the end of the file (a truncated shard); "
+                                     "delete the store folder and extract again.")
+                at += size
+        return out
 
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.root / self.meta["shards"][i]["file"])
