@@ -111,7 +111,7 @@ def test_steer_features_stage_writes_targets_against_the_null(trained, runs_dir)
     assert pd.read_csv(out / "null.csv").shape[0] == 2 * 3 * 2
     genes = pd.read_csv(out / "genes.csv")
     assert set(genes["target"]) == set(summary["target"])
-    for col in ("marker_rank_p", "n_significant_p", "embedding_shift_p"):
+    for col in ("marker_excess_rank_p", "marker_rank_p", "n_significant_p", "embedding_shift_p"):
         assert summary[col].between(1 / 4, 1).all()  # (1 + #null >= x) / (1 + 3)
     assert summary["marker_set"].tolist() == ["CD14 Monocyte"] * 2 + ["B"] * 2
     assert summary["marker_rank"].between(0, 1).all()
@@ -153,6 +153,26 @@ def test_steer_cli_reports_bad_input_in_one_line(tmp_path, repo_root):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_null_excess_is_a_leave_one_out_z_against_the_null_features():
+    """Each row's per-gene change as a z-score against the OTHER null features of its (target, α), so a gene that
+    every edit moves scores 0 and the target's own gene-specific change stands out."""
+    from sae4scfm.causal.steering import null_excess
+
+    rng = np.random.default_rng(0)
+    plan = [(7, f, a) for a in (4.0, -4.0) for f in (7, 1, 2, 3, 4)]
+    deltas = rng.normal(size=(len(plan), 6)) + np.array([5, 5, 0, 0, 0, 0.0])  # genes 0, 1 move under every edit
+    deltas[0, 2] += 10  # the target (α = +4) moves gene 2 specifically
+    tests = [pd.DataFrame({"gene_id": np.arange(6)[::-1], "mean_delta": d[::-1]}) for d in deltas]
+    z = null_excess(tests, plan)
+    nulls = deltas[1:5]
+    want = (deltas[0] - nulls.mean(0)) / nulls.std(0, ddof=1)
+    np.testing.assert_allclose(z[0], want[::-1])
+    loo = np.delete(nulls, 1, axis=0)  # row 2 = null feature 2 against nulls 1, 3, 4
+    np.testing.assert_allclose(z[2], ((deltas[2] - loo.mean(0)) / loo.std(0, ddof=1))[::-1])
+    assert np.argmax(z[0][::-1]) == 2 and abs(z[0][::-1][2]) > 3
+    np.testing.assert_allclose(z[5], ((deltas[5] - deltas[6:].mean(0)) / deltas[6:].std(0, ddof=1))[::-1])
 
 
 def test_own_genes_are_the_most_often_fired_on():
@@ -211,6 +231,8 @@ def test_trace_stage_traces_into_a_deeper_run_and_names_bad_targets(trained, run
     assert edges["p"].min() >= 1 / 64
     with pytest.raises(InputError, match="tracing.targets is empty"):
         trace_features(sae4scfm.compose("trace", address))
+    with pytest.raises(InputError, match="small_l7"):  # a layer with no SAE run
+        trace_features(sae4scfm.compose("trace", [*address, "tracing.targets=[small_l7/latest]"]))
 
 
 def test_scaled_edit_is_the_identity_at_one_and_ablation_at_zero(trained):
@@ -234,7 +256,7 @@ def test_scaled_edit_is_the_identity_at_one_and_ablation_at_zero(trained):
 
 
 def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trained, runs_dir):
-    from sae4scfm.causal.contrastive import contrast_features, scaled_edit
+    from sae4scfm.causal.contrastive import check_embedding_reachable, contrast_features, scaled_edit
 
     _, run_dir, *_ = trained
     address = [f"runs_dir={runs_dir}", "sae_checkpoint.experiment=small", f"sae_checkpoint.timestamp={run_dir.name}"]
@@ -258,6 +280,10 @@ def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trai
             contrast_features(sae4scfm.compose("contrast", [*address, *pair, extra]))
     with pytest.raises(InputError, match="shape \\(3,\\)"):
         scaled_edit(trained[3], torch.ones(3))
+    _, _, adapter, sae, tokens, layer = trained
+    check_embedding_reachable(adapter, sae, layer, tokens.collate(np.arange(2)))
+    with pytest.raises(InputError, match="cell embedding does not depend"):  # <cls> read after the last block
+        check_embedding_reachable(adapter, sae, adapter.n_layers, tokens.collate(np.arange(2)))
 
 
 def test_last_layer_steering_reads_a_per_token_head_and_a_no_op_is_an_error(trained):

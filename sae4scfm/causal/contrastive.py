@@ -9,7 +9,7 @@ h' = h + Σ_j (α_j − 1)·f_j·W_dec[j] (α = 1 is the identity). Objective, o
 - ``expression``: Σ_g w_g (r_g(h') − μ_target,g)² / Σ_g w_g (μ_source,g − μ_target,g)² over the top DE genes
   (the largest |μ_target − μ_source| of the per-gene readout, weights w = |difference|, a cell's genes only);
 
-plus ``l1`` · mean_j |α_j − 1|. After fitting, |α_j − 1| < ``tol`` snaps to 1; the recruited features are the rest.
+plus ``l1`` · Σ_j |α_j − 1|. After fitting, |α_j − 1| < ``tol`` snaps to 1; the recruited features are the rest.
 """
 
 from __future__ import annotations
@@ -116,9 +116,22 @@ class ContrastiveFit:
     de_weights: np.ndarray
 
 
+@torch.no_grad()
+def check_embedding_reachable(adapter: ScFMAdapter, sae: SAE, layer: int, batch: Batch) -> None:
+    """InputError when doubling every feature at ``layer`` leaves the cell embedding of ``batch`` unchanged (e.g.
+    a <cls> embedding read at the last layer): neither the latent objective nor the held-out metrics could move."""
+    clean = adapter.run(batch)["cell_emb"]
+    with adapter.intervene(layer, scaled_edit(sae, torch.full((sae.d_sae,), 2.0, device=adapter.device))):
+        doubled = adapter.run(batch)["cell_emb"]
+    if torch.equal(doubled, clean):
+        raise InputError(f"contrastive steering at layer {layer}: the cell embedding does not depend on the edited "
+                         "gene tokens there (e.g. a <cls> embedding at the last layer), so neither the objective nor "
+                         "the held-out metrics can move; use a run of an earlier layer (sae.target_layer).")
+
+
 def fit_contrastive(adapter: ScFMAdapter, sae: SAE, layer: int, source: TokenizedCells, target_centroid: np.ndarray,
                     source_centroid: np.ndarray, target_mean: np.ndarray, source_mean: np.ndarray, *,
-                    objective: str = "latent", n_de_genes: int = 50, l1: float = 0.05, tol: float = 0.05,
+                    objective: str = "latent", n_de_genes: int = 50, l1: float = 0.01, tol: float = 0.05,
                     steps: int = 50, lr: float = 0.05, batch_size: int = 8, output: str = "mvc",
                     seed: int = 0) -> ContrastiveFit:
     """Fit α on the ``source`` cells (train cells of the source type) by Adam; target/source centroids [d] of
@@ -148,7 +161,7 @@ def fit_contrastive(adapter: ScFMAdapter, sae: SAE, layer: int, source: Tokenize
                 wt = weights[g] * batch.gene_mask.to(device)
                 fit = (wt * (r - mu_t[g]) ** 2).sum() / (wt * (mu_t[g] - torch.as_tensor(
                     np.nan_to_num(source_mean), dtype=torch.float32, device=device)[g]) ** 2).sum().clamp(min=1e-12)
-            loss = fit + l1 * (alpha - 1).abs().mean()
+            loss = fit + l1 * (alpha - 1).abs().sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -208,6 +221,7 @@ def contrast_features(cfg):
     probe = ctx.adapter.run(src_train.collate(np.arange(1)))
     if "cell_emb" not in probe:
         raise InputError("contrastive steering needs the model's cell embedding (cell_emb), which this model lacks.")
+    check_embedding_reachable(ctx.adapter, ctx.sae, ctx.layer, src_train.collate(np.arange(1)))
     output = c.output or default_output(probe, last_layer=ctx.layer == ctx.adapter.n_layers)
     emb_s, tot_s, cnt_s = type_profiles(ctx.adapter, src_train, output)
     emb_t, tot_t, cnt_t = type_profiles(ctx.adapter, tgt_train, output)

@@ -280,9 +280,11 @@ def steer_features(cfg) -> pd.DataFrame:
             name = marker_set_for(run, label)
             if name:
                 marker_lists[label] = list(builtin.get(name, ()))
+    tests = [shifts.paired_test(e, int(s.min_cells)) for e in range(len(plan))]
+    excess = null_excess(tests, plan)
     rows, gene_rows = [], []
     for e, (j, f, a) in enumerate(plan):
-        test = shifts.paired_test(e, int(s.min_cells))
+        test = tests[e]
         test["gene"] = names[test["gene_id"]]
         label = target_label.get(j)
         marker_set = (f"de:{label}" if s.markers == "de" else marker_set_for(run, label)) if label is not None else None
@@ -291,6 +293,9 @@ def steer_features(cfg) -> pd.DataFrame:
         on_markers = test.loc[is_marker, "mean_delta"]
         pct = test["mean_delta"].rank(pct=True).to_numpy()  # 1 = moved most upwards of all genes tested
         marker_rank = float((pct if a >= 0 else 1 - pct)[is_marker].mean()) if is_marker.any() else np.nan
+        pct = pd.Series(excess[e]).rank(pct=True).to_numpy()
+        ranked = (pct if a >= 0 else 1 - pct)[is_marker]
+        marker_excess_rank = float(np.nanmean(ranked)) if np.isfinite(ranked).any() else np.nan
         sig = test[test["q"] < float(s.fdr)]
         row = {"target": j, "feature_id": f, "role": "target" if f == j else "null", "alpha": a,
                "label": label, "marker_set": marker_set, "output": output,
@@ -298,7 +303,7 @@ def steer_features(cfg) -> pd.DataFrame:
                "n_down": int((sig["mean_delta"] < 0).sum()),
                "n_markers": int(is_marker.sum()),
                "marker_shift": float(on_markers.mean()) if len(on_markers) else np.nan,
-               "marker_rank": marker_rank,
+               "marker_rank": marker_rank, "marker_excess_rank": marker_excess_rank,
                "mean_abs_shift": float(test["mean_delta"].abs().mean()) if len(test) else np.nan,
                "embedding_shift": float(shifts.embedding[e].mean())}
         if f == j:
@@ -309,9 +314,12 @@ def steer_features(cfg) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     # marker_rank: the mean percentile of the label's marker genes among all genes tested, ranked by their change
-    # in α's direction (0.5 = no more than any gene, so a shift of every gene does not count)
+    # in α's direction (0.5 = no more than any gene, so a shift of every gene does not count); marker_excess_rank:
+    # the same ranking of each gene's change as a z-score against the other null features' changes of that gene
+    # (null_excess), so genes that any edit moves (highly expressed, variable) do not count either
     table = table.assign(n_significant=table["n_up"] + table["n_down"])
-    summary = against_null(table, ["marker_rank", "n_significant", "embedding_shift"], ["target", "alpha"])
+    summary = against_null(table, ["marker_excess_rank", "marker_rank", "n_significant", "embedding_shift"],
+                           ["target", "alpha"])
     out_dir = run.run_dir / "causal" / "steering"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "steering.csv", lambda p: summary.to_csv(p, index=False))
@@ -321,6 +329,31 @@ def steer_features(cfg) -> pd.DataFrame:
     print(summary.drop(columns=["top_up", "top_down"], errors="ignore").to_string(index=False))
     print(f"wrote {out_dir}/steering.csv (targets vs matched null), genes.csv, null.csv")
     return summary
+
+
+def null_excess(tests: list[pd.DataFrame], plan: list[tuple[int, int, float]]) -> list[np.ndarray]:
+    """Per intervention e of ``plan`` ((target, feature steered, α); its ``paired_test`` in ``tests[e]``): each
+    tested gene's mean change as a z-score against the null features of the same (target, α), leaving the row's
+    own feature out, (Δ_g − mean_null Δ_g) / sd_null Δ_g: [genes of tests[e]] in its row order. Leave-one-out
+    keeps the target and every null row exchangeable under the null, so the empirical p stays valid."""
+    groups: dict[tuple[int, float], list[int]] = {}
+    for e, (j, f, a) in enumerate(plan):
+        if f != j:
+            groups.setdefault((j, a), []).append(e)
+    frames = {e: t.set_index("gene_id")["mean_delta"] for e, t in enumerate(tests)}
+    out = []
+    for e, (j, f, a) in enumerate(plan):
+        others = pd.concat([frames[o] for o in groups.get((j, a), []) if o != e], axis=1)
+        mine = frames[e]
+        if others.shape[1] < 2:
+            out.append(np.full(len(mine), np.nan))
+            continue
+        others = others.reindex(mine.index)
+        sd = others.std(axis=1, ddof=1).to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (mine.to_numpy() - others.mean(axis=1).to_numpy()) / np.where(sd > 0, sd, np.nan)
+        out.append(z)
+    return out
 
 
 def against_null(table: pd.DataFrame, metrics: list[str], keys: list[str]) -> pd.DataFrame:
