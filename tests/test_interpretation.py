@@ -251,7 +251,7 @@ def test_token_pooling_scores_tokens_labelled_by_their_cell(analysed, tmp_path):
                                                                    "analysis.label_metrics=[auroc]"]))
     run = load_run_data(cfg)
     labels = run.features.obs["bulk_labels"].to_numpy()[run.tokens.obs["cell_index"].to_numpy()]
-    X = run.tokens.X.tocsc()
+    X = run.tokens.X[:].tocsc()  # token_features.h5ad is opened backed (streamed in row blocks)
     for value in ("CD56+ NK", "CD19+ B"):
         col = table["label_scoring"][f"auroc:bulk_labels={value}"].astype(float)
         for f in (0, int(col.idxmax())):
