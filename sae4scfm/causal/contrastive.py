@@ -117,10 +117,13 @@ class ContrastiveFit:
 
 
 @torch.no_grad()
-def check_embedding_reachable(adapter: ScFMAdapter, sae: SAE, layer: int, batch: Batch) -> None:
+def check_embedding_reachable(adapter: ScFMAdapter, sae: SAE, layer: int, batch: Batch,
+                              clean: torch.Tensor | None = None) -> None:
     """InputError when doubling every feature at ``layer`` leaves the cell embedding of ``batch`` unchanged (e.g.
-    a <cls> embedding read at the last layer): neither the latent objective nor the held-out metrics could move."""
-    clean = adapter.run(batch)["cell_emb"]
+    a <cls> embedding read at the last layer): neither the latent objective nor the held-out metrics could move.
+    ``clean``: the batch's unedited cell embedding when already computed."""
+    if clean is None:
+        clean = adapter.run(batch)["cell_emb"]
     with adapter.intervene(layer, scaled_edit(sae, torch.full((sae.d_sae,), 2.0, device=adapter.device))):
         doubled = adapter.run(batch)["cell_emb"]
     if torch.equal(doubled, clean):
@@ -218,10 +221,11 @@ def contrast_features(cfg):
 
     n = int(c.n_cells)
     src_train, tgt_train, src_eval = cells(c.source, "train", n), cells(c.target, "train", n), cells(c.source, "eval", n)
-    probe = ctx.adapter.run(src_train.collate(np.arange(1)))
+    first = src_train.collate(np.arange(1))
+    probe = ctx.adapter.run(first)
     if "cell_emb" not in probe:
         raise InputError("contrastive steering needs the model's cell embedding (cell_emb), which this model lacks.")
-    check_embedding_reachable(ctx.adapter, ctx.sae, ctx.layer, src_train.collate(np.arange(1)))
+    check_embedding_reachable(ctx.adapter, ctx.sae, ctx.layer, first, probe["cell_emb"])
     output = c.output or default_output(probe, last_layer=ctx.layer == ctx.adapter.n_layers)
     emb_s, tot_s, cnt_s = type_profiles(ctx.adapter, src_train, output)
     emb_t, tot_t, cnt_t = type_profiles(ctx.adapter, tgt_train, output)

@@ -336,23 +336,21 @@ def null_excess(tests: list[pd.DataFrame], plan: list[tuple[int, int, float]]) -
     tested gene's mean change as a z-score against the null features of the same (target, α), leaving the row's
     own feature out, (Δ_g − mean_null Δ_g) / sd_null Δ_g: [genes of tests[e]] in its row order. Leave-one-out
     keeps the target and every null row exchangeable under the null, so the empirical p stays valid."""
-    groups: dict[tuple[int, float], list[int]] = {}
+    nulls: dict[tuple[int, float], list[int]] = {}
     for e, (j, f, a) in enumerate(plan):
         if f != j:
-            groups.setdefault((j, a), []).append(e)
-    frames = {e: t.set_index("gene_id")["mean_delta"] for e, t in enumerate(tests)}
+            nulls.setdefault((j, a), []).append(e)
     out = []
-    for e, (j, f, a) in enumerate(plan):
-        others = pd.concat([frames[o] for o in groups.get((j, a), []) if o != e], axis=1)
-        mine = frames[e]
-        if others.shape[1] < 2:
+    for e, (j, _, a) in enumerate(plan):
+        mine = tests[e].set_index("gene_id")["mean_delta"]
+        others = [o for o in nulls.get((j, a), []) if o != e]
+        if len(others) < 2:
             out.append(np.full(len(mine), np.nan))
             continue
-        others = others.reindex(mine.index)
-        sd = others.std(axis=1, ddof=1).to_numpy()
+        D = np.stack([tests[o].set_index("gene_id")["mean_delta"].reindex(mine.index).to_numpy() for o in others])
+        sd = D.std(0, ddof=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = (mine.to_numpy() - others.mean(axis=1).to_numpy()) / np.where(sd > 0, sd, np.nan)
-        out.append(z)
+            out.append((mine.to_numpy() - D.mean(0)) / np.where(sd > 0, sd, np.nan))
     return out
 
 
