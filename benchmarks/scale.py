@@ -3,9 +3,8 @@
 Data: the built-in PBMC cells (``sae4scfm.data.load_pbmc()``, 700 cells x 765 genes, raw counts), the
 first ``--base-cells`` of them, replicated ``factor`` times and perturbed (each copy's counts redrawn as
 Poisson(counts x s), s ~ U(0.8, 1.2) per cell, so no two cells are equal), written once per factor as a
-CSR .h5ad read through ``data=h5ad``. Until the SOMA source lands this stands in for the local SOMA
-store; the one switch is ``DATA`` below (``data=soma data.uri=<experiment>`` instead of
-``data=h5ad data.path=<file>``).
+local TileDB-SOMA experiment (``tiledbsoma.io.from_anndata``) and read through ``data=soma`` with
+``data.stream=true`` (cells read and tokenized per chunk, no X in memory).
 
 Stages, each in its own fresh process (``python scale.py --stage ...``) so that each peak is its own:
   extract   load model + data, tokenize, ``store.extract.activation_stores`` (demo scGPT, layer 2)
@@ -28,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,17 +42,19 @@ ANALYSES = ["analysis.run_label_scoring=true", "analysis.run_gene_scoring=true",
             "analysis.run_coactivation=true"]
 
 
-def DATA(path: Path) -> list[str]:
-    """The data overrides of one size (switch to ``["data=soma", f"data.uri={uri}"]`` with the SOMA source)."""
-    return ["data=h5ad", f"data.path={path}", "data.cell_type_key=bulk_labels"]
+def DATA(uri: Path) -> list[str]:
+    """The data overrides of one size: the local SOMA experiment at ``uri``, streamed."""
+    return ["data=soma", f"data.uri={uri}", "data.cell_type_key=bulk_labels", "data.stream=true"]
 
 
-def write_data(path: Path, base_cells: int, factor: int, seed: int = 0) -> int:
-    """``factor`` perturbed copies of the first ``base_cells`` PBMC cells as a CSR .h5ad; returns the cell count."""
+def write_data(uri: Path, base_cells: int, factor: int, seed: int = 0) -> int:
+    """``factor`` perturbed copies of the first ``base_cells`` PBMC cells as a SOMA experiment (measurement RNA,
+    X layer raw); returns the cell count."""
     import anndata as ad
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
+    import tiledbsoma.io
 
     from sae4scfm.data import load_pbmc
 
@@ -69,7 +71,8 @@ def write_data(path: Path, base_cells: int, factor: int, seed: int = 0) -> int:
         names += [f"{c}-{copy}" for c in pbmc.obs_names]
     obs = pd.concat([pbmc.obs] * factor)
     obs.index = names
-    ad.AnnData(X=sp.vstack(blocks).tocsr(), obs=obs, var=pbmc.var.copy()).write_h5ad(path)
+    adata = ad.AnnData(X=sp.vstack(blocks).tocsr(), obs=obs, var=pbmc.var.copy())
+    tiledbsoma.io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name="raw")
     return len(names)
 
 
@@ -127,8 +130,12 @@ def main(argv=None) -> int:
     for factor in factors:
         work = root / f"x{factor}"
         work.mkdir(parents=True, exist_ok=True)
-        data = work / "cells.h5ad"
-        n_cells[factor] = write_data(data, args.base_cells, factor)
+        data = work / "cells.soma"
+        done = work / "cells.soma.cells"  # written after the experiment: a rerun with --workdir reuses it
+        if not done.is_file():
+            shutil.rmtree(data, ignore_errors=True)
+            done.write_text(str(write_data(data, args.base_cells, factor)))
+        n_cells[factor] = int(done.read_text())
         (work / "spec.json").write_text(json.dumps({"data": str(data), "cells": n_cells[factor]}))
         for stage in stages:
             print(f"[x{factor}: {n_cells[factor]} cells] {stage} ...", file=sys.stderr, flush=True)

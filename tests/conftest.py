@@ -10,6 +10,8 @@ a missing module fails the run (``tests/skip_guard.py``).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,48 @@ SMALL_RUN = [
 
 def pytest_configure(config):
     config.pluginmanager.register(MissingModuleSkips(), "sae4scfm-missing-module-skips")
+
+
+def _uses_shortened_recipe(item) -> bool:
+    return "shortened_recipe" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that wait for the shortened recipe run last, so that it trains beside all the others."""
+    items.sort(key=_uses_shortened_recipe)  # stable: the others keep their order
+
+
+def pytest_collection_finish(session):
+    """Start the shortened demo recipe (minutes on one pinned thread) when a collected test uses it, so it
+    trains on the second core beside the tests before it (``shortened_recipe``)."""
+    if any(_uses_shortened_recipe(item) for item in session.items):
+        from sae4scfm.scfm.demo import start_build
+        from tests.test_demo import SHORTENED_RECIPE
+
+        out = Path(tempfile.mkdtemp(prefix="sae4scfm-shortened-recipe-"))
+        session.config.stash[SHORTENED] = (start_build(SHORTENED_RECIPE, out), out)
+
+
+def pytest_sessionfinish(session):
+    """Stop a shortened-recipe build no test waited for (a run cut short by -x or ^C) and delete its folder."""
+    child, out = session.config.stash.get(SHORTENED, (None, None))
+    if child is not None:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+SHORTENED = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session")
+def shortened_recipe(request):
+    """The report of the shortened demo recipe started at collection (``pytest_collection_finish``)."""
+    from sae4scfm.scfm.demo import finish_build
+
+    child, out = request.config.stash[SHORTENED]
+    return finish_build(child, out)
 
 
 @pytest.fixture

@@ -68,6 +68,45 @@ def test_paired_gene_test_equals_scipy_on_one_forward_at_a_time(trained):
         assert emb.shape == (len(tokens),) and np.all(emb > 0)
 
 
+def test_vocab_readout_is_gepc_of_every_gene_and_steering_tests_it_in_every_cell(trained):
+    """mvc_vocab: at a cell's input genes the whole-vocabulary GEPC equals the model's own ``mvc`` output; steered
+    with it, every non-special gene is tested in every cell, and the paired test equals scipy's on changes
+    measured one cell at a time."""
+    _, _, adapter, sae, tokens, layer = trained
+    from sae4scfm.scfm.scgpt.model import SPECIAL_TOKENS
+
+    with torch.no_grad():
+        batch = tokens.collate(np.arange(4))
+        out = adapter.run(batch)
+        values, ids = adapter.vocab_readout(out)
+        assert values.shape == (4, len(adapter.vocab) - len(SPECIAL_TOKENS)) and len(ids) == values.shape[1]
+        column = {int(g): c for c, g in enumerate(ids.tolist())}
+        for b in range(4):
+            genes = batch.gene_ids[b][batch.gene_mask[b]]
+            mine = values[b, [column[int(g)] for g in genes]]
+            torch.testing.assert_close(mine, out["mvc"][b][batch.gene_mask[b]], atol=1e-5, rtol=1e-5)
+    density, scale = firing_stats(adapter, sae, layer, tokens)
+    j = int(np.argmax(density))
+    iv = Intervention((j,), "add", 3.0 * scale[j])
+    shifts, output = gene_shifts(adapter, sae, layer, tokens, [iv], output="mvc_vocab", batch_size=5)
+    assert output == "mvc_vocab"
+    assert set(np.unique(shifts.n[0])) == {0.0, len(tokens)}
+    assert int((shifts.n[0] == len(tokens)).sum()) == len(ids)
+    deltas = []
+    with torch.no_grad():
+        for i in range(len(tokens)):
+            one = tokens.collate(np.array([i]))
+            clean = adapter.vocab_readout(adapter.run(one))[0][0]
+            with adapter.intervene(layer, latent_edit(sae, [iv])):
+                deltas.append((adapter.vocab_readout(adapter.run(one))[0][0] - clean).numpy())
+    deltas = np.stack(deltas)  # [cells, G]
+    table = shifts.paired_test(0).set_index("gene_id")
+    ref = stats.ttest_1samp(deltas, 0.0, axis=0)
+    np.testing.assert_allclose(table.loc[ids.numpy(), "mean_delta"], deltas.mean(0), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(table.loc[ids.numpy(), "t"], ref.statistic, rtol=2e-3, atol=1e-3)
+    assert np.abs(deltas).max() > 1e-3  # the edit reached the cell embedding
+
+
 def test_paired_test_is_scipys_ttest_rel_on_the_accumulated_changes():
     """Exact in float64: accumulate known paired changes of 6 genes over up to 9 cells."""
     from sae4scfm.causal.steering import GeneShifts

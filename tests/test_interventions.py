@@ -254,3 +254,20 @@ def test_ablation_runs_only_the_cells_where_each_feature_fires(case):
         silent = ~fires[:, j]
         assert torch.equal(by_hand[silent], torch.zeros(int(silent.sum()))) and torch.all(effect[silent, i] == 0)
         torch.testing.assert_close(effect[:, i], by_hand, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_vocab_readout_is_scgpts_gepc_and_a_clear_error_elsewhere(case):
+    """Only scGPT's GEPC head reads out genes outside a cell's input (``mvc_vocab``); the other families say so."""
+    adapter, batch, _, _ = case
+    out = adapter.run(batch)
+    if adapter.family != "scgpt":
+        with pytest.raises(InputError, match="no readout of genes outside a cell's input"):
+            adapter.vocab_readout(out)
+        return
+    values, ids = adapter.vocab_readout(out)
+    assert values.shape == (len(batch.cell_index), len(ids)) and len(ids) == len(adapter.vocab) - 3
+    column = {int(g): c for c, g in enumerate(ids.tolist())}
+    genes = batch.gene_ids[0][batch.gene_mask[0]]
+    torch.testing.assert_close(values[0, [column[int(g)] for g in genes]], out["mvc"][0][batch.gene_mask[0]],
+                               atol=1e-5, rtol=1e-5)

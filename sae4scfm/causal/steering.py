@@ -61,6 +61,20 @@ def readout(out: dict[str, torch.Tensor], key: str, gene_ids: torch.Tensor) -> t
     return v
 
 
+VOCAB_READOUT = "mvc_vocab"  # GEPC of every vocabulary gene, expressed in the cell or not (ScFMAdapter.vocab_readout)
+
+
+def paired_readout(adapter: ScFMAdapter, out: dict[str, torch.Tensor], key: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readout ``key`` at every (cell, gene) pair it covers: (values [N], vocabulary gene ids [N]) in an order
+    fixed by ``batch``, so a steered minus a clean call is the paired change. Per-token outputs cover each cell's
+    gene tokens; ``VOCAB_READOUT`` covers every vocabulary gene in every cell."""
+    if key == VOCAB_READOUT:
+        values, ids = adapter.vocab_readout(out)
+        return values.reshape(-1), ids.repeat(values.shape[0])
+    mask = batch.gene_mask.to(out[key].device)
+    return readout(out, key, batch.gene_ids)[mask], batch.gene_ids.to(mask.device)[mask]
+
+
 def default_output(out: dict[str, torch.Tensor], last_layer: bool = False) -> str:
     """The per-gene readout steering scores when ``steering.output`` is null: scGPT's GEPC expression from
     the cell embedding (``mvc``) when the checkpoint has it, else the masked-value head (``mlm``),
@@ -75,7 +89,8 @@ def default_output(out: dict[str, torch.Tensor], last_layer: bool = False) -> st
 
 @dataclass
 class GeneShifts:
-    """Per intervention e and vocabulary gene g, over the cells whose input holds g:
+    """Per intervention e and vocabulary gene g, over the cells whose readout covers g (whose input holds g, or
+    every cell for ``VOCAB_READOUT``):
     n [E, V] cells, total [E, V] Σ Δ, squares [E, V] Σ Δ² of the paired change Δ = steered − clean of
     the per-gene readout; embedding [E, C] ‖Δ cell_emb‖ per steered cell (C cells)."""
 
@@ -120,18 +135,19 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             clean = adapter.run(batch)
             prefix = clean_prefix(adapter, hook_point, batch)
             output = output or default_output(clean, last_layer=resid_layer(hook_point) == adapter.n_layers)
-            base = readout(clean, output, batch.gene_ids)
-            ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
+            base, ids = paired_readout(adapter, clean, output, batch)
+            ids = ids.cpu().numpy()
+            seen = np.bincount(ids, minlength=V)
             for start in range(0, E, per_forward):
                 chunk = interventions[start:start + per_forward]
                 out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode, prefix=prefix, edit=edit)
                 for c in range(len(chunk)):
                     e = start + c
                     steered = {k: v[c] for k, v in out.items()}
-                    delta = (readout(steered, output, batch.gene_ids) - base)[batch.gene_mask].double().cpu().numpy()
-                    np.add.at(n[e], ids, 1)
-                    np.add.at(total[e], ids, delta)
-                    np.add.at(squares[e], ids, delta ** 2)
+                    delta = (paired_readout(adapter, steered, output, batch)[0] - base).double().cpu().numpy()
+                    n[e] += seen
+                    total[e] += np.bincount(ids, delta, minlength=V)
+                    squares[e] += np.bincount(ids, delta ** 2, minlength=V)
                     if "cell_emb" in steered:
                         shift = (steered["cell_emb"] - clean["cell_emb"]).norm(dim=-1)
                         embedding[e, done:done + B] = shift.cpu().numpy()

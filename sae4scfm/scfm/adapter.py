@@ -138,6 +138,13 @@ class ScFMAdapter:
         """The model's own training loss on ``batch``: (sum of per-item losses, item count)."""
         raise NotImplementedError
 
+    def vocab_readout(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's predicted expression of every vocabulary gene from the outputs ``out`` of ``run``,
+        whether the cell's input holds the gene or not: (values [B, G], gene ids [G]) over the G non-special
+        vocabulary genes. Families whose heads read only the input genes have none."""
+        raise InputError(f"this {self.family} model has no readout of genes outside a cell's input (scGPT's GEPC "
+                         "head has one: output=mvc_vocab); choose a per-token output such as mlm.")
+
     # --- shared -----------------------------------------------------------------
     def vocab_genes(self, identifiers: np.ndarray) -> np.ndarray:
         """The vocabulary entry of each dataset gene identifier ('' where it has none). The identity

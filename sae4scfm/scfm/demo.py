@@ -96,15 +96,25 @@ def demo_checkpoint(cfg: dict) -> Path:
 
 def build_demo(cfg: dict, out_dir: Path, evaluate: bool = True) -> dict:
     """``pretrain_demo(cfg, out_dir, evaluate)`` in a child process with the CPU kernels pinned (``BUILD_ENV``)."""
+    return finish_build(start_build(cfg, out_dir, evaluate), out_dir)
+
+
+def start_build(cfg: dict, out_dir: Path, evaluate: bool = True) -> subprocess.Popen:
+    """``build_demo`` without waiting: the running child (one pinned CPU thread, ``BUILD_THREADS``), for
+    ``finish_build``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if platform.machine().lower() in ("x86_64", "amd64"):
         env.update(BUILD_ENV)
     code = ("import json, sys; from sae4scfm.scfm.demo import pretrain_demo; "
             "pretrain_demo(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == '1')")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(out_dir), str(int(evaluate))], env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"building the demo scGPT failed (exit {done.returncode}); its error is printed above.")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg), str(out_dir), str(int(evaluate))], env=env)
+
+
+def finish_build(child: subprocess.Popen, out_dir: Path) -> dict:
+    """Wait for a ``start_build`` child; its report (``pretrain_report.json``)."""
+    if child.wait() != 0:
+        raise RuntimeError(f"building the demo scGPT failed (exit {child.returncode}); its error is printed above.")
     return json.loads((Path(out_dir) / "pretrain_report.json").read_text())
 
 

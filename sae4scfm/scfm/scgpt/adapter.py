@@ -101,6 +101,15 @@ class ScGPTAdapter(ScFMAdapter):
         """Outputs of ``ScGPTModel.forward``: ``mlm``, ``cell_emb`` and the checkpoint's other heads."""
         return self.model(batch.gene_ids, batch.values, batch.padding_mask, batch.gene_mask)
 
+    def vocab_readout(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """GEPC (``mvc``) from ``out["cell_emb"]`` for every non-special vocabulary gene: ([B, G], ids [G])."""
+        if not self.cfg.do_mvc:
+            raise InputError("this scGPT checkpoint has no GEPC head (mvc_decoder.*), so it cannot read out genes "
+                             "outside a cell's input; choose output=mlm.")
+        special = {self.vocab[t] for t in SPECIAL_TOKENS if t in self.vocab}
+        ids = torch.tensor(sorted(set(self.vocab.values()) - special), device=out["cell_emb"].device)
+        return self.model.vocab_expression(out["cell_emb"], ids), ids
+
     @torch.no_grad()
     def output_loss(self, batch: Batch, generator: torch.Generator) -> tuple[float, int]:
         """Masked-value loss (``masked_value_loss``) with ``mask_ratio`` of gene values masked by ``generator``."""

@@ -231,6 +231,11 @@ class MVCDecoder(nn.Module):
             out["zero_probs"] = torch.sigmoid(torch.bmm(self.W_zero_logit(query), cell).squeeze(2))
         return out
 
+    def every_gene(self, cell_emb: torch.Tensor, gene_table: torch.Tensor) -> torch.Tensor:
+        """The same values for every gene of ``gene_table`` [G, d] (gene embeddings), whatever the cell's input:
+        cell_emb [B, d] -> [B, G]."""
+        return cell_emb @ self.W(self.query_activation(self.gene2query(gene_table))).T
+
 
 class ClsDecoder(nn.Module):
     """Fine-tuned cell-type head: cell_emb [B, d] -> logits [B, n_cls] ((Linear, ReLU, LayerNorm) x (n-1), Linear)."""
@@ -280,6 +285,11 @@ class ScGPTModel(nn.Module):
         """Returns (residual stream at layer 0 [B, T, d], gene embeddings [B, T, d])."""
         gene_embs = self.encoder(gene_ids)
         return gene_embs + self.value_encoder(values), gene_embs
+
+    def vocab_expression(self, cell_emb: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
+        """GEPC values of the genes ``gene_ids`` [G] (any vocabulary ids, expressed in the cell or not) from
+        cell_emb [B, d]: [B, G] (mvc_output for genes the cell did not read)."""
+        return self.mvc_decoder.every_gene(cell_emb, self.encoder(gene_ids))
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
                 gene_mask: torch.Tensor | None = None) -> dict:
