@@ -38,8 +38,8 @@ def test_paired_gene_test_equals_scipy_on_one_forward_at_a_time(trained):
     density, scale = firing_stats(adapter, sae, layer, tokens)
     j = int(np.argmax(density))
     ivs = [Intervention((j,), "add", 2.0 * scale[j]), Intervention((j,), "clamp", 0.0, "firing")]
-    shifts, output = gene_shifts(adapter, sae, layer, tokens, ivs, batch_size=5, per_forward=2)
-    assert output == "mvc"  # the demo has scGPT's GEPC head
+    shifts, output = gene_shifts(adapter, sae, layer, tokens, ivs, batch_size=5, per_forward=2, output="mvc")
+    assert output == "mvc"
     for e, iv in enumerate(ivs):
         per_gene: dict[int, list[float]] = {}
         per_gene_clean: dict[int, list[float]] = {}
@@ -88,8 +88,8 @@ def test_vocab_readout_is_gepc_of_every_gene_and_steering_tests_it_in_every_cell
     density, scale = firing_stats(adapter, sae, layer, tokens)
     j = int(np.argmax(density))
     iv = Intervention((j,), "add", 3.0 * scale[j])
-    shifts, output = gene_shifts(adapter, sae, layer, tokens, [iv], output="mvc_vocab", batch_size=5)
-    assert output == "mvc_vocab"
+    shifts, output = gene_shifts(adapter, sae, layer, tokens, [iv], batch_size=5)
+    assert output == "mvc_vocab"  # the default below the last layer: the demo has scGPT's GEPC head
     assert set(np.unique(shifts.n[0])) == {0.0, len(tokens)}
     assert int((shifts.n[0] == len(tokens)).sum()) == len(ids)
     deltas = []

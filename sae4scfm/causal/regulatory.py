@@ -46,7 +46,7 @@ from sae4scfm.causal.steering import (
     firing_stats,
     gene_shifts,
     matched_null,
-    readout,
+    paired_readout,
 )
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
@@ -213,15 +213,16 @@ def tf_expression_features(features_X, expression) -> tuple[np.ndarray, np.ndarr
 
 @torch.no_grad()
 def clean_levels(adapter: ScFMAdapter, tokens: TokenizedCells, output: str, batch_size: int = 8) -> np.ndarray:
-    """Mean clean readout ``output`` [V] of each vocabulary gene over the cells of ``tokens`` holding it (NaN
-    where none does)."""
-    total, n = np.zeros(len(adapter.vocab)), np.zeros(len(adapter.vocab))
+    """Mean clean readout ``output`` [V] of each vocabulary gene over the cells of ``tokens`` its readout covers
+    (``steering.paired_readout``; NaN where none does)."""
+    V = len(adapter.vocab)
+    total, n = np.zeros(V), np.zeros(V)
     for batch in tokens.batches(adapter.cells_per_batch(batch_size), sort_by_length=False):
         batch = batch.to(adapter.device)
-        values = readout(adapter.run(batch), output, batch.gene_ids)[batch.gene_mask].double().cpu().numpy()
-        ids = batch.gene_ids[batch.gene_mask].cpu().numpy()
-        np.add.at(total, ids, values)
-        np.add.at(n, ids, 1)
+        values, ids = paired_readout(adapter, adapter.run(batch), output, batch)
+        ids = ids.cpu().numpy()
+        total += np.bincount(ids, values.double().cpu().numpy(), minlength=V)
+        n += np.bincount(ids, minlength=V)
     return np.divide(total, n, out=np.full_like(total, np.nan), where=n > 0)
 
 

@@ -75,6 +75,13 @@ def paired_readout(adapter: ScFMAdapter, out: dict[str, torch.Tensor], key: str,
     return readout(out, key, batch.gene_ids)[mask], batch.gene_ids.to(mask.device)[mask]
 
 
+def shift_output(adapter: ScFMAdapter, out: dict[str, torch.Tensor], last_layer: bool) -> str:
+    """The readout ``gene_shifts`` scores when none is set: ``VOCAB_READOUT`` where the model predicts genes outside
+    a cell's input and the edit can reach the cell embedding (so a gene the steered cells do not express, e.g. an
+    induced gene in control cells or a marker of another type, is tested too), else ``default_output``."""
+    return VOCAB_READOUT if adapter.reads_any_gene and not last_layer else default_output(out, last_layer)
+
+
 def default_output(out: dict[str, torch.Tensor], last_layer: bool = False) -> str:
     """The per-gene readout steering scores when ``steering.output`` is null: scGPT's GEPC expression from
     the cell embedding (``mvc``) when the checkpoint has it, else the masked-value head (``mlm``),
@@ -121,7 +128,7 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
                 batch_size: int = 8, per_forward: int = 16, desc: str = "steering",
                 edit=None) -> tuple[GeneShifts, str]:
     """Run every intervention on every cell of ``tokens`` (``per_forward`` interventions stacked per
-    forward) and accumulate the paired per-gene changes of the readout ``output`` (``default_output``
+    forward) and accumulate the paired per-gene changes of the readout ``output`` (``shift_output``
     when None). ``edit``: the edit factory of ``stacked_run`` (default: ``Intervention`` objects).
     Returns (GeneShifts, the output key read)."""
     E, V, C = len(interventions), len(adapter.vocab), len(tokens)
@@ -134,7 +141,7 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             B = len(batch.cell_index)
             clean = adapter.run(batch)
             prefix = clean_prefix(adapter, hook_point, batch)
-            output = output or default_output(clean, last_layer=resid_layer(hook_point) == adapter.n_layers)
+            output = output or shift_output(adapter, clean, last_layer=resid_layer(hook_point) == adapter.n_layers)
             base, ids = paired_readout(adapter, clean, output, batch)
             ids = ids.cpu().numpy()
             seen = np.bincount(ids, minlength=V)

@@ -138,6 +138,11 @@ class ScFMAdapter:
         """The model's own training loss on ``batch``: (sum of per-item losses, item count)."""
         raise NotImplementedError
 
+    @property
+    def reads_any_gene(self) -> bool:
+        """Whether ``vocab_readout`` exists: a head that predicts genes outside a cell's input."""
+        return False
+
     def vocab_readout(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's predicted expression of every vocabulary gene from the outputs ``out`` of ``run``,
         whether the cell's input holds the gene or not: (values [B, G], gene ids [G]) over the G non-special

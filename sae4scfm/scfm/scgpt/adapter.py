@@ -101,6 +101,10 @@ class ScGPTAdapter(ScFMAdapter):
         """Outputs of ``ScGPTModel.forward``: ``mlm``, ``cell_emb`` and the checkpoint's other heads."""
         return self.model(batch.gene_ids, batch.values, batch.padding_mask, batch.gene_mask)
 
+    @property
+    def reads_any_gene(self) -> bool:
+        return self.cfg.do_mvc
+
     def vocab_readout(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """GEPC (``mvc``) from ``out["cell_emb"]`` for every non-special vocabulary gene: ([B, G], ids [G])."""
         if not self.cfg.do_mvc:
