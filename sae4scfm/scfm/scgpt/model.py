@@ -301,9 +301,12 @@ class ScGPTModel(nn.Module):
         the heads: ``mvc`` [B, T] GEPC values from cell_emb (mvc_output), ``mlm_zero_probs``
         and ``mvc_zero_probs`` [B, T], ``cls_output`` [B, n_cls] cell-type logits.
         """
-        x, gene_embs = self.embed(gene_ids, values)
         start, cached = resume_point(self.hook_resid)
-        x = self.hook_resid[start](x if cached is None else cached, gene_mask)
+        if cached is None:
+            x, gene_embs = self.embed(gene_ids, values)
+        else:  # resumed from a cached state: only GEPC needs the gene embeddings
+            x, gene_embs = cached, (self.encoder(gene_ids) if self.cfg.do_mvc else None)
+        x = self.hook_resid[start](x, gene_mask)
         for layer, (block, hook) in enumerate(zip(self.blocks, self.hook_resid[1:]), start=1):
             if layer > start:
                 x = hook(block(x, padding_mask, gene_mask), gene_mask)
