@@ -49,18 +49,19 @@ def pytest_collection_finish(session):
         from sae4scfm.scfm.demo import start_build
         from tests.test_demo import SHORTENED_RECIPE
 
-        out = Path(tempfile.mkdtemp(prefix="sae4scfm-shortened-recipe-"))
-        session.config.stash[SHORTENED] = (start_build(SHORTENED_RECIPE, out), out)
+        root = Path(tempfile.mkdtemp(prefix="sae4scfm-shortened-recipe-"))
+        (root / "build").mkdir()
+        session.config.stash[SHORTENED] = (start_build(SHORTENED_RECIPE, root / "build", log=root / "build.log"), root)
 
 
 def pytest_sessionfinish(session):
     """Stop a shortened-recipe build no test waited for (a run cut short by -x or ^C) and delete its folder."""
-    child, out = session.config.stash.get(SHORTENED, (None, None))
+    child, root = session.config.stash.get(SHORTENED, (None, None))
     if child is not None:
         if child.poll() is None:
             child.kill()
             child.wait()
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 SHORTENED = pytest.StashKey[tuple]()
@@ -71,8 +72,8 @@ def shortened_recipe(request):
     """The report of the shortened demo recipe started at collection (``pytest_collection_finish``)."""
     from sae4scfm.scfm.demo import finish_build
 
-    child, out = request.config.stash[SHORTENED]
-    return finish_build(child, out)
+    child, root = request.config.stash[SHORTENED]
+    return finish_build(child, root / "build", root / "build.log")
 
 
 @pytest.fixture

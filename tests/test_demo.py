@@ -162,3 +162,12 @@ def test_short_build_has_the_recorded_bits(tmp_path):
 
 def test_special_tokens_have_one_definition():
     assert demo.SPECIAL_TOKENS is scgpt_model.SPECIAL_TOKENS
+
+
+def test_a_failed_background_build_reports_the_end_of_its_log(tmp_path):
+    from sae4scfm.scfm.demo import finish_build, start_build
+
+    log = tmp_path / "build.log"
+    child = start_build({**SHORT, "datasets": ["no_such_dataset"]}, tmp_path, log=log)
+    with pytest.raises(RuntimeError, match=r"(?s)exit 1.*no_such_dataset"):
+        finish_build(child, tmp_path, log)

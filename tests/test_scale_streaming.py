@@ -73,6 +73,14 @@ def test_the_analyze_stage_leaves_token_features_in_the_file(small_run):
     assert run.tokens.isbacked and on_disk(run.tokens.X)
     run = load_run_data(sae4scfm.compose("analyze", [*address, "analysis.pooling=token"]))
     assert not run.tokens.isbacked  # token rows are scored whole (label scoring on tokens)
+    # the lean reader: anndata's obs columns and X, without the file's row names (a RangeIndex instead)
+    import anndata as ad
+    import pandas as pd
+
+    whole = ad.read_h5ad(run_dir / "features" / "token_features.h5ad")
+    assert isinstance(run.tokens.obs.index, pd.RangeIndex) and run.tokens.n_obs == whole.n_obs
+    pd.testing.assert_frame_equal(run.tokens.obs, whole.obs.reset_index(drop=True))
+    assert (run.tokens.X != whole.X).nnz == 0 and run.tokens.var.equals(whole.var)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])

@@ -27,7 +27,7 @@ class RunData:
     run_cfg: DictConfig
     sae_cfg: dict
     features: ad.AnnData  # cells x features (X = the representation ``representation``; others in layers)
-    tokens: ad.AnnData | None  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written;
+    tokens: "TokenFeatures | None"  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written;
     # backed in the analyze stage (X left in the file, streamed by the token statistics)
     cache: dict = field(default_factory=dict)
     representation: str = "max"  # the cell representation in features.X (analysis.pooling)
@@ -94,14 +94,61 @@ class RunData:
         return np.asarray(adata.X.sum(axis=1)).ravel()
 
 
-def read_run_features(run_dir: Path, name: str = "features.h5ad", backed: bool = False) -> ad.AnnData:
-    """``<run>/features/<name>`` (features.h5ad or token_features.h5ad), checked to belong to the run;
-    ``backed``: X stays in the file (``read_h5ad(backed="r")``; obs and var are read)."""
+@dataclass
+class TokenFeatures:
+    """token_features.h5ad read lean: ``obs`` its columns with a RangeIndex (the file's row names are the row
+    numbers and are never read: millions of Python strings would be most of the memory at scale), ``X``
+    [tokens, d_sae] CSR in memory or, backed, anndata's sparse dataset of the open file (row slices on demand),
+    ``var`` the features."""
+
+    obs: pd.DataFrame
+    X: object
+    var: pd.DataFrame
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.X.shape
+
+    @property
+    def isbacked(self) -> bool:
+        return not sp.issparse(self.X)
+
+    @classmethod
+    def read(cls, path: Path, backed: bool = False) -> "TokenFeatures":
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
+        f = h5py.File(path, "r")
+        group = f["obs"]
+        obs = pd.DataFrame({str(c): read_elem(group[c]) for c in group.attrs["column-order"]})
+        var = read_elem(f["var"])
+        if backed:
+            return cls(obs, sparse_dataset(f["X"]), var)  # the dataset keeps the file open
+        try:
+            return cls(obs, read_elem(f["X"]), var)
+        finally:
+            f.close()
+
+
+def read_run_features(run_dir: Path, name: str = "features.h5ad", backed: bool = False):
+    """``<run>/features/<name>`` checked to belong to the run: features.h5ad as an AnnData, token_features.h5ad
+    as ``TokenFeatures``; ``backed``: X stays in the file (obs and var are read)."""
     path = run_dir / "features" / name
     if not path.is_file():
         raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
                          "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
-    features = ad.read_h5ad(path, backed="r" if backed else None)
+    if name == "token_features.h5ad":
+        features = TokenFeatures.read(path, backed)
+    else:
+        features = ad.read_h5ad(path, backed="r" if backed else None)
     check_run_features(run_dir, features, name=name)
     return features
 
@@ -159,7 +206,7 @@ def choose_representation(features: ad.AnnData, pooling: str | None, run_dir: Pa
     return str(pooling)
 
 
-def need_tokens(run: RunData, what: str) -> ad.AnnData:
+def need_tokens(run: RunData, what: str) -> TokenFeatures:
     if run.tokens is None:
         raise InputError(f"{what} needs {run.run_dir}/features/token_features.h5ad; rerun "
                          "scripts/generate_features.py with features.token_features=true.")

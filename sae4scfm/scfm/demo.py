@@ -99,22 +99,28 @@ def build_demo(cfg: dict, out_dir: Path, evaluate: bool = True) -> dict:
     return finish_build(start_build(cfg, out_dir, evaluate), out_dir)
 
 
-def start_build(cfg: dict, out_dir: Path, evaluate: bool = True) -> subprocess.Popen:
+def start_build(cfg: dict, out_dir: Path, evaluate: bool = True, log: Path | None = None) -> subprocess.Popen:
     """``build_demo`` without waiting: the running child (one pinned CPU thread, ``BUILD_THREADS``), for
-    ``finish_build``."""
+    ``finish_build``; its output goes to the file ``log`` when given (else to this process's)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if platform.machine().lower() in ("x86_64", "amd64"):
         env.update(BUILD_ENV)
     code = ("import json, sys; from sae4scfm.scfm.demo import pretrain_demo; "
             "pretrain_demo(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == '1')")
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg), str(out_dir), str(int(evaluate))], env=env)
+    args = [sys.executable, "-c", code, json.dumps(cfg), str(out_dir), str(int(evaluate))]
+    if log is None:
+        return subprocess.Popen(args, env=env)
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def finish_build(child: subprocess.Popen, out_dir: Path) -> dict:
+def finish_build(child: subprocess.Popen, out_dir: Path, log: Path | None = None) -> dict:
     """Wait for a ``start_build`` child; its report (``pretrain_report.json``)."""
     if child.wait() != 0:
-        raise RuntimeError(f"building the demo scGPT failed (exit {child.returncode}); its error is printed above.")
+        where = (f"the end of its output ({log}):\n{Path(log).read_text(errors='replace')[-3000:]}" if log is not None
+                 else "its error is printed above.")
+        raise RuntimeError(f"building the demo scGPT failed (exit {child.returncode}); {where}")
     return json.loads((Path(out_dir) / "pretrain_report.json").read_text())
 
 
