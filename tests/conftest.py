@@ -33,6 +33,9 @@ def pytest_configure(config):
     config.pluginmanager.register(MissingModuleSkips(), "sae4scfm-missing-module-skips")
 
 
+SHORTENED = pytest.StashKey[tuple]()  # (the shortened recipe's build process, its folder)
+
+
 def _uses_shortened_recipe(item) -> bool:
     return "shortened_recipe" in getattr(item, "fixturenames", ())
 
@@ -62,9 +65,6 @@ def pytest_sessionfinish(session):
             child.kill()
             child.wait()
         shutil.rmtree(root, ignore_errors=True)
-
-
-SHORTENED = pytest.StashKey[tuple]()
 
 
 @pytest.fixture(scope="session")

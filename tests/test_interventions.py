@@ -271,3 +271,11 @@ def test_vocab_readout_is_scgpts_gepc_and_a_clear_error_elsewhere(case):
     genes = batch.gene_ids[0][batch.gene_mask[0]]
     torch.testing.assert_close(values[0, [column[int(g)] for g in genes]], out["mvc"][0][batch.gene_mask[0]],
                                atol=1e-5, rtol=1e-5)
+    import copy
+    import dataclasses
+
+    headless = copy.copy(adapter)  # the same model read as a checkpoint without the GEPC head
+    headless.cfg = dataclasses.replace(adapter.cfg, do_mvc=False)
+    assert adapter.reads_any_gene and not headless.reads_any_gene
+    with pytest.raises(InputError, match="no GEPC head"):
+        headless.vocab_readout(out)

@@ -17,7 +17,14 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from sae4scfm.analysis.primitives import bh_fdr
-from sae4scfm.causal.interventions import Intervention, clean_prefix, latent_edit, resid_layer, stacked_run
+from sae4scfm.causal.interventions import (
+    Intervention,
+    clean_prefix,
+    latent_edit,
+    resid_layer,
+    stack_batch,
+    stacked_run,
+)
 from sae4scfm.errors import InputError
 from sae4scfm.saes.base import SAE
 from sae4scfm.scfm.adapter import HookPointName, ScFMAdapter
@@ -148,15 +155,17 @@ def gene_shifts(adapter: ScFMAdapter, sae: SAE, hook_point: HookPointName, token
             for start in range(0, E, per_forward):
                 chunk = interventions[start:start + per_forward]
                 out = stacked_run(adapter, sae, hook_point, batch, chunk, mode=mode, prefix=prefix, edit=edit)
-                for c in range(len(chunk)):
+                # one readout of all copies (copy c's pairs in the clean order): [copies, pairs]
+                flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
+                steered = paired_readout(adapter, flat, output, stack_batch(batch, len(chunk)))[0]
+                deltas = (steered.reshape(len(chunk), -1) - base).double().cpu().numpy()
+                for c, delta in enumerate(deltas):
                     e = start + c
-                    steered = {k: v[c] for k, v in out.items()}
-                    delta = (paired_readout(adapter, steered, output, batch)[0] - base).double().cpu().numpy()
                     n[e] += seen
                     total[e] += np.bincount(ids, delta, minlength=V)
                     squares[e] += np.bincount(ids, delta ** 2, minlength=V)
-                    if "cell_emb" in steered:
-                        shift = (steered["cell_emb"] - clean["cell_emb"]).norm(dim=-1)
+                    if "cell_emb" in out:
+                        shift = (out["cell_emb"][c] - clean["cell_emb"]).norm(dim=-1)
                         embedding[e, done:done + B] = shift.cpu().numpy()
                 bar.update(B * len(chunk))
             done += B

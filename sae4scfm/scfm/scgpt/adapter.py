@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -110,9 +111,14 @@ class ScGPTAdapter(ScFMAdapter):
         if not self.cfg.do_mvc:
             raise InputError("this scGPT checkpoint has no GEPC head (mvc_decoder.*), so it cannot read out genes "
                              "outside a cell's input; choose output=mlm.")
-        special = {self.vocab[t] for t in SPECIAL_TOKENS if t in self.vocab}
-        ids = torch.tensor(sorted(set(self.vocab.values()) - special), device=out["cell_emb"].device)
+        ids = self._readout_ids.to(out["cell_emb"].device)
         return self.model.vocab_expression(out["cell_emb"], ids), ids
+
+    @functools.cached_property
+    def _readout_ids(self) -> torch.Tensor:
+        """The non-special vocabulary ids [G], sorted."""
+        special = {self.vocab[t] for t in SPECIAL_TOKENS if t in self.vocab}
+        return torch.tensor(sorted(set(self.vocab.values()) - special))
 
     @torch.no_grad()
     def output_loss(self, batch: Batch, generator: torch.Generator) -> tuple[float, int]:
