@@ -295,7 +295,13 @@ def test_feature_annotations_in_var_and_uns(tmp_path):
     from sae4scfm.analysis.results import write_feature_annotations
 
     path = tmp_path / "features.h5ad"
-    ad.AnnData(sp.random(150, 9, density=0.3, format="csr", random_state=0)).write_h5ad(path)
+    original = ad.AnnData(sp.random(150, 9, density=0.3, format="csr", random_state=0, dtype=np.float32),
+                          obs=pd.DataFrame({"cell_type": pd.Categorical(["B", "T"] * 75)},
+                                           index=[f"c{i}" for i in range(150)]),
+                          layers={"mean": sp.random(150, 9, density=0.2, format="csr", random_state=1,
+                                                    dtype=np.float32)},
+                          uns={"sae4scfm": {"pooling": "max", "layer": 2}})
+    original.write_h5ad(path)
     scores = _label_table()
     write_feature_annotations(path, "label_scoring", scores, {"min_cells": 1, "label_keys": None})
     write_feature_annotations(path, "density", _metrics(9, 1)[["score"]], {"x": [1, 2]})
@@ -304,6 +310,13 @@ def test_feature_annotations_in_var_and_uns(tmp_path):
                                   scores["auroc:cell_type=CD4+/CD25 T Reg"].to_numpy())
     assert f.var["label_scoring:best:cell_type"].tolist() == scores["best:cell_type"].tolist()
     assert f.uns["label_scoring"]["params"]["min_cells"] == 1 and f.uns["density"]["analysis"] == "density"
+    # everything else of the file is carried over unchanged (the matrices are copied, never read)
+    assert (f.X != original.X).nnz == 0 and (f.layers["mean"] != original.layers["mean"]).nnz == 0
+    pd.testing.assert_frame_equal(f.obs, original.obs)
+    assert f.uns["sae4scfm"] == {"pooling": "max", "layer": 2}
+    size = path.stat().st_size  # rewriting the same annotation does not grow the file
+    write_feature_annotations(path, "density", _metrics(9, 1)[["score"]], {"x": [1, 2]})
+    assert path.stat().st_size == size
     # a re-run replaces the prefix's columns only
     write_feature_annotations(path, "label_scoring", scores[["best:cell_type"]], {})
     f = ad.read_h5ad(path)

@@ -13,6 +13,7 @@ from sae4scfm.analysis.gene_scoring import (
     DEFAULT_FAMILIES,
     TOKEN_GENE_COLUMNS,
     cell_gene_correlation,
+    correlation_chunks,
     density_scores,
     expression_where_firing,
     family_membership,
@@ -120,6 +121,27 @@ def test_cell_gene_correlation_vs_pearsonr():
                 assert r[f, g] == pytest.approx(pearsonr(Xd[:, f], Ed[:, g])[0], abs=1e-10)
     with pytest.raises(InputError, match="cells"):
         cell_gene_correlation(X, E[:10])
+
+
+def test_correlation_over_blocks_of_cells_equals_one_pass():
+    """Moments summed over cell blocks (and feature chunks) give the one-pass r, also for a feature that is
+    constant within every block but not over all cells, and a gene constant within one block only."""
+    rng = np.random.default_rng(5)
+    X = sp.lil_matrix(_sparse(rng, (60, 6), 0.3))
+    X[:, 5] = np.repeat([1.0, 2.0], 30)[:, None]  # constant in each 30-cell block, not over the 60 cells
+    X[:, 4] = 3.0  # constant everywhere (non-zero)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    E = sp.lil_matrix(_sparse(rng, (60, 5), 0.4, signed=False))
+    E[:30, 2] = 1.0  # constant in the first block only
+    E = sp.csr_matrix(E)
+    Xd, Ed = X.toarray().astype(np.float64), E.toarray()
+    for cells in (1, 7, 30, 60):
+        for chunk in (1, 4, 6):
+            r = np.vstack([r for _, r in correlation_chunks(X, E, chunk=chunk, cells=cells)])
+            assert np.isnan(r[4]).all() and not np.isnan(np.delete(r, 4, axis=0)).any()
+            for f in (0, 3, 5):
+                for g in range(5):
+                    assert r[f, g] == pytest.approx(pearsonr(Xd[:, f], Ed[:, g])[0], abs=1e-10)
 
 
 def test_participation_ratio_hand_examples():

@@ -70,3 +70,31 @@ def test_firing_positive_counts():
     np.testing.assert_allclose(as_dense(W), W.double().numpy())
     with pytest.raises(InputError, match="2-D"):
         as_dense(np.zeros(3))
+
+
+def test_row_bounds_cap_rows_and_stored_entries_and_tile_the_matrix():
+    from sae4scfm.analysis.primitives import row_blocks, row_bounds, row_nnz
+
+    rng = np.random.default_rng(0)
+    dense_rows = sp.random(40, 50, density=0.8, format="csr", random_state=1)  # ~40 entries per row
+    sparse_rows = sp.random(40, 50, density=0.05, format="csr", random_state=2)  # ~2.5 per row
+    np.testing.assert_array_equal(row_nnz(dense_rows), np.diff(dense_rows.indptr))
+    np.testing.assert_array_equal(row_nnz(dense_rows.tocsc()), np.diff(dense_rows.indptr))
+    np.testing.assert_array_equal(row_nnz(dense_rows.toarray()), np.full(40, 50))
+    for xs, chunk, budget in (([dense_rows], 40, 100), ([sparse_rows], 7, 100), ([dense_rows, sparse_rows], 40, 90)):
+        bounds = row_bounds(*xs, chunk=chunk, max_nnz=budget)
+        assert bounds[0].start == 0 and bounds[-1].stop == 40
+        assert all(a.stop == b.start for a, b in zip(bounds, bounds[1:]))  # consecutive, no gaps
+        per_row = sum(row_nnz(x) for x in xs)
+        for b in bounds:
+            assert b.stop - b.start <= chunk
+            assert per_row[b].sum() <= budget or b.stop - b.start == 1  # a row over budget is a block alone
+            if b.stop < 40 and b.stop - b.start < chunk:  # cut early only where the next row would not fit
+                assert per_row[b.start:b.stop + 1].sum() > budget
+    bounds = row_bounds(dense_rows, chunk=40, max_nnz=100)
+    assert len(bounds) > 10  # the entry budget, not the row cap, sets the blocks of dense rows
+    blocks = list(row_blocks(dense_rows, bounds=bounds))
+    assert [r for r, _ in blocks] == bounds
+    np.testing.assert_array_equal(sp.vstack([b for _, b in blocks]).toarray(), dense_rows.toarray())
+    single = sp.csr_matrix(rng.random((3, 4)))  # one block: the matrix itself, not a copy
+    assert next(row_blocks(single))[1] is single

@@ -73,13 +73,20 @@ def test_the_analyze_stage_leaves_token_features_in_the_file(small_run):
     assert run.tokens.isbacked and on_disk(run.tokens.X)
     run = load_run_data(sae4scfm.compose("analyze", [*address, "analysis.pooling=token"]))
     assert not run.tokens.isbacked  # token rows are scored whole (label scoring on tokens)
-    # the lean reader: anndata's obs columns and X, without the file's row names (a RangeIndex instead)
+    # the lean reader: anndata's obs columns (each read on first use, with a RangeIndex instead of the file's
+    # row names) and X
     import anndata as ad
     import pandas as pd
 
     whole = ad.read_h5ad(run_dir / "features" / "token_features.h5ad")
-    assert isinstance(run.tokens.obs.index, pd.RangeIndex) and run.tokens.n_obs == whole.n_obs
-    pd.testing.assert_frame_equal(run.tokens.obs, whole.obs.reset_index(drop=True))
+    assert run.tokens.n_obs == whole.n_obs and len(run.tokens.obs) == whole.n_obs
+    assert list(run.tokens.obs.columns) == list(whole.obs.columns) and "cell_index" in run.tokens.obs
+    for column in whole.obs.columns:
+        got = run.tokens.obs[column]
+        assert isinstance(got.index, pd.RangeIndex) and got is run.tokens.obs[column]  # read once, then kept
+        pd.testing.assert_series_equal(got, whole.obs[column].reset_index(drop=True))
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        run.tokens.obs["nope"]
     assert (run.tokens.X != whole.X).nnz == 0 and run.tokens.var.equals(whole.var)
 
 

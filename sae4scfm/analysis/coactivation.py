@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sae4scfm.analysis.enrichment import hypergeom_sf
-from sae4scfm.analysis.primitives import ROW_CHUNK, as_dense, bh_fdr, firing, n_rows, row_blocks
+from sae4scfm.analysis.primitives import ROW_CHUNK, as_dense, bh_fdr, firing, n_rows, row_blocks, row_bounds
 from sae4scfm.errors import InputError
 
 __all__ = [
@@ -101,9 +101,10 @@ def _cofiring(X_a, X_b=None, *, chunk: int = ROW_CHUNK) -> _Cofiring:
             f"X_a has {n_rows(X_a)} rows but X_b has {n_rows(X_b)}; match_by_cofiring needs the same tokens/cells "
             "in the same order (encode the same dataset with both SAEs)."
         )
-    blocks_b = row_blocks(X_b, "X_b", chunk=chunk) if X_b is not None else None
+    bounds = row_bounds(X_a, *([] if X_b is None else [X_b]), chunk=chunk)  # the same row blocks of both
+    blocks_b = row_blocks(X_b, "X_b", bounds=bounds) if X_b is not None else None
     n_a = n_b = acc = None
-    for _, A in row_blocks(X_a, "X_a" if X_b is not None else "X", chunk=chunk):
+    for _, A in row_blocks(X_a, "X_a" if X_b is not None else "X", bounds=bounds):
         Ba = firing(A, dtype=np.int32)
         Bb = firing(next(blocks_b)[1], "X_b", dtype=np.int32) if blocks_b is not None else Ba
         pairs = _cooccurrence(Ba, Bb) if blocks_b is not None else _upper_cooccurrence(Ba)

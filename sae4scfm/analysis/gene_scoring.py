@@ -41,7 +41,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sae4scfm.analysis.primitives import ROW_CHUNK, as_matrix, fire_counts, firing, n_rows, positive, row_blocks
+from sae4scfm.analysis.primitives import (
+    ROW_CHUNK,
+    as_matrix,
+    fire_counts,
+    firing,
+    n_rows,
+    on_disk,
+    positive,
+    row_blocks,
+    row_bounds,
+)
 from sae4scfm.errors import InputError
 
 TOKEN_GENE_COLUMNS = ("feature_id", "gene", "n_tokens", "n_fire", "freq", "mean_act", "log2_enrichment")
@@ -178,35 +188,61 @@ def cell_gene_correlation(features_X, expression) -> np.ndarray:
     the cells (max == min, implicit zeros included). Clipped to [-1, 1]. The blocks of
     :func:`correlation_chunks`, stacked (for many features use those blocks instead).
     """
-    X = as_matrix(features_X, "features_X", dtype=np.float64)
-    E = as_matrix(expression, "expression", dtype=np.float64)
-    blocks = [r for _, r in correlation_chunks(X, E, chunk=max(X.shape[1], 1))]
-    return np.vstack(blocks) if blocks else np.zeros((0, E.shape[1]))
+    n_features = getattr(features_X, "X", features_X).shape[1]
+    blocks = [r for _, r in correlation_chunks(features_X, expression, chunk=max(n_features, 1))]
+    return np.vstack(blocks) if blocks else np.zeros((0, getattr(expression, "X", expression).shape[1]))
 
 
-def correlation_chunks(features_X, expression, *, chunk: int = 1024) -> Iterator[tuple[slice, np.ndarray]]:
+def correlation_chunks(features_X, expression, *, chunk: int = 1024,
+                       cells: int = ROW_CHUNK) -> Iterator[tuple[slice, np.ndarray]]:
     """:func:`cell_gene_correlation` ``chunk`` features at a time: yields (feature slice, r [chunk, genes]
-    float64), so that no dense [features, genes] array is ever held whole."""
-    X = sp.csc_matrix(as_matrix(features_X, "features_X", dtype=np.float64))
-    E = as_matrix(expression, "expression", dtype=np.float64)
-    n = X.shape[0]
-    if E.shape[0] != n:
-        raise InputError(f"features_X has {n} cells but expression has {E.shape[0]}; pass the same cells in order")
+    float64), so that no dense [features, genes] array is ever held whole. The moments are summed over
+    blocks of at most ``cells`` cells (``primitives.row_bounds``): neither matrix is copied whole."""
+    X = getattr(features_X, "X", features_X)
+    E = getattr(expression, "X", expression)
+    n = n_rows(X)
+    if n_rows(E) != n:
+        raise InputError(f"features_X has {n} cells but expression has {n_rows(E)}; pass the same cells in order")
+    if not on_disk(X):  # one canonical CSR (no copy when it already is one), sliced into row blocks below
+        X = as_matrix(X, "features_X")
+    if not on_disk(E):
+        E = as_matrix(E, "expression")
 
-    def moments(M):
-        mean = np.asarray(M.sum(axis=0)).ravel() / n
-        sq = np.asarray(M.multiply(M).sum(axis=0)).ravel() / n
-        const = (M.max(axis=0).toarray().ravel() == M.min(axis=0).toarray().ravel()) if n else np.ones(M.shape[1], bool)
-        return mean, np.sqrt(np.maximum(sq - mean**2, 0.0)), const
+    def moments(M) -> tuple:
+        """Sum, sum of squares, max, min of every column of a block [rows, width] (implicit zeros count)."""
+        return (np.asarray(M.sum(axis=0)).ravel(), np.asarray(M.multiply(M).sum(axis=0)).ravel(),
+                M.max(axis=0).toarray().ravel(), M.min(axis=0).toarray().ravel())
 
-    me, se, ce = moments(E)
+    def merge(acc, part) -> tuple:
+        return part if acc is None else (acc[0] + part[0], acc[1] + part[1], np.maximum(acc[2], part[2]),
+                                         np.minimum(acc[3], part[3]))
+
+    def finish(acc, width):
+        if acc is None:  # no cells
+            return np.zeros(width), np.zeros(width), np.ones(width, bool)
+        s, sq, hi, lo = acc
+        mean = s / n
+        return mean, np.sqrt(np.maximum(sq / n - mean**2, 0.0)), hi == lo
+
+    bounds = row_bounds(X, E, chunk=cells)  # the same cell blocks of both
+
+    def blocks(M, name, cols=None):
+        for _, B in row_blocks(M, name, bounds=bounds, dtype=np.float64):
+            yield B if cols is None or (cols.start, cols.stop) == (0, B.shape[1]) else B[:, cols]
+
+    acc = None
+    for B in blocks(E, "expression"):
+        acc = merge(acc, moments(B))
+    me, se, ce = finish(acc, E.shape[1])
     for start in range(0, X.shape[1], chunk):
         cols = slice(start, min(start + chunk, X.shape[1]))
-        Xc = X[:, cols]
-        mx, sx, cx = moments(Xc)
-        cross = Xc.T @ E
-        cross = cross.toarray() if sp.issparse(cross) else np.asarray(cross)
-        cov = cross / n - np.outer(mx, me)
+        acc, cross = None, np.zeros((cols.stop - cols.start, E.shape[1]))
+        for Xc, Eb in zip(blocks(X, "features_X", cols), blocks(E, "expression")):
+            acc = merge(acc, moments(Xc))
+            product = Xc.T @ Eb
+            cross += product.toarray() if sp.issparse(product) else np.asarray(product)
+        mx, sx, cx = finish(acc, cols.stop - cols.start)
+        cov = cross / max(n, 1) - np.outer(mx, me)
         with np.errstate(divide="ignore", invalid="ignore"):
             r = cov / np.outer(sx, se)
         r = np.clip(r, -1.0, 1.0)
@@ -437,21 +473,23 @@ def expression_where_firing(features_X, expression) -> pd.DataFrame:
     ``log2_ratio`` (log2 mean_firing / mean_not). Population std (ddof=0); NaN for an empty
     group. From ``(X > 0).T @ t`` and ``@ t^2`` with t centred on its mean first.
     """
-    X = as_matrix(features_X, "features_X", dtype=np.float64)
     e = getattr(expression, "X", expression)
     if sp.issparse(e) or np.ndim(e) == 2:
         t = np.asarray(e.sum(axis=1), dtype=np.float64).ravel()
     else:
         t = np.asarray(e, dtype=np.float64).ravel()
-    n = X.shape[0]
+    n = n_rows(features_X)
     if t.size != n:
         raise InputError(f"features_X has {n} cells but expression has {t.size}; pass the same cells in order")
-    B = firing(X)
     c = t.mean() if n else 0.0
     u = t - c
-    k = fire_counts(X)
-    s1 = B.T @ u
-    s2 = B.T @ (u * u)
+    m = getattr(features_X, "X", features_X).shape[1]
+    k, s1, s2 = np.zeros(m), np.zeros(m), np.zeros(m)
+    for rows, X in row_blocks(features_X, "features_X"):
+        B = firing(X)
+        k += np.asarray(B.sum(axis=0)).ravel()
+        s1 += B.T @ u[rows]
+        s2 += B.T @ (u[rows] ** 2)
     k_not = n - k
     with np.errstate(divide="ignore", invalid="ignore"):
         mu_f = np.where(k > 0, s1 / k, np.nan)

@@ -32,7 +32,7 @@ LABEL_METRICS = ("auroc", "f1", "ami")
 
 # Explicit entries sorted at a time: nnz / 8 within these bounds. The per-block buffers take
 # about 80 bytes per entry, so they stay near the size of the input (8-12 bytes per entry).
-_BLOCK_NNZ = (1 << 16, 1 << 20)
+_BLOCK_NNZ = (1 << 16, 1 << 18)  # entries per column block of the scan (its memory: ~60 bytes an entry)
 _MAX_BLOCK_COLS = 65535  # column ids of a block fit in uint16
 
 
@@ -238,8 +238,8 @@ def _ami_active(active: np.ndarray, n_value: np.ndarray, n: int) -> np.ndarray:
         la, lb, lna = np.log(pa_.astype(np.float64)), np.log(pb_.astype(np.float64)), np.log(N - pa_)
         csum = np.cumsum(length)
         p = 0
-        while p < pa_.size:  # chunks of about 4M terms
-            q = max(int(np.searchsorted(csum, (csum[p - 1] if p else 0) + (1 << 22), side="right")), p + 1)
+        while p < pa_.size:  # chunks of about 512k terms (~10 MiB): the window grows with sqrt(cells)
+            q = max(int(np.searchsorted(csum, (csum[p - 1] if p else 0) + (1 << 19), side="right")), p + 1)
             q = min(q, pa_.size)
             L = length[p:q]
             pid = np.repeat(np.arange(p, q), L)

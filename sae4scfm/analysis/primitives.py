@@ -16,6 +16,7 @@ from sae4scfm.errors import InputError
 
 FLOATS = (np.float32, np.float64)
 ROW_CHUNK = 1 << 17  # rows per block of ``row_blocks`` (token statistics stream the token file in these)
+NNZ_BLOCK = 1 << 21  # stored entries per block of ``row_blocks`` (~24 MiB as float64 values + int32 indices)
 
 
 def on_disk(x) -> bool:
@@ -32,23 +33,59 @@ def n_rows(x) -> int:
     return int(getattr(x, "X", x).shape[0]) if not hasattr(x, "n_obs") else int(x.n_obs)
 
 
-def row_blocks(x, name: str = "X", *, chunk: int = ROW_CHUNK, fmt: str = "csr",
-               dtype=None) -> Iterator[tuple[slice, sp.csr_matrix | sp.csc_matrix]]:
-    """(row slice, ``as_matrix`` of those rows) for consecutive blocks of at most ``chunk`` rows of ``x``
-    [rows, columns] (anything ``as_matrix`` takes, or an on-disk matrix: ``on_disk``). An in-memory
-    matrix of at most ``chunk`` rows is one block, ``as_matrix(x)`` itself (no copy); an on-disk one
-    is read block by block, so only one block is in memory at a time."""
+def row_nnz(x) -> np.ndarray:
+    """int64 [rows]: stored entries of each row of ``x`` (anything ``row_blocks`` takes), from its row
+    pointers where it has them (CSR in memory or on disk: the values are never read); a dense matrix counts
+    every entry; an on-disk CSC matrix (no row pointers) counts 0 (blocks are then bounded by rows only)."""
+    from anndata.abc import CSRDataset
+
+    X = getattr(x, "X", x)
+    if sp.issparse(X):
+        return np.diff(X.indptr).astype(np.int64) if X.format == "csr" else \
+            np.bincount(sp.coo_matrix(X).row, minlength=X.shape[0]).astype(np.int64)
+    if isinstance(X, CSRDataset):
+        return np.diff(X.group["indptr"][...]).astype(np.int64)
+    if on_disk(x):
+        return np.full(n_rows(x), X.shape[1] if not hasattr(X, "format") else 0, dtype=np.int64)
+    shape = np.shape(X)
+    return np.full(shape[0], shape[1] if len(shape) > 1 else 1, dtype=np.int64)
+
+
+def row_bounds(*xs, chunk: int = ROW_CHUNK, max_nnz: int = NNZ_BLOCK) -> list[slice]:
+    """Consecutive row slices covering the rows of ``xs`` (matrices with the same rows), each of at most
+    ``chunk`` rows and, where a row allows, at most ``max_nnz`` stored entries summed over ``xs``: a block's
+    memory is bounded whatever the density (a cell row of max-pooled features holds ~d_sae entries, a
+    token row k). Matrices read side by side (``row_blocks(..., bounds=...)``) share one list."""
     if chunk < 1:
         raise InputError(f"chunk must be >= 1 rows, got {chunk}")
+    n = n_rows(xs[0])
+    ends = np.cumsum(sum(row_nnz(x) for x in xs)) if n else np.zeros(0, np.int64)  # entries up to each row
+    out, start = [], 0
+    while start < n:
+        done = int(ends[start - 1]) if start else 0
+        stop = int(np.searchsorted(ends, done + max_nnz, side="right"))  # rows fitting the entry budget
+        stop = min(max(stop, start + 1), start + chunk, n)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+def row_blocks(x, name: str = "X", *, chunk: int = ROW_CHUNK, fmt: str = "csr", dtype=None,
+               bounds: list[slice] | None = None) -> Iterator[tuple[slice, sp.csr_matrix | sp.csc_matrix]]:
+    """(row slice, ``as_matrix`` of those rows) for the consecutive blocks ``bounds`` (default
+    ``row_bounds(x, chunk=chunk)``: at most ``chunk`` rows and ``NNZ_BLOCK`` entries) of ``x`` [rows, columns]
+    (anything ``as_matrix`` takes, or an on-disk matrix: ``on_disk``). An in-memory matrix that is one block
+    is ``as_matrix(x)`` itself (no copy); a larger one is converted (``fmt``, ``dtype``) a block at a time; an
+    on-disk one is read block by block, so only one block is in memory at a time."""
+    bounds = row_bounds(x, chunk=chunk) if bounds is None else bounds
     n = n_rows(x)
-    if not on_disk(x) and n <= chunk:
+    if not on_disk(x) and len(bounds) <= 1:
         yield slice(0, n), as_matrix(x, name, fmt=fmt, dtype=dtype)
         return
     X = getattr(x, "X", x)
     if not on_disk(x):
-        X = as_matrix(X, name, fmt="csr", dtype=dtype)
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
+        X = as_matrix(X, name, fmt="csr")  # no copy for a canonical float CSR; ``fmt`` and ``dtype`` per block
+    for rows in bounds:
         yield rows, as_matrix(X[rows], f"{name} rows {rows.start}:{rows.stop}", fmt=fmt, dtype=dtype)
 
 

@@ -154,24 +154,44 @@ def write_feature_annotations(features_file, analysis: str, table: pd.DataFrame,
     """Write one analysis's per-feature table into ``features.h5ad`` as scanpy does: ``var`` columns
     ``<key_added>:<metric>`` (``key_added`` defaults to the analysis name; '/' in a name, which h5
     stores reject, becomes '_'), replacing that prefix's old columns, and ``uns[key_added]`` =
-    ``{"analysis": analysis, "params": params}``. Written atomically."""
-    import anndata as ad
+    ``{"analysis": analysis, "params": params}``. Written atomically; only ``var`` and ``uns`` are read:
+    the [cells, d_sae] matrices are copied into the new file by HDF5 a block at a time."""
+    import h5py
+    from anndata.io import read_elem, write_elem
 
     key = key_added or analysis
     features_file = Path(features_file)
-    adata = ad.read_h5ad(features_file)
-    if len(table) and (table.index.min() < 0 or table.index.max() >= adata.n_vars):
-        raise InputError(f"results for {analysis!r} name features outside 0..{adata.n_vars - 1} of {features_file}")
-    var = adata.var.loc[:, [c for c in adata.var.columns if not str(c).startswith(f"{key}:")]]
-    new = table.reindex(range(adata.n_vars))
+    with h5py.File(features_file, "r") as f:
+        var = read_elem(f["var"])
+    n_vars = len(var)
+    if len(table) and (table.index.min() < 0 or table.index.max() >= n_vars):
+        raise InputError(f"results for {analysis!r} name features outside 0..{n_vars - 1} of {features_file}")
+    var = var.loc[:, [c for c in var.columns if not str(c).startswith(f"{key}:")]]
+    new = table.reindex(range(n_vars))
     new.columns = [f"{key}:{c}".replace("/", "_") for c in table.columns]
     new.index = var.index
     for c in new.columns:
         if new[c].dtype == object:  # h5ad string columns: no mixed None/float
             new[c] = new[c].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    adata.var = pd.concat([var, new], axis=1)
-    adata.uns[key] = {"analysis": analysis, "params": _h5_safe(params)}
-    atomic_write(features_file, lambda p: adata.write_h5ad(p))
+
+    def write(tmp):
+        with h5py.File(features_file, "r") as src, h5py.File(tmp, "w") as dst:
+            dst.attrs.update(src.attrs)
+            for name in src:
+                if name not in ("var", "uns"):
+                    src.copy(src[name], dst, name=name)
+            write_elem(dst, "var", pd.concat([var, new], axis=1))
+            uns = dst.create_group("uns")
+            if "uns" in src:
+                uns.attrs.update(src["uns"].attrs)
+                for name in src["uns"]:
+                    if name != key:
+                        src.copy(src["uns"][name], uns, name=name)
+            else:
+                uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+            write_elem(uns, key, {"analysis": analysis, "params": _h5_safe(params)})
+
+    atomic_write(features_file, write)
 
 
 def _h5_safe(obj):

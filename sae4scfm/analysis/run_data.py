@@ -26,7 +26,7 @@ class RunData:
     out_dir: Path
     run_cfg: DictConfig
     sae_cfg: dict
-    features: ad.AnnData  # cells x features (X = the representation ``representation``; others in layers)
+    features: ad.AnnData  # cells x features (X = the representation ``representation``; no layers)
     tokens: "TokenFeatures | None"  # tokens x features (obs: cell_index, gene, gene_name, gene_id), if written;
     # backed in the analyze stage (X left in the file, streamed by the token statistics)
     cache: dict = field(default_factory=dict)
@@ -94,14 +94,50 @@ class RunData:
         return np.asarray(adata.X.sum(axis=1)).ravel()
 
 
+class TokenColumns:
+    """token_features.h5ad's obs columns, each read from the file on first use and kept (pd.Series with a
+    RangeIndex). At millions of tokens a DataFrame of every column is most of the analyze stage's memory
+    (pandas also copies same-dtype columns into one block), and most analyses read one column or none.
+    Supports ``obs[c]``, ``c in obs``, ``obs.columns`` and ``obs[c] = values``."""
+
+    def __init__(self, path: Path, names: list[str], n_rows: int):
+        self.path, self._names, self._n, self._read = Path(path), list(names), int(n_rows), {}
+
+    @property
+    def columns(self) -> pd.Index:
+        return pd.Index(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, name: str) -> pd.Series:
+        if name not in self._read:
+            if name not in self._names:
+                raise KeyError(f"{self.path} obs has no column {name!r} (columns: {self._names})")
+            import h5py
+            from anndata.io import read_elem
+
+            with h5py.File(self.path, "r") as f:
+                self._read[name] = pd.Series(read_elem(f["obs"][name]), name=name)
+        return self._read[name]
+
+    def __setitem__(self, name: str, values) -> None:
+        self._read[name] = pd.Series(np.asarray(values) if not isinstance(values, pd.Series) else values.to_numpy(),
+                                     name=name)
+        if name not in self._names:
+            self._names.append(name)
+
+
 @dataclass
 class TokenFeatures:
-    """token_features.h5ad read lean: ``obs`` its columns with a RangeIndex (the file's row names are the row
-    numbers and are never read: millions of Python strings would be most of the memory at scale), ``X``
-    [tokens, d_sae] CSR in memory or, backed, anndata's sparse dataset of the open file (row slices on demand),
-    ``var`` the features."""
+    """token_features.h5ad read lean: ``obs`` its columns read on first use (``TokenColumns``; the file's row
+    names are the row numbers and are never read), ``X`` [tokens, d_sae] CSR in memory or, backed, anndata's
+    sparse dataset of the open file (row slices on demand), ``var`` the features."""
 
-    obs: pd.DataFrame
+    obs: TokenColumns
     X: object
     var: pd.DataFrame
 
@@ -127,30 +163,58 @@ class TokenFeatures:
         from anndata.io import read_elem, sparse_dataset
 
         f = h5py.File(path, "r")
-        group = f["obs"]
-        obs = pd.DataFrame({str(c): read_elem(group[c]) for c in group.attrs["column-order"]})
         var = read_elem(f["var"])
-        if backed:
-            return cls(obs, sparse_dataset(f["X"]), var)  # the dataset keeps the file open
+        X = sparse_dataset(f["X"]) if backed else None  # the dataset keeps the file open
         try:
-            return cls(obs, read_elem(f["X"]), var)
+            X = X if backed else read_elem(f["X"])
+            obs = TokenColumns(path, [str(c) for c in f["obs"].attrs["column-order"]], X.shape[0])
         finally:
-            f.close()
+            if not backed:
+                f.close()
+        return cls(obs, X, var)
 
 
 def read_run_features(run_dir: Path, name: str = "features.h5ad", backed: bool = False):
     """``<run>/features/<name>`` checked to belong to the run: features.h5ad as an AnnData, token_features.h5ad
     as ``TokenFeatures``; ``backed``: X stays in the file (obs and var are read)."""
-    path = run_dir / "features" / name
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
-                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
+    path = features_path(run_dir, name)
     if name == "token_features.h5ad":
         features = TokenFeatures.read(path, backed)
     else:
         features = ad.read_h5ad(path, backed="r" if backed else None)
     check_run_features(run_dir, features, name=name)
     return features
+
+
+def features_path(run_dir: Path, name: str = "features.h5ad") -> Path:
+    path = run_dir / "features" / name
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; run scripts/generate_features.py with the same "
+                         "sae_checkpoint.experiment and sae_checkpoint.timestamp first.")
+    return path
+
+
+def read_cell_features(run_dir: Path, pooling: str | None = None) -> tuple[ad.AnnData, str]:
+    """features.h5ad with one cell representation read, and its name: obs, var, uns and, as X, ``pooling``
+    (null or ``token``: the file's X; else X or the layer of that name). The file's other representations
+    stay on disk: at scale each is a [cells, d_sae] matrix that the analyses never read."""
+    import h5py
+    from anndata.io import read_elem
+
+    from sae4scfm.features.generate import missing_representation, x_representation
+
+    path = features_path(run_dir)
+    with h5py.File(path, "r") as f:
+        features = ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]),
+                              uns=read_elem(f["uns"]) if "uns" in f else {})
+        current = x_representation(features)
+        name = current if pooling in (None, "token") else str(pooling)
+        layers = list(f["layers"]) if "layers" in f else []
+        if name != current and name not in layers:
+            raise missing_representation(name, [current, *layers], str(path))
+        features.X = read_elem(f["X"] if name == current else f["layers"][name])
+    check_run_features(run_dir, features)
+    return features, name
 
 
 def check_run_features(run_dir: Path, features: ad.AnnData, adata: ad.AnnData | None = None,
@@ -178,11 +242,10 @@ def load_run_data(cfg: DictConfig) -> RunData:
 
 
 def open_run(run_dir: Path, pooling: str | None = None, backed_tokens: bool = False) -> RunData:
-    """A run dir's features (``pooling``: the cell representation put in X, see ``choose_representation``);
-    ``backed_tokens``: token_features.h5ad's X stays in the file (obs is read)."""
+    """A run dir's features with the cell representation ``pooling`` in X (``read_cell_features``);
+    ``backed_tokens``: token_features.h5ad's X stays in the file (its obs columns are read on use)."""
     sae_cfg = json.loads((run_dir / "cfg.json").read_text())
-    features = read_run_features(run_dir)
-    representation = choose_representation(features, pooling, run_dir)
+    features, representation = read_cell_features(run_dir, pooling)
     tokens = (read_run_features(run_dir, "token_features.h5ad", backed=backed_tokens)
               if (run_dir / "features" / "token_features.h5ad").is_file() else None)
     if tokens is not None and GENE_NAME not in tokens.obs:  # written before gene_name existed
@@ -191,19 +254,6 @@ def open_run(run_dir: Path, pooling: str | None = None, backed_tokens: bool = Fa
     out_dir.mkdir(exist_ok=True)
     return RunData(run_dir, out_dir, load_run_config(run_dir), sae_cfg, features, tokens,
                    representation=representation)
-
-
-def choose_representation(features: ad.AnnData, pooling: str | None, run_dir: Path) -> str:
-    """Put the cell representation ``analysis.pooling`` in ``features.X`` (in place) and return its name:
-    null = the file's X (``features.pooling`` at generation; a cell-level SAE's code), ``token`` = the
-    file's X for cell-level statistics, token rows where an analysis scores tokens."""
-    from sae4scfm.features.generate import cell_representation, x_representation
-
-    current = x_representation(features)
-    if pooling in (None, "token") or pooling == current:
-        return current
-    features.X = cell_representation(features, str(pooling), str(run_dir / "features" / "features.h5ad"))
-    return str(pooling)
 
 
 def need_tokens(run: RunData, what: str) -> TokenFeatures:

@@ -84,9 +84,13 @@ def cell_representation(features: ad.AnnData, name: str, source: str = "features
         return features.X
     if name in features.layers:
         return features.layers[name]
-    raise InputError(f"{source} has no cell representation {name!r}; it has {', '.join(representation_names(features))} "
-                     "(token SAEs: max, mean, sae_of_mean; cell-level SAEs: their hook point); regenerate it with "
-                     "scripts/generate_features.py or pick one of those.")
+    raise missing_representation(name, representation_names(features), source)
+
+
+def missing_representation(name: str, available: list[str], source: str) -> InputError:
+    return InputError(f"{source} has no cell representation {name!r}; it has {', '.join(available)} (token SAEs: "
+                      "max, mean, sae_of_mean; cell-level SAEs: their hook point); regenerate it with "
+                      "scripts/generate_features.py or pick one of those.")
 
 
 CHUNK_CELLS = 512  # cells per chunk of rows written to the CSR files (``features.chunk_cells``); memory ~ one chunk
