@@ -45,6 +45,7 @@ from sae4scfm.analysis.run_data import (
 )
 from sae4scfm.atomic import atomic_write, atomic_write_text
 from sae4scfm.errors import InputError
+from sae4scfm.memory import release_freed_memory
 from sae4scfm.runs import resolve_run_dir
 
 ANALYSES = ("label_scoring", "gene_scoring", "enrichment", "gene_families", "density",
@@ -600,6 +601,7 @@ def analyze_features(cfg: DictConfig) -> pd.DataFrame:
         table = update_results(run.out_dir, name, scores)
         write_feature_annotations(run.run_dir / "features" / "features.h5ad", name, scores, params,
                                   key_added=f"{a.key_added}_{name}" if a.get("key_added") else name)
+        release_freed_memory()  # the analysis's working arrays, before the next one
     if control == "random_init":  # before the summary, which can show analysis/control_comparison.csv
         analyze_control(cfg, run.run_dir)
     figures = write_figures(run, table)

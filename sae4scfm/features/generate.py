@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from sae4scfm.atomic import atomic_write
 from sae4scfm.errors import InputError
+from sae4scfm.memory import release_freed_memory
 from sae4scfm.runs import load_run_config, resolve_run_dir
 from sae4scfm.saes import load_sae
 from sae4scfm.saes.topk import TopKSAE
@@ -339,6 +340,8 @@ def generate_features(cfg: DictConfig) -> Path:
                 if toks is not None:
                     tok_obs.append(*tok_chunk[:2])
                     toks.append({"X": tok_chunk[2]})
+                del csrs, tok_chunk
+                release_freed_memory()  # the chunk's buffers: the resident set stays at one chunk's
             seen = sorted({gene_names.get(g, g) for g in (adapter.id_to_gene[i] for i in seen_ids)})
             uns = {"sae4scfm": {"genes_seen": seen, **info}}
             feats.close(uns, d_sae, obs=adata.obs.copy())
