@@ -89,6 +89,10 @@ def test_the_analyze_stage_leaves_token_features_in_the_file(small_run):
         pd.testing.assert_series_equal(got, whole.obs[column].reset_index(drop=True))
     with pytest.raises(KeyError, match="no column 'nope'"):
         run.tokens.obs["nope"]
+    run.tokens.obs["alias"] = run.tokens.obs["gene"]  # as open_run aliases gene_name in old files
+    assert "alias" in run.tokens.obs and isinstance(run.tokens.obs["alias"].dtype, pd.CategoricalDtype)
+    with pytest.raises(ValueError, match="needs"):
+        run.tokens.obs["short"] = np.zeros(3)
     assert (run.tokens.X != whole.X).nnz == 0 and run.tokens.var.equals(whole.var)
 
 

@@ -125,8 +125,10 @@ class TokenColumns:
         return self._read[name]
 
     def __setitem__(self, name: str, values) -> None:
-        self._read[name] = pd.Series(np.asarray(values) if not isinstance(values, pd.Series) else values.to_numpy(),
-                                     name=name)
+        series = values.reset_index(drop=True) if isinstance(values, pd.Series) else pd.Series(np.asarray(values))
+        if len(series) != self._n:
+            raise ValueError(f"obs column {name!r} needs {self._n} values, got {len(series)}")
+        self._read[name] = series.rename(name)  # a categorical stays categorical
         if name not in self._names:
             self._names.append(name)
 
