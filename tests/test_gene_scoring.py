@@ -312,3 +312,11 @@ def test_expression_where_firing_brute_force():
             assert np.isnan(out.loc[f, "mean_not"]) and np.isnan(out.loc[f, "std_not"])
     # a vector of library sizes gives the same table
     pd.testing.assert_frame_equal(out, expression_where_firing(X, t))
+
+
+def test_correlation_of_no_cells_is_all_nan_and_lists_are_matrices():
+    r = cell_gene_correlation(np.zeros((0, 4)), np.zeros((0, 3)))
+    assert r.shape == (4, 3) and np.isnan(r).all()  # every feature constant over no cells
+    got = cell_gene_correlation([[1.0, 2.0], [3.0, 1.0], [0.0, 5.0]], [[1.0], [2.0], [3.0]]).ravel()
+    want = [pearsonr([1, 3, 0], [1, 2, 3])[0], pearsonr([2, 1, 5], [1, 2, 3])[0]]
+    np.testing.assert_allclose(got, want, atol=1e-12)

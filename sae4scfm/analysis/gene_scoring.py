@@ -188,8 +188,9 @@ def cell_gene_correlation(features_X, expression) -> np.ndarray:
     the cells (max == min, implicit zeros included). Clipped to [-1, 1]. The blocks of
     :func:`correlation_chunks`, stacked (for many features use those blocks instead).
     """
-    n_features = getattr(features_X, "X", features_X).shape[1]
-    blocks = [r for _, r in correlation_chunks(features_X, expression, chunk=max(n_features, 1))]
+    if not on_disk(features_X):
+        features_X = as_matrix(features_X, "features_X")
+    blocks = [r for _, r in correlation_chunks(features_X, expression, chunk=max(features_X.shape[1], 1))]
     return np.vstack(blocks) if blocks else np.zeros((0, getattr(expression, "X", expression).shape[1]))
 
 
@@ -198,15 +199,12 @@ def correlation_chunks(features_X, expression, *, chunk: int = 1024,
     """:func:`cell_gene_correlation` ``chunk`` features at a time: yields (feature slice, r [chunk, genes]
     float64), so that no dense [features, genes] array is ever held whole. The moments are summed over
     blocks of at most ``cells`` cells (``primitives.row_bounds``): neither matrix is copied whole."""
-    X = getattr(features_X, "X", features_X)
-    E = getattr(expression, "X", expression)
+    # one canonical CSR each (no copy when it already is one), sliced into row blocks below
+    X = getattr(features_X, "X", features_X) if on_disk(features_X) else as_matrix(features_X, "features_X")
+    E = getattr(expression, "X", expression) if on_disk(expression) else as_matrix(expression, "expression")
     n = n_rows(X)
     if n_rows(E) != n:
         raise InputError(f"features_X has {n} cells but expression has {n_rows(E)}; pass the same cells in order")
-    if not on_disk(X):  # one canonical CSR (no copy when it already is one), sliced into row blocks below
-        X = as_matrix(X, "features_X")
-    if not on_disk(E):
-        E = as_matrix(E, "expression")
 
     def moments(M) -> tuple:
         """Sum, sum of squares, max, min of every column of a block [rows, width] (implicit zeros count)."""
@@ -228,6 +226,8 @@ def correlation_chunks(features_X, expression, *, chunk: int = 1024,
 
     def blocks(M, name, cols=None):
         for _, B in row_blocks(M, name, bounds=bounds, dtype=np.float64):
+            if B.shape[0] == 0:  # no cells: the moments stay empty (``finish``)
+                continue
             yield B if cols is None or (cols.start, cols.stop) == (0, B.shape[1]) else B[:, cols]
 
     acc = None
@@ -478,6 +478,8 @@ def expression_where_firing(features_X, expression) -> pd.DataFrame:
         t = np.asarray(e.sum(axis=1), dtype=np.float64).ravel()
     else:
         t = np.asarray(e, dtype=np.float64).ravel()
+    if not on_disk(features_X):
+        features_X = as_matrix(features_X, "features_X")  # no copy for a canonical float CSR
     n = n_rows(features_X)
     if t.size != n:
         raise InputError(f"features_X has {n} cells but expression has {t.size}; pass the same cells in order")

@@ -37,18 +37,25 @@ def row_nnz(x) -> np.ndarray:
     """int64 [rows]: stored entries of each row of ``x`` (anything ``row_blocks`` takes), from its row
     pointers where it has them (CSR in memory or on disk: the values are never read); a dense matrix counts
     every entry; an on-disk CSC matrix (no row pointers) counts 0 (blocks are then bounded by rows only)."""
+    ends = _entry_ends(x)
+    return np.diff(ends, prepend=0)
+
+
+def _entry_ends(x) -> np.ndarray:
+    """int64 [rows]: stored entries up to and including each row (the row pointers, less the first)."""
     from anndata.abc import CSRDataset
 
     X = getattr(x, "X", x)
-    if sp.issparse(X):
-        return np.diff(X.indptr).astype(np.int64) if X.format == "csr" else \
-            np.bincount(sp.coo_matrix(X).row, minlength=X.shape[0]).astype(np.int64)
-    if isinstance(X, CSRDataset):
-        return np.diff(X.group["indptr"][...]).astype(np.int64)
-    if on_disk(x):
-        return np.full(n_rows(x), X.shape[1] if not hasattr(X, "format") else 0, dtype=np.int64)
-    shape = np.shape(X)
-    return np.full(shape[0], shape[1] if len(shape) > 1 else 1, dtype=np.int64)
+    if isinstance(X, CSRDataset) or (sp.issparse(X) and X.format == "csr"):
+        indptr = X.group["indptr"][...] if isinstance(X, CSRDataset) else X.indptr
+        return indptr[1:].astype(np.int64) - int(indptr[0])
+    if sp.issparse(X):  # CSC / COO: row of every stored entry
+        rows = X.indices if X.format == "csc" else sp.coo_matrix(X).row
+        return np.cumsum(np.bincount(rows, minlength=X.shape[0]), dtype=np.int64)
+    n = n_rows(x)
+    width = (X.shape[1] if not hasattr(X, "format") else 0) if on_disk(x) else \
+        (np.shape(X)[1] if len(np.shape(X)) > 1 else 1)
+    return np.arange(1, n + 1, dtype=np.int64) * width
 
 
 def row_bounds(*xs, chunk: int = ROW_CHUNK, max_nnz: int = NNZ_BLOCK) -> list[slice]:
@@ -59,7 +66,9 @@ def row_bounds(*xs, chunk: int = ROW_CHUNK, max_nnz: int = NNZ_BLOCK) -> list[sl
     if chunk < 1:
         raise InputError(f"chunk must be >= 1 rows, got {chunk}")
     n = n_rows(xs[0])
-    ends = np.cumsum(sum(row_nnz(x) for x in xs)) if n else np.zeros(0, np.int64)  # entries up to each row
+    ends = _entry_ends(xs[0])  # entries up to each row, summed over the matrices
+    for x in xs[1:]:
+        ends += _entry_ends(x)
     out, start = [], 0
     while start < n:
         done = int(ends[start - 1]) if start else 0
