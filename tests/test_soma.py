@@ -159,3 +159,19 @@ def test_train_a_tiny_sae_streaming_from_soma(soma_uri, tmp_path):
     assert meta["d_in"] > 0 and meta["d_sae"] == 2 * meta["d_in"]
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert 0 < evaluation["fvu"] < 1  # learnt something from the streamed cells
+    # the analyze stage reads the counts of a streamed run in chunks too: the same expression and library
+    # sizes as the whole matrix loaded at once, and never that matrix
+    from sae4scfm.analysis.run_data import open_run
+    from sae4scfm.data import normalise_expression
+
+    address = [f"runs_dir={tmp_path / 'runs'}", f"sae_checkpoint.experiment={run_dir.parent.name}",
+               f"sae_checkpoint.timestamp={run_dir.name}"]
+    sae4scfm.generate_features(sae4scfm.compose("features", [*address, "features.token_features=false"]))
+    run = open_run(run_dir)
+    expression, genes = run.expression()
+    sizes = run.library_size()
+    assert run.dataset().X is None and len(genes) > 100
+    whole = load_dataset(OmegaConf.merge(run.run_cfg.data, {"stream": False}))
+    np.testing.assert_allclose(sizes, np.asarray(whole.X.sum(axis=1)).ravel(), rtol=1e-6)
+    want = normalise_expression(whole[:, genes].X, "counts", 1e4, True, "whole")
+    assert abs(expression - want).max() < 1e-5 and expression.shape == (100, len(genes))

@@ -41,14 +41,30 @@ class RunData:
         return self.run_cfg.data.get("cell_type_key")
 
     def dataset(self) -> ad.AnnData:
-        """The run's cells (same order as ``features``), as the loader gives them."""
+        """The run's cells (same order as ``features``), as the loader gives them; with ``data.stream`` obs and
+        var only (X None, read in chunks by ``count_blocks``), as the extraction read them."""
         if "adata" not in self.cache:
-            from sae4scfm.data import load_dataset
+            from sae4scfm.data import load_dataset, open_dataset
 
-            adata = load_dataset(self.run_cfg.data)
+            if self.run_cfg.data.get("stream"):
+                adata, self.cache["reader"] = open_dataset(self.run_cfg.data)
+            else:
+                adata, self.cache["reader"] = load_dataset(self.run_cfg.data), None
             check_run_features(self.run_dir, self.features, adata)
             self.cache["adata"] = adata
         return self.cache["adata"]
+
+    def count_blocks(self):
+        """(cell rows, CSR [rows, genes] float32) blocks of the dataset's X in cell order, ``data.chunk_cells``
+        cells at a time: read from the source when streamed (``data.stream``), so the whole matrix is never in
+        memory, else sliced from the loaded X."""
+        adata = self.dataset()
+        reader = self.cache.get("reader")  # None: the loaded X (also a dataset put in the cache)
+        chunk = int(self.run_cfg.data.get("chunk_cells") or 4096)
+        for start in range(0, adata.n_obs, chunk):
+            rows = np.arange(start, min(start + chunk, adata.n_obs))
+            X = reader.read(rows).X if reader is not None else adata.X[rows]
+            yield rows, sp.csr_matrix(X, dtype=np.float32)
 
     def expression(self) -> tuple[sp.csr_matrix, list[str]]:
         """log1p(CP10k) expression [cells, genes] of the universe genes, and those genes.
@@ -81,7 +97,13 @@ class RunData:
             _, first = np.unique(names[cols], return_index=True)  # one column per gene
             cols = cols[np.sort(first)]
             pp = self.run_cfg.data.preprocess
-            X = sp.csr_matrix(adata.X[:, cols] if not adata.isbacked else adata[:, cols].X)
+            blocks, sizes = [], []  # one pass over the counts: the universe columns and every cell's library size
+            for _, X in self.count_blocks():
+                sizes.append(np.asarray(X.sum(axis=1), dtype=np.float64).ravel())
+                blocks.append(X[:, cols])
+            self.cache["library_size"] = np.concatenate(sizes) if sizes else np.zeros(0)
+            X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((adata.n_obs, len(cols)), dtype=np.float32)
+            del blocks
             self.cache["expression"] = (normalise_expression(X, pp.input_kind, 1e4, True, str(self.run_dir)),
                                         [str(g) for g in names[cols]])
         return self.cache["expression"]
@@ -90,8 +112,11 @@ class RunData:
         return self.expression()[1]
 
     def library_size(self) -> np.ndarray:
-        adata = self.dataset()
-        return np.asarray(adata.X.sum(axis=1)).ravel()
+        """[cells] total counts over every gene of the dataset (``count_blocks``; kept from ``expression``'s pass)."""
+        if "library_size" not in self.cache:
+            sizes = [np.asarray(X.sum(axis=1), dtype=np.float64).ravel() for _, X in self.count_blocks()]
+            self.cache["library_size"] = np.concatenate(sizes) if sizes else np.zeros(0)
+        return self.cache["library_size"]
 
 
 class TokenColumns:
