@@ -52,10 +52,12 @@ def _entry_ends(x) -> np.ndarray:
     if sp.issparse(X):  # CSC / COO: row of every stored entry
         rows = X.indices if X.format == "csc" else sp.coo_matrix(X).row
         return np.cumsum(np.bincount(rows, minlength=X.shape[0]), dtype=np.int64)
-    n = n_rows(x)
-    width = (X.shape[1] if not hasattr(X, "format") else 0) if on_disk(x) else \
-        (np.shape(X)[1] if len(np.shape(X)) > 1 else 1)
-    return np.arange(1, n + 1, dtype=np.int64) * width
+    if on_disk(x):  # a dense h5py dataset: every entry; an on-disk CSC matrix: no row pointers, rows only
+        width = 0 if hasattr(X, "format") else X.shape[1]
+    else:  # dense in memory
+        shape = np.shape(X)
+        width = shape[1] if len(shape) > 1 else 1
+    return np.arange(1, n_rows(x) + 1, dtype=np.int64) * width
 
 
 def row_bounds(*xs, chunk: int = ROW_CHUNK, max_nnz: int = NNZ_BLOCK) -> list[slice]:

@@ -58,11 +58,12 @@ class RunData:
         """(cell rows, CSR [rows, genes] float32) blocks of the dataset's X in cell order, ``data.chunk_cells``
         cells at a time: read from the source when streamed (``data.stream``), so the whole matrix is never in
         memory, else sliced from the loaded X."""
+        from sae4scfm.data.soma import chunk_size
+        from sae4scfm.data.stream import chunk_rows
+
         adata = self.dataset()
         reader = self.cache.get("reader")  # None: the loaded X (also a dataset put in the cache)
-        chunk = int(self.run_cfg.data.get("chunk_cells") or 4096)
-        for start in range(0, adata.n_obs, chunk):
-            rows = np.arange(start, min(start + chunk, adata.n_obs))
+        for rows in chunk_rows(adata.n_obs, chunk_size(self.run_cfg.data)):
             X = reader.read(rows).X if reader is not None else adata.X[rows]
             yield rows, sp.csr_matrix(X, dtype=np.float32)
 
@@ -99,9 +100,9 @@ class RunData:
             pp = self.run_cfg.data.preprocess
             blocks, sizes = [], []  # one pass over the counts: the universe columns and every cell's library size
             for _, X in self.count_blocks():
-                sizes.append(np.asarray(X.sum(axis=1), dtype=np.float64).ravel())
+                sizes.append(_row_sums(X))
                 blocks.append(X[:, cols])
-            self.cache["library_size"] = np.concatenate(sizes) if sizes else np.zeros(0)
+            self.cache["library_size"] = np.concatenate([np.zeros(0), *sizes])
             X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((adata.n_obs, len(cols)), dtype=np.float32)
             del blocks
             self.cache["expression"] = (normalise_expression(X, pp.input_kind, 1e4, True, str(self.run_dir)),
@@ -114,9 +115,12 @@ class RunData:
     def library_size(self) -> np.ndarray:
         """[cells] total counts over every gene of the dataset (``count_blocks``; kept from ``expression``'s pass)."""
         if "library_size" not in self.cache:
-            sizes = [np.asarray(X.sum(axis=1), dtype=np.float64).ravel() for _, X in self.count_blocks()]
-            self.cache["library_size"] = np.concatenate(sizes) if sizes else np.zeros(0)
+            self.cache["library_size"] = np.concatenate([np.zeros(0), *(_row_sums(X) for _, X in self.count_blocks())])
         return self.cache["library_size"]
+
+
+def _row_sums(X: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
 
 
 class TokenColumns:
@@ -190,15 +194,13 @@ class TokenFeatures:
         from anndata.io import read_elem, sparse_dataset
 
         f = h5py.File(path, "r")
-        var = read_elem(f["var"])
-        X = sparse_dataset(f["X"]) if backed else None  # the dataset keeps the file open
-        try:
-            X = X if backed else read_elem(f["X"])
-            obs = TokenColumns(path, [str(c) for c in f["obs"].attrs["column-order"]], X.shape[0])
-        finally:
-            if not backed:
-                f.close()
-        return cls(obs, X, var)
+        var, names = read_elem(f["var"]), [str(c) for c in f["obs"].attrs["column-order"]]
+        if backed:
+            X = sparse_dataset(f["X"])  # keeps the file open
+        else:
+            with f:
+                X = read_elem(f["X"])
+        return cls(TokenColumns(path, names, X.shape[0]), X, var)
 
 
 def read_run_features(run_dir: Path, name: str = "features.h5ad", backed: bool = False):
