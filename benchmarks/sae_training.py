@@ -3,9 +3,11 @@ in the same run, on the same data (d_in 512, d_sae 4096, k 32, batch 4096 by def
 
 Prints tokens/s, held-out FVU and dead fraction for each, the machine's dense float32 matmul
 rate for a [B, d_in] @ [d_in, d_sae] product, and the encoder-GEMM floor (the one dense
-product a TopK-family step cannot avoid). Asserts nothing.
+product a TopK-family step cannot avoid), all on one device (``--device cuda``: every library's
+SAE, the data and the GEMM on the GPU, timed between CUDA synchronisations). Asserts nothing.
 
-    python benchmarks/sae_training.py [--steps 30] [--batch 4096]
+    python benchmarks/sae_training.py [--steps 30] [--batch 4096] [--device cpu|cuda]
+    python benchmarks/sae_training.py --device cuda --d-sae 65536 --k 64   # the issue's GPU check
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from sae4scfm.training.trainer import Member, train_step
 
 
 def synthetic_activations(n: int, d_in: int, n_true: int, k_true: int, seed: int) -> torch.Tensor:
-    """x = offset + Σ of k_true of n_true unit ground-truth directions with |N(0,1)|+0.5 weights."""
+    """x [n, d_in] = offset + Σ of k_true of n_true unit ground-truth directions with |N(0,1)|+0.5 weights
+    (summed 4,096 rows at a time: never an [n, k_true, d_in] gather)."""
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(n_true, d_in, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)
     offset = torch.randn(d_in, generator=torch.Generator().manual_seed(1234)) * 2
     idx = torch.randint(0, n_true, (n, k_true), generator=g)
     w = torch.randn(n, k_true, generator=g).abs() + 0.5
-    return offset + torch.einsum("nk,nkd->nd", w, directions[idx])
+    return offset + torch.cat([torch.einsum("nk,nkd->nd", w[r], directions[idx[r]])
+                               for r in torch.arange(n).split(4096)])
 
 
 def fvu_and_dead(encode, decode, x: torch.Tensor) -> tuple[float, float]:
@@ -45,22 +49,29 @@ def fvu_and_dead(encode, decode, x: torch.Tensor) -> tuple[float, float]:
     return fvu, float((f > 0).sum(0).eq(0).float().mean())
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(name: str, step, batches: list[torch.Tensor], warmup: int) -> float:
     """Tokens/s of ``step(x)`` over ``batches`` after ``warmup`` untimed steps."""
     for x in batches[:warmup]:
         step(x)
+    synchronize(batches[0].device)
     start = time.perf_counter()
     for x in batches[warmup:]:
         step(x)
+    synchronize(batches[0].device)
     elapsed = time.perf_counter() - start
     return sum(len(x) for x in batches[warmup:]) / elapsed
 
 
 def ours(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor, total: int):
     """Our SAE stepped by the trainer's own ``train_step`` (constant lr, dead after 10 batches);
-    ``init`` is the first batch, ``total`` the number of steps."""
+    ``init`` is the first batch (on the device every library runs on), ``total`` the number of steps."""
     torch.manual_seed(0)
-    sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(d_in, d_sae, k=k)
+    sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(d_in, d_sae, k=k).to(init.device)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(init[:2048]))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
@@ -69,7 +80,8 @@ def ours(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Tensor
                                       "log_every": 10**9, "checkpoint_every": 10**9},
                             "sae": {"hyperparams": {"lr": lr}}})
     tmp = tempfile.TemporaryDirectory()
-    m = Member(cfg, Path(tmp.name), sae, opt, torch.zeros(d_sae, dtype=torch.long), 0, 1.0, None)
+    m = Member(cfg, Path(tmp.name), sae, opt, torch.zeros(d_sae, dtype=torch.long, device=init.device), 0, 1.0,
+               None)
     steps = iter(range(1, 10**9))
 
     def step(x, tmp=tmp):  # holds the temp dir until the benchmark ends
@@ -85,12 +97,13 @@ def saelens(arch: str, d_in: int, d_sae: int, k: int, lr: float, init: torch.Ten
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(0)
+    device = str(init.device)
     if arch == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device="cpu"))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
     else:
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device="cpu"))
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)  # as SAELens's trainer: Adam, clip 1.0
-    since_fired = torch.zeros(d_sae)
+    since_fired = torch.zeros(d_sae, device=init.device)
 
     def step(x):
         sae.train()
@@ -129,7 +142,7 @@ def dictionary_learning(arch: str, d_in: int, d_sae: int, k: int, lr: float, ini
     TopKTrainer, BatchTopKTrainer = _dictionary_learning_trainers()
     cls = TopKTrainer if arch == "topk" else BatchTopKTrainer
     trainer = cls(steps=10_000, activation_dim=d_in, dict_size=d_sae, k=k, layer=0, lm_name="bench",
-                  lr=lr, warmup_steps=1, seed=0, device="cpu")
+                  lr=lr, warmup_steps=1, seed=0, device=str(init.device))
     n = [0]
 
     def step(x):
@@ -148,21 +161,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (data, SAEs and GEMM on it)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     data = synthetic_activations((args.steps + 1) * args.batch, args.d_in, 2 * args.d_sae, args.k // 2, seed=0)
+    data = data.to(device)
     batches, held_out = list(data[:-args.batch].split(args.batch)), data[-args.batch:]
 
-    a, b = torch.randn(args.batch, args.d_in), torch.randn(args.d_in, args.d_sae)
+    a, b = torch.randn(args.batch, args.d_in, device=device), torch.randn(args.d_in, args.d_sae, device=device)
     for _ in range(3):
         a @ b
+    synchronize(device)
     start, reps = time.perf_counter(), 10
     for _ in range(reps):
         a @ b
+    synchronize(device)
     gemm_s = (time.perf_counter() - start) / reps
     gflops = 2 * args.batch * args.d_in * args.d_sae / gemm_s / 1e9
     floor = args.batch / gemm_s
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; "
           f"[{args.batch}x{args.d_in}]@[{args.d_in}x{args.d_sae}] float32: {gflops:.0f} GFLOP/s; "
           f"encoder-GEMM floor {floor:,.0f} tokens/s")
     print(f"{'arch':10s} {'library':20s} {'tokens/s':>10s} {'vs best ref':>11s} {'of floor':>9s} "
