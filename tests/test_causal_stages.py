@@ -294,6 +294,26 @@ def test_scaled_edit_is_the_identity_at_one_and_ablation_at_zero(trained):
         torch.testing.assert_close(scaled[key], ablated[key], atol=1e-5, rtol=1e-5)
 
 
+def test_contrastive_fit_lowers_its_objective_and_takes_only_the_gradient_of_alpha(trained):
+    """Toward the centroid of the other cells, the fitted α lowers the latent objective below α = 1 on the
+    fitted cells, and the model's and the SAE's parameters get no gradient (only α is optimised)."""
+    from sae4scfm.causal.contrastive import fit_contrastive, scaled_edit, type_profiles
+
+    _, _, adapter, sae, tokens, layer = trained
+    source, target = tokens.subset(np.arange(6)), tokens.subset(np.arange(6, 12))
+    emb_s, total_s, count_s = type_profiles(adapter, source, "mvc")
+    emb_t, total_t, count_t = type_profiles(adapter, target, "mvc")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_s, mean_t = total_s / count_s, total_t / count_t
+    c_t = emb_t.mean(0)
+    fit = fit_contrastive(adapter, sae, layer, source, c_t, emb_s.mean(0), mean_t, mean_s, steps=15, lr=0.1,
+                          l1=0.0, batch_size=6)
+    assert all(p.grad is None for p in [*adapter.model.parameters(), *sae.parameters()])
+    with torch.no_grad(), adapter.intervene(layer, scaled_edit(sae, torch.as_tensor(fit.alpha, dtype=torch.float32))):
+        steered = type_profiles(adapter, source, "mvc")[0]
+    assert ((steered - c_t) ** 2).sum(1).mean() < ((emb_s - c_t) ** 2).sum(1).mean()
+
+
 def test_contrastive_stage_moves_held_out_source_cells_and_reports_the_null(trained, runs_dir):
     from sae4scfm.causal.contrastive import check_embedding_reachable, contrast_features, scaled_edit
 

@@ -151,7 +151,8 @@ def trained(small_run):
 def test_attribution_agrees_with_exact_ablation_on_the_trained_demo_run(trained):
     """Per-feature effects (mean over 8 cells) on the cell embedding's projection on a random direction
     and on the mean predicted expression: grad and ig rank like exact ablation (Spearman >= 0.8), and
-    exact ablation of one feature equals the model run with that feature zeroed by hand."""
+    exact ablation of one feature equals the model run with that feature zeroed by hand; no parameter
+    gradient is left behind."""
     adapter, sae, batch, layer = trained
     torch.manual_seed(0)
     metrics = {"embedding": projection("cell_emb", torch.randn(adapter.d_model)), "expression": mean_output("mlm")}
@@ -166,6 +167,8 @@ def test_attribution_agrees_with_exact_ablation_on_the_trained_demo_run(trained)
             assert np.all(attribute_silent_zero(est, active, sae.d_sae))
             score = agreement(est[active], exact)
             assert score["spearman"] >= 0.8, (name, method, score)
+    # the backward runs to h only: no weight gradient is computed or left in the model's or the SAE's .grad
+    assert all(p.grad is None for p in [*adapter.model.parameters(), *sae.parameters()])
     j = int(active[0])
     metric = metrics["embedding"]
     with torch.no_grad():

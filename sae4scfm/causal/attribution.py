@@ -59,8 +59,9 @@ def _gradient_at(adapter: ScFMAdapter, hook_point: HookPointName, batch: Batch, 
             stack.enter_context(adapter.starting_at(resid_layer(hook_point), prefix.clone()))
         stack.enter_context(adapter.intervene(hook_point, fn))
         m = metric(adapter.run(batch))
-        m.sum().backward()
-    return leaf["h"].grad
+        # only the path to h: no weight gradients computed (nor accumulated into the model's .grad)
+        (grad,) = torch.autograd.grad(m.sum(), leaf["h"])
+    return grad
 
 
 @torch.no_grad()

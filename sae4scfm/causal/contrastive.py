@@ -165,8 +165,8 @@ def fit_contrastive(adapter: ScFMAdapter, sae: SAE, layer: int, source: Tokenize
                 fit = (wt * (r - mu_t[g]) ** 2).sum() / (wt * (mu_t[g] - torch.as_tensor(
                     np.nan_to_num(source_mean), dtype=torch.float32, device=device)[g]) ** 2).sum().clamp(min=1e-12)
             loss = fit + l1 * (alpha - 1).abs().sum()
-            opt.zero_grad()
-            loss.backward()
+            # the gradient of α only: no weight gradients of the model or the SAE (nor their .grad filled)
+            (alpha.grad,) = torch.autograd.grad(loss, alpha)
             opt.step()
         losses.append(float(loss.detach()))
     a = alpha.detach().cpu().numpy().astype(np.float64)
